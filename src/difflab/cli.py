@@ -1,0 +1,270 @@
+"""The ``difflab`` command line. It only parses arguments into configs and calls library code.
+
+Every user error is one line on stderr and exit code 2 (a traceback only with ``--debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from difflab import __version__
+from difflab.cli_args import (finite_float, nonneg_int, positive_float, positive_int,
+                              unit_float)
+from difflab.errors import DifflabError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage + error)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# ------------------------------------------------------------------------------- demo / data
+def cmd_demo(args: argparse.Namespace) -> int:
+    from difflab.runs.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(data=args.data, out=str(args.out), minutes=args.minutes, seed=args.seed)
+    if args.dry_run:
+        print(cfg.to_json())
+        return 0
+    report = run_demo(cfg)
+    print(f"report: {report}")
+    return 0
+
+
+def cmd_data_info(args: argparse.Namespace) -> int:
+    from difflab.data import dataset_info, load_dataset
+    from difflab.viz import save_grid
+
+    ds = load_dataset(args.spec, args.split, image_size=args.image_size)
+    info = dataset_info(ds)
+    for k, v in info.items():
+        print(f"{k:>14}: {v}")
+    out = args.out or Path(f"{Path(ds.name).name}-{args.split}-examples.png")
+    save_grid(ds.images[:64], out, nrow=8)
+    print(f"{'examples':>14}: {out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ train
+def _train_config(args: argparse.Namespace, **defaults: object):  # -> TrainConfig
+    from difflab.training import TrainConfig
+
+    kw = dict(defaults)
+    for name in ("batch_size", "lr", "seed", "minutes", "epochs", "checkpoint_every",
+                 "mixed_precision", "ema_decay", "warmup_steps"):
+        v = getattr(args, name, None)
+        if v is not None:
+            kw[name] = v
+    if args.steps is not None:
+        kw["max_steps"] = args.steps
+    kw["progress"] = not args.no_progress
+    return TrainConfig(**kw)
+
+
+def _add_train_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="mnist5k", help="data set name or image folder")
+    p.add_argument("--image-size", type=positive_int, help="resize/crop images to this size")
+    p.add_argument("--out", type=Path, help="run folder (default runs/<kind>-<data>)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=positive_int, help="optimisation steps")
+    budget.add_argument("--minutes", type=positive_float, help="wall-clock training budget")
+    budget.add_argument("--epochs", type=positive_float, help="passes over the data")
+    p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--lr", type=positive_float)
+    p.add_argument("--warmup-steps", type=nonneg_int)
+    p.add_argument("--ema-decay", type=unit_float)
+    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"])
+    p.add_argument("--checkpoint-every", type=nonneg_int, help="steps between checkpoints")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_train_ddpm(args: argparse.Namespace) -> int:
+    import json
+
+    from difflab.data import load_dataset
+    from difflab.runs.diffusion import train_diffusion
+    from difflab.training.objectives import DiffusionConfig
+
+    dcfg = DiffusionConfig(prediction_type=args.prediction_type, beta_schedule=args.schedule,
+                           min_snr_gamma=None if args.min_snr_gamma == 0 else args.min_snr_gamma,
+                           p_uncond=args.p_uncond if args.cond == "class" else 0.0)
+    tcfg = _train_config(args, **DEFAULT_DDPM_TRAIN)
+    out = args.out or Path("runs") / f"ddpm-{Path(args.data).name}"
+    if args.dry_run:
+        print(json.dumps({"data": args.data, "out": str(out), "preset": args.preset,
+                          "cond": args.cond, "diffusion": dcfg.to_dict(),
+                          "train": tcfg.to_dict()}, indent=2))
+        return 0
+    data = load_dataset(args.data, "train", image_size=args.image_size)
+    run = train_diffusion(data, out_dir=out, train_cfg=tcfg, diffusion_cfg=dcfg,
+                          preset=args.preset, cond_class=args.cond == "class",
+                          resume=args.resume)
+    print(f"trained {run.steps} steps in {run.seconds:.0f} s → {out}/model, "
+          f"report {out}/report.html")
+    return 0
+
+
+# Measured default recipe (see benchmarks/RESULTS.md).
+DEFAULT_DDPM_TRAIN: dict[str, object] = dict(batch_size=64, lr=2e-3, warmup_steps=100,
+                                             ema_decay=0.999)
+
+
+# ----------------------------------------------------------------------------------- sample
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from difflab.runs.diffusion import load_bundle, sample_images, trajectory_figure
+    from difflab.viz import save_grid, save_image
+
+    bundle = load_bundle(args.ckpt)
+    labels = None
+    if args.class_ is not None:
+        names = bundle.data["class_names"]
+        if not bundle.unet.config.num_class_embeds:
+            raise DifflabError(f"{args.ckpt}: the model is unconditional; --class needs a model "
+                               "trained with --cond class")
+        cls = _class_index(args.class_, names)
+        labels = torch.full((args.n,), cls, dtype=torch.long)
+    res = sample_images(bundle, args.n, scheduler=args.scheduler, steps=args.steps,
+                        seed=args.seed, class_labels=labels, guidance_scale=args.guidance,
+                        return_trajectory=args.trajectory, progress=True, eta=args.eta)
+    save_grid(res.images * 2 - 1, args.out, nrow=args.nrow)
+    print(f"wrote {args.out}")
+    if args.trajectory:
+        tpath = args.out.with_name(args.out.stem + "-trajectory.png")
+        save_image(trajectory_figure(res.trajectory), tpath)
+        print(f"wrote {tpath}")
+    return 0
+
+
+def _class_index(value: str, names: list[str]) -> int:
+    if value in names:
+        return names.index(value)
+    try:
+        i = int(value)
+    except ValueError:
+        raise DifflabError(f"unknown class {value!r}; classes: {names}") from None
+    if not 0 <= i < len(names):
+        raise DifflabError(f"class {i} out of range 0..{len(names) - 1}")
+    return i
+
+
+# ------------------------------------------------------------------------------------- plot
+def cmd_plot_schedules(args: argparse.Namespace) -> int:
+    from difflab.viz.schedules import plot_schedules
+
+    print(f"wrote {plot_schedules(args.out)}")
+    return 0
+
+
+def cmd_plot_forward(args: argparse.Namespace) -> int:
+    from difflab.data import load_dataset
+    from difflab.viz.schedules import plot_forward_process
+
+    ds = load_dataset(args.data, "train")
+    print(f"wrote {plot_forward_process(ds.images[args.index], args.out)}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from difflab.schedulers import SCHEDULERS
+
+    p = _Parser(prog="difflab", description="VAEs and diffusion models, from scratch.")
+    p.add_argument("--version", action="version", version=f"difflab {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    d = sub.add_parser("demo", help="train AE, VAE and DDPM in minutes; write an HTML report")
+    d.add_argument("--data", default="mnist5k", help="data set (default: mnist5k)")
+    d.add_argument("--out", type=Path, default=Path("runs/demo"))
+    d.add_argument("--minutes", type=positive_float, default=4.0,
+                   help="total training budget (default 4)")
+    d.add_argument("--seed", type=nonneg_int, default=0)
+    d.add_argument("--dry-run", action="store_true")
+    d.set_defaults(func=cmd_demo)
+
+    data = sub.add_parser("data", help="inspect data sets").add_subparsers(
+        dest="data_cmd", required=True, parser_class=_Parser)
+    info = data.add_parser("info", help="counts, shape, class names and an example grid")
+    info.add_argument("spec", help="data set name or image folder")
+    info.add_argument("--split", default="train", choices=["train", "test"])
+    info.add_argument("--image-size", type=positive_int)
+    info.add_argument("--out", type=Path, help="PNG grid of examples")
+    info.set_defaults(func=cmd_data_info)
+
+    tr = sub.add_parser("train", help="train a model").add_subparsers(
+        dest="model", required=True, parser_class=_Parser)
+    dd = tr.add_parser("ddpm", help="pixel-space diffusion model (U-Net)")
+    _add_train_common(dd)
+    dd.add_argument("--preset", default="small", help="U-Net preset: small | ddpm-cifar10")
+    dd.add_argument("--prediction-type", default="epsilon",
+                    choices=["epsilon", "v_prediction", "sample"])
+    dd.add_argument("--schedule", default="squaredcos_cap_v2",
+                    choices=["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"])
+    dd.add_argument("--min-snr-gamma", type=finite_float, default=5.0, help="0 disables")
+    dd.add_argument("--cond", choices=["none", "class"], default="none")
+    dd.add_argument("--p-uncond", type=unit_float, default=0.1,
+                    help="label dropout for classifier-free guidance")
+    dd.set_defaults(func=cmd_train_ddpm)
+
+    s = sub.add_parser("sample", help="sample a trained diffusion model into a PNG grid")
+    s.add_argument("--ckpt", type=Path, required=True, help="run or model folder")
+    s.add_argument("--scheduler", default="dpm++", choices=sorted(SCHEDULERS))
+    s.add_argument("--steps", type=positive_int, default=25)
+    s.add_argument("--n", type=positive_int, default=64)
+    s.add_argument("--nrow", type=positive_int, default=8)
+    s.add_argument("--seed", type=nonneg_int, default=0)
+    s.add_argument("--class", dest="class_", help="class index or name (conditional models)")
+    s.add_argument("--guidance", type=finite_float, default=1.0)
+    s.add_argument("--eta", type=unit_float, help="DDIM η (0 = deterministic)")
+    s.add_argument("--trajectory", action="store_true",
+                   help="also write the x_t / predicted noise / x̂₀ / x_{t−1} figure")
+    s.add_argument("--out", type=Path, default=Path("samples.png"))
+    s.set_defaults(func=cmd_sample)
+
+    pl = sub.add_parser("plot", help="figures of the theory").add_subparsers(
+        dest="plot", required=True, parser_class=_Parser)
+    ps = pl.add_parser("schedules", help="β_t, ᾱ_t and log-SNR of every noise schedule")
+    ps.add_argument("--out", type=Path, default=Path("schedules.png"))
+    ps.set_defaults(func=cmd_plot_schedules)
+    pf = pl.add_parser("forward", help="one image noised at t = 0…T for each schedule")
+    pf.add_argument("--data", default="mnist5k")
+    pf.add_argument("--index", type=nonneg_int, default=0)
+    pf.add_argument("--out", type=Path, default=Path("forward.png"))
+    pf.set_defaults(func=cmd_plot_forward)
+
+    for extra in EXTRA_COMMANDS:
+        extra(sub, tr)
+    return p
+
+
+# Later modules add sub-commands here (an explicit list; no discovery magic).
+EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction, argparse._SubParsersAction], None]]
+EXTRA_COMMANDS = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.func(args) or 0)
+    except DifflabError as e:
+        if debug:
+            raise
+        print(f"difflab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("difflab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

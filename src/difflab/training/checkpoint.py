@@ -1,0 +1,78 @@
+"""Training checkpoints: everything needed to continue a run bit-exactly.
+
+A checkpoint is a folder ``checkpoint/`` holding ``model.safetensors`` (the last iterate),
+``ema.safetensors``, ``optimizer.safetensors`` (+ its param groups in ``state.json``),
+``training_state.safetensors`` (RNG states, data permutation) and ``state.json`` (step,
+loss history, config). It is assembled under a temporary name and renamed into place, so the
+previous checkpoint survives until the new one is complete.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from difflab.io import (atomic_write_json, load_state_dict_into, load_tensors, read_json,
+                        replace_dir, save_tensors)
+from difflab.training.ema import EMA
+
+_TENSOR_KEYS = ("perm", "gen", "data_gen", "torch_rng")
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"{idx}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return tensors, sd["param_groups"]
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list) -> dict[str, Any]:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    return {"state": state, "param_groups": groups}
+
+
+def save_training_state(folder: Path, task: nn.Module, opt: torch.optim.Optimizer,
+                        ema: EMA | None, meta: dict[str, Any]) -> None:
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    save_tensors(tmp / "model.safetensors", task.state_dict())
+    if ema is not None:
+        save_tensors(tmp / "ema.safetensors", ema.state_dict())
+    opt_tensors, groups = _flatten_optimizer(opt)
+    save_tensors(tmp / "optimizer.safetensors", opt_tensors)
+    save_tensors(tmp / "training_state.safetensors",
+                 {k: meta[k] for k in _TENSOR_KEYS})
+    plain = {k: v for k, v in meta.items() if k not in _TENSOR_KEYS}
+    plain["optimizer_param_groups"] = groups
+    plain["ema_num_updates"] = ema.num_updates if ema is not None else 0
+    atomic_write_json(tmp / "state.json", plain)  # written last: marks the folder complete
+    replace_dir(tmp, folder)
+
+
+def load_training_state(folder: Path, task: nn.Module, opt: torch.optim.Optimizer,
+                        ema: EMA | None) -> dict[str, Any] | None:
+    """Restore task/optimizer/EMA in place; returns the metadata, or None if no checkpoint."""
+    folder = Path(folder)
+    if not (folder / "state.json").is_file():
+        return None
+    meta = read_json(folder / "state.json")
+    load_state_dict_into(task, load_tensors(folder / "model.safetensors"),
+                         str(folder / "model.safetensors"))
+    if ema is not None:
+        load_state_dict_into(ema.model, load_tensors(folder / "ema.safetensors"),
+                             str(folder / "ema.safetensors"))
+        ema.num_updates = int(meta.get("ema_num_updates", 0))
+    opt.load_state_dict(_unflatten_optimizer(load_tensors(folder / "optimizer.safetensors"),
+                                             meta.pop("optimizer_param_groups")))
+    meta.update(load_tensors(folder / "training_state.safetensors"))
+    return meta

@@ -1,0 +1,39 @@
+"""Exponential moving average of weights (Polyak averaging), kept on the model's device.
+
+θ_ema ← d·θ_ema + (1 − d)·θ with the warm-up d_k = min(d, (1 + k)/(10 + k)) so that short runs
+are not dominated by the random initialisation (as in Tensorflow's ExponentialMovingAverage).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA:
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True) -> None:
+        self.decay = decay
+        self.warmup = warmup
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.num_updates = 0
+
+    def current_decay(self) -> float:
+        if not self.warmup:
+            return self.decay
+        k = self.num_updates
+        return min(self.decay, (1 + k) / (10 + k))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = self.current_decay()
+        ema_p = [p for p in self.model.parameters()]
+        src_p = [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(ema_p, src_p, 1.0 - d)
+        for b_ema, b in zip(self.model.buffers(), model.buffers()):
+            b_ema.copy_(b)
+        self.num_updates += 1
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()

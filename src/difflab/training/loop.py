@@ -1,0 +1,228 @@
+"""The one training loop of difflab, on Accelerate (CPU, one GPU, or many with ``accelerate launch``).
+
+Any module with ``training_loss(batch, generator) -> {"loss": scalar, ...}`` trains here: AEs,
+VAEs, the diffusion objective, CLIP. The loop owns: data order (seeded), AdamW with warm-up +
+cosine LR, gradient clipping, EMA, the non-finite guard, the wall-clock budget, periodic atomic
+checkpoints and exact resume. It knows nothing about what the model is.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from difflab.config import Config, check_choice, check_positive
+from difflab.errors import ConfigError, DifflabError
+from difflab.training.checkpoint import load_training_state, save_training_state
+from difflab.training.ema import EMA
+
+
+@dataclass(kw_only=True)
+class TrainConfig(Config):
+    batch_size: int = 128  # global batch size (split across processes)
+    lr: float = 1e-3  # peak learning rate of AdamW
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    betas: tuple[float, float] = (0.9, 0.99)  # AdamW betas (β2 = 0.99 adapts faster in short runs)
+    warmup_steps: int = 100  # linear LR warm-up from 0
+    lr_schedule: str = "cosine"  # cosine (to min_lr_ratio·lr) | constant after warm-up
+    min_lr_ratio: float = 0.05  # final LR of the cosine schedule, as a fraction of lr
+    max_steps: int | None = None  # optimisation steps; None = decided by minutes or epochs
+    minutes: float | None = None  # wall-clock budget: steps are calibrated after a few steps
+    epochs: float | None = None  # passes over the data (used when max_steps, minutes unset)
+    grad_clip: float | None = 1.0  # max global gradient norm (None: no clipping)
+    ema_decay: float | None = 0.999  # EMA of weights for sampling/eval (None: no EMA)
+    mixed_precision: str = "no"  # no | bf16 | fp16 (GPU); bf16 autocast also works on CPU
+    seed: int = 0  # seeds data order, noise and initialisation
+    checkpoint_every: int = 0  # steps between training checkpoints (0: only at the end)
+    max_nonfinite: int = 20  # consecutive non-finite losses/gradients before the run stops
+    channels_last: bool = True  # NHWC memory format: faster convolutions on CPU and GPU
+    progress: bool = True  # tqdm progress bar
+
+    def validate(self) -> None:
+        check_positive("TrainConfig", "batch_size", self.batch_size)
+        check_positive("TrainConfig", "lr", self.lr)
+        check_positive("TrainConfig", "warmup_steps", self.warmup_steps, allow_zero=True)
+        check_choice("TrainConfig", "lr_schedule", self.lr_schedule, ("cosine", "constant"))
+        check_choice("TrainConfig", "mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        for name in ("max_steps", "minutes", "epochs"):
+            v = getattr(self, name)
+            if v is not None:
+                check_positive("TrainConfig", name, v)
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"TrainConfig.ema_decay={self.ema_decay} must be in (0, 1)")
+
+    def resolve_steps(self, n_data: int) -> int | None:
+        if self.max_steps is not None:
+            return int(self.max_steps)
+        if self.minutes is not None:
+            return None  # calibrated while running
+        epochs = self.epochs if self.epochs is not None else 10.0
+        return max(1, math.ceil(epochs * n_data / self.batch_size))
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module  # the trained module (EMA weights when EMA is on)
+    raw_model: nn.Module  # the last iterate
+    steps: int
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)  # {"step", "loss", ...}
+    skipped_nonfinite: int = 0
+
+
+def lr_factor(step: int, cfg: TrainConfig, total: int) -> float:
+    """Warm-up then cosine (or constant) multiplier of the peak LR at optimiser step ``step``."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant" or total <= cfg.warmup_steps:
+        return 1.0
+    p = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+def train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, *,
+          out_dir: str | Path | None = None, resume: bool = False, desc: str = "train",
+          on_checkpoint: Callable[[nn.Module, int], None] | None = None) -> TrainResult:
+    """Optimise ``task.training_loss`` over (images, labels) under ``cfg``.
+
+    images: (N, C, H, W) in [-1, 1]; labels: (N,). With ``out_dir`` a training checkpoint is
+    written there (atomically) every ``cfg.checkpoint_every`` steps and at the end; with
+    ``resume`` the run continues bit-exactly from the last one.
+    """
+    from accelerate import Accelerator  # heavy import, only when training
+
+    if len(images) == 0:
+        raise DifflabError("cannot train on an empty data set")
+    acc = Accelerator(mixed_precision=cfg.mixed_precision if torch.cuda.is_available() else
+                      ("bf16" if cfg.mixed_precision == "bf16" else "no"))
+    dev = acc.device
+    torch.manual_seed(cfg.seed)  # initialisation of lazily-built parts, dropout
+    gen = torch.Generator(device=dev).manual_seed(cfg.seed + 1000 * acc.process_index)
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+
+    task = task.to(dev)
+    if cfg.channels_last:
+        task = task.to(memory_format=torch.channels_last)
+    params = [p for p in task.parameters() if p.requires_grad]
+    fused = dev.type == "cuda"
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas),
+                            weight_decay=cfg.weight_decay, fused=fused or None)
+    ema = EMA(task, cfg.ema_decay) if cfg.ema_decay is not None else None
+    model, opt = acc.prepare(_LossModule(task), opt)
+    images = images.to(dev)
+    labels = labels.to(dev)
+
+    n = len(images)
+    world, rank = acc.num_processes, acc.process_index
+    if cfg.batch_size % world:
+        raise ConfigError(f"TrainConfig.batch_size={cfg.batch_size} must be divisible by the "
+                          f"number of processes ({world})")
+    local_bs = cfg.batch_size // world
+    total = cfg.resolve_steps(n)
+    step, history, skipped, consecutive = 0, [], 0, 0
+    perm, pos = torch.randperm(n, generator=data_gen), 0
+    elapsed_before = 0.0
+
+    out_dir = Path(out_dir) if out_dir is not None else None
+    if resume:
+        if out_dir is None:
+            raise DifflabError("--resume needs the run folder (--out)")
+        state = load_training_state(out_dir / "checkpoint", acc.unwrap_model(model).task, opt, ema)
+        if state is None:
+            raise DifflabError(f"{out_dir}: no training checkpoint to resume from")
+        step, history, skipped = state["step"], state["history"], state["skipped"]
+        total = state["total"]
+        perm, pos = state["perm"], state["pos"]
+        gen.set_state(state["gen"])
+        data_gen.set_state(state["data_gen"])
+        torch.set_rng_state(state["torch_rng"])
+        elapsed_before = state["elapsed"]
+
+    def save(final: bool = False) -> None:
+        if out_dir is None or not acc.is_main_process:
+            return
+        save_training_state(out_dir / "checkpoint", acc.unwrap_model(model).task, opt, ema,
+                            dict(step=step, history=history, skipped=skipped, total=total,
+                                 perm=perm, pos=pos, gen=gen.get_state(),
+                                 data_gen=data_gen.get_state(), torch_rng=torch.get_rng_state(),
+                                 elapsed=elapsed_before + time.perf_counter() - t0,
+                                 config=cfg.to_dict()))
+        if on_checkpoint is not None:
+            on_checkpoint(ema.model if ema else acc.unwrap_model(model).task, step)
+
+    t0 = time.perf_counter()
+    calib_at = min(15, cfg.warmup_steps or 15)
+    bar = tqdm(total=total, initial=step, desc=desc, disable=not (cfg.progress and
+               acc.is_main_process), dynamic_ncols=True, leave=False)
+    model.train()
+    while total is None or step < total:
+        if pos + cfg.batch_size > n:  # new epoch: reshuffle (drop the ragged tail)
+            perm, pos = torch.randperm(n, generator=data_gen), 0
+            if cfg.batch_size > n:
+                perm = perm.repeat(math.ceil(cfg.batch_size / n))
+        idx = perm[pos + rank * local_bs: pos + (rank + 1) * local_bs].to(dev)
+        pos += cfg.batch_size
+        batch = {"images": images[idx], "labels": labels[idx]}
+        if cfg.channels_last:
+            batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * lr_factor(step, cfg, total or 10**9)
+        with acc.autocast():
+            logs = model(batch, gen)
+        loss = logs["loss"]
+        opt.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        gnorm = acc.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf"))
+        finite = bool(torch.isfinite(loss).item() and torch.isfinite(gnorm).item())
+        if not finite:
+            skipped += 1
+            consecutive += 1
+            opt.zero_grad(set_to_none=True)
+            if consecutive >= cfg.max_nonfinite:
+                raise DifflabError(f"training stopped: {consecutive} non-finite losses or "
+                                   f"gradients in a row at step {step}; the last good checkpoint "
+                                   f"is kept" + (f" in {out_dir}/checkpoint" if out_dir else ""))
+            continue
+        consecutive = 0
+        opt.step()
+        if ema is not None:
+            ema.update(acc.unwrap_model(model).task)
+        step += 1
+        rec = {"step": step, **{k: float(v) for k, v in logs.items()}}
+        history.append(rec)
+        bar.update(1)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{rec['loss']:.4f}")
+        if total is None and step == calib_at:  # wall-clock budget → a fixed step count
+            per_step = (time.perf_counter() - t0) / step
+            total = max(step + 1, int(cfg.minutes * 60 / per_step))
+            bar.total = total
+            bar.refresh()
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < (total or 0):
+            save()
+    bar.close()
+    seconds = elapsed_before + time.perf_counter() - t0
+    save(final=True)
+    final = ema.model if ema is not None else acc.unwrap_model(model).task
+    final.eval()
+    return TrainResult(model=final, raw_model=acc.unwrap_model(model).task, steps=step,
+                       seconds=seconds, history=history, skipped_nonfinite=skipped)
+
+
+class _LossModule(nn.Module):
+    """Makes ``training_loss`` the forward, so DDP's gradient all-reduce hooks see the call."""
+
+    def __init__(self, task: nn.Module) -> None:
+        super().__init__()
+        self.task = task
+
+    def forward(self, batch: dict[str, torch.Tensor],
+                generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+        return self.task.training_loss(batch, generator)
