@@ -73,7 +73,7 @@ def test_linear_autoencoder_centering_and_bias():
     torch.manual_seed(0)
     x = torch.randn(50, 6) + 5.0
     ae = LinearAutoencoder(LinearAutoencoderConfig(in_channels=6, image_size=1, latent_dim=2,
-                                                   bias=True))
+                                                   bias=True, center=True))
     ae.set_data_mean(x)
     torch.testing.assert_close(ae.data_mean, x.mean(0))
     torch.testing.assert_close(ae.encode(x.mean(0, keepdim=True)), ae.b_enc[None])
@@ -90,7 +90,8 @@ def test_linear_autoencoder_centering_and_bias():
 @pytest.mark.parametrize("model", [
     lambda: Autoencoder(AutoencoderConfig(hidden=(16,), image_size=8, latent_dim=4)),
     lambda: Autoencoder(AutoencoderConfig(arch="conv", hidden=(4, 8), image_size=28)),
-    lambda: LinearAutoencoder(LinearAutoencoderConfig(image_size=8, latent_dim=3, tied=True)),
+    lambda: LinearAutoencoder(LinearAutoencoderConfig(image_size=8, latent_dim=3, tied=True,
+                                                      center=True)),
     lambda: LinearAutoencoder(LinearAutoencoderConfig(image_size=8, latent_dim=3, bias=True,
                                                       center=False)),
 ])

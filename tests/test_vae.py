@@ -199,7 +199,7 @@ def test_evaluate_likelihood_reports_nats_and_bits(trained_vae):
     x = digits()[1700:1760]
     r = evaluate_likelihood(trained_vae, x, k=50, generator=gen(0), progress=False,
                             batch_size=25, batch_k=20)
-    assert r["likelihood_kind"] == "Bernoulli on thresholded at 0.5 pixels"
+    assert r["likelihood_kind"] == "Bernoulli on pixels binarised by thresholding (x+1)/2 at 0.5"
     assert r["num_images"] == 60 and r["data_dim"] == 64 and r["k"] == 50
     assert 0 < r["iwae_nll_nats"] <= r["nelbo_nats"]
     assert r["iwae_nll_bits_per_dim"] == pytest.approx(r["iwae_nll_nats"] / (64 * math.log(2)))

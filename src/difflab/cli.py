@@ -11,8 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from difflab import __version__
-from difflab.cli_args import (finite_float, nonneg_int, positive_float, positive_int,
-                              unit_float)
+from difflab.cli_args import finite_float, nonneg_int, positive_float, positive_int, unit_float
 from difflab.errors import DifflabError
 
 

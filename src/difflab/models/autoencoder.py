@@ -198,7 +198,7 @@ class LinearAutoencoderConfig(Config):
     latent_dim: int = 16  # k, the dimension of the learned subspace
     tied: bool = False  # encoder weight = decoder weightᵀ (one matrix W)
     bias: bool = False  # learn encoder and decoder biases b_e, b_d
-    center: bool = True  # subtract a stored data mean μ (set with set_data_mean), like PCA
+    center: bool = False  # subtract a stored data mean μ (call set_data_mean first), like PCA
 
     def validate(self) -> None:
         for name in ("in_channels", "image_size", "latent_dim"):
@@ -288,7 +288,8 @@ class LinearAutoencoder(ModelMixin):
 
     def training_loss(self, batch: dict[str, Tensor],
                       generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """{"loss": mean (x − x̂)²}; deterministic, ``generator`` is unused."""
+        """{"loss": mean (x − x̂)²}; deterministic, ``generator`` is unused. With
+        ``center=True`` call :meth:`set_data_mean` on the training images first (else μ = 0)."""
         x = batch["images"]
         loss = F.mse_loss(self(x), x)
         return {"loss": loss, "mse": loss.detach()}

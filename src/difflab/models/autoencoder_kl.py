@@ -39,7 +39,7 @@ EPS = 1e-6  # GroupNorm ε of the LDM / diffusers VAE
 @dataclass(kw_only=True)
 class AutoencoderKLConfig(Config):
     in_channels: int = 1  # image channels C (the decoder outputs the same number)
-    image_size: int = 28  # image side S; must be divisible by the down factor f
+    image_size: int = 28  # training image side S, divisible by f (any multiple of f runs)
     block_out_channels: tuple[int, ...] = (32, 64, 64)  # widths per level; f = 2^(len − 1)
     layers_per_block: int = 1  # ResNet blocks per encoder level (decoder: one more), SD: 2
     latent_channels: int = 4  # channels of z (SD: 4)

@@ -16,8 +16,14 @@ from torch import nn
 
 from difflab.config import Config
 from difflab.errors import CheckpointError
-from difflab.io import (atomic_write_json, load_state_dict_into, load_tensors, read_json,
-                        replace_dir, save_tensors)
+from difflab.io import (
+    atomic_write_json,
+    load_state_dict_into,
+    load_tensors,
+    read_json,
+    replace_dir,
+    save_tensors,
+)
 
 MODEL_REGISTRY: dict[str, type[ModelMixin]] = {}
 
@@ -37,7 +43,8 @@ class ModelMixin(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def save_pretrained(self, folder: str | Path, extra_files: dict[str, Any] | None = None) -> None:
+    def save_pretrained(self, folder: str | Path,
+                        extra_files: dict[str, Any] | None = None) -> None:
         """Write ``folder/config.json`` and ``folder/model.safetensors`` atomically.
 
         ``extra_files`` maps file names to JSON-serialisable objects written beside them.

@@ -21,8 +21,14 @@ from torch import nn
 from difflab.config import Config, check_positive
 from difflab.errors import ConfigError
 from difflab.models.base import ModelMixin
-from difflab.nn import (Downsample, ResnetBlock, SelfAttention, TimestepEmbedding, Upsample,
-                        timestep_embedding)
+from difflab.nn import (
+    Downsample,
+    ResnetBlock,
+    SelfAttention,
+    TimestepEmbedding,
+    Upsample,
+    timestep_embedding,
+)
 
 
 @dataclass(kw_only=True)

@@ -109,9 +109,9 @@ class VAE(ModelMixin):
     def likelihood_kind(self) -> str:
         c = self.config
         if c.likelihood == "bernoulli":
-            how = ("dynamically binarised (t ~ Bernoulli((x+1)/2))" if c.binarize == "dynamic"
-                   else "thresholded at 0.5")
-            return f"Bernoulli on {how} pixels"
+            how = ("dynamically, t ~ Bernoulli((x+1)/2)" if c.binarize == "dynamic"
+                   else "by thresholding (x+1)/2 at 0.5")
+            return f"Bernoulli on pixels binarised {how}"
         return (f"discretised Gaussian (sigma={self.sigma:.4g} on [0,1]) on "
                 f"{c.num_levels}-level pixels")
 

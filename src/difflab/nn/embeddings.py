@@ -29,7 +29,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, *, flip_sin_to_cos: bool = Tru
 
 
 class TimestepEmbedding(nn.Module):
-    """MLP lifting the sinusoidal embedding to the model's embedding width: linear → SiLU → linear."""
+    """MLP lifting the sinusoidal embedding to the embedding width: linear → SiLU → linear."""
 
     def __init__(self, in_dim: int, emb_dim: int) -> None:
         super().__init__()

@@ -84,14 +84,20 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
             ts = schedules.spaced_timesteps(cfg.timestep_spacing, T, n + 1, cfg.steps_offset)[:-1]
         ts = np.round(ts)
         table = self.train_sigmas.numpy()
+        # Karras + cosine: integer t would tell the model noise levels far from σ where the
+        # cosine schedule is steep near T (and repeat timesteps), so t stays fractional there,
+        # as diffusers means to (its int64 cast truncates them, then fails with an IndexError).
+        fractional = cfg.use_karras_sigmas and cfg.beta_schedule == "squaredcos_cap_v2"
         if cfg.use_karras_sigmas:
             sig = schedules.karras_sigmas(float(table[0]), float(table[-1]), n)
-            ts = np.round(schedules.sigma_to_t(sig, table))
+            ts = schedules.sigma_to_t(sig, table)
+            ts = ts if fractional else np.round(ts)
         else:
             sig = table[ts.astype(np.int64)]
         final = float(table[0]) if cfg.final_sigmas_type == "sigma_min" else 0.0
         self.sigmas = torch.from_numpy(np.append(sig, final))
-        self.timesteps = torch.from_numpy(ts.astype(np.int64)).to(device)
+        ts = ts.astype(np.float32 if fractional else np.int64)
+        self.timesteps = torch.from_numpy(ts).to(device)
         self.num_inference_steps = len(ts)
         self._x0_history = []
         self._reset_steps()

@@ -47,7 +47,7 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
         prev_sample = x + d * (sigma_down - sigma)
         z = randn(model_output.shape, generator=generator, device=model_output.device,
                   dtype=model_output.dtype)
-        prev_sample = (prev_sample + z * sigma_up * 1.0001).to(model_output.dtype)
+        prev_sample = (prev_sample + z * sigma_up).to(model_output.dtype)
 
         self._step_index = i + 1
         out = SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)

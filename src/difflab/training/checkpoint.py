@@ -16,8 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from difflab.io import (atomic_write_json, load_state_dict_into, load_tensors, read_json,
-                        replace_dir, save_tensors)
+from difflab.io import (
+    atomic_write_json,
+    load_state_dict_into,
+    load_tensors,
+    read_json,
+    replace_dir,
+    save_tensors,
+)
 from difflab.training.ema import EMA
 
 _TENSOR_KEYS = ("perm", "gen", "data_gen", "torch_rng")

@@ -1,4 +1,4 @@
-"""The one training loop of difflab, on Accelerate (CPU, one GPU, or many with ``accelerate launch``).
+"""The one training loop of difflab, on Accelerate (CPU, one GPU, or many GPUs).
 
 Any module with ``training_loss(batch, generator) -> {"loss": scalar, ...}`` trains here: AEs,
 VAEs, the diffusion objective, CLIP. The loop owns: data order (seeded), AdamW with warm-up +
