@@ -13,8 +13,13 @@ import pytest
 import torch
 
 from difflab.schedulers import SCHEDULERS, DDIMScheduler, DDPMScheduler, get_scheduler
-from difflab.schedulers.conformance import (convergence_table, format_table, gaussian_model,
-                                            run_sampler, standard_noise)
+from difflab.schedulers.conformance import (
+    convergence_table,
+    format_table,
+    gaussian_model,
+    run_sampler,
+    standard_noise,
+)
 
 NAMES = list(SCHEDULERS)
 PREDICTIONS = ["epsilon", "v_prediction", "sample"]

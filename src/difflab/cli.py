@@ -246,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Later modules add sub-commands here (an explicit list; no discovery magic).
 EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction, argparse._SubParsersAction], None]]
-EXTRA_COMMANDS = []
+from difflab.cli_autoencoders import register as _register_autoencoders  # noqa: E402
+
+EXTRA_COMMANDS = [_register_autoencoders]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

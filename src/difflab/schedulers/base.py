@@ -59,6 +59,10 @@ class SchedulerConfig(Config):
 
     def validate(self) -> None:
         owner = type(self).__name__
+        for name in ("num_train_timesteps", "steps_offset"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{owner}.{name}={value!r} must be an integer")
         check_positive(owner, "num_train_timesteps", self.num_train_timesteps)
         check_choice(owner, "beta_schedule", self.beta_schedule, schedules.BETA_SCHEDULES)
         check_choice(owner, "prediction_type", self.prediction_type, PREDICTION_TYPES)
@@ -95,7 +99,7 @@ class Scheduler:
     def __init__(self, **config: Any) -> None:
         for key, default in self.unsupported.items():
             value = config.pop(key, default)
-            if value != default and not (value is None and default is None):
+            if value != default:
                 raise ConfigError(f"{type(self).__name__}.{key}={value!r} is not implemented in "
                                   f"difflab; allowed: {default!r}")
         if isinstance(config.get("trained_betas"), (np.ndarray, Tensor)):
@@ -130,10 +134,10 @@ class Scheduler:
 
         Keys this scheduler does not have (private ``_`` keys, another scheduler's options) are
         dropped, as in diffusers, so schedulers can be swapped: ``Euler.from_config(ddim.config)``.
+        ``overrides`` are checked strictly (an unknown keyword is a ConfigError).
         """
         known = {f.name for f in dataclasses.fields(cls.config_class)} | set(cls.unsupported)
-        kwargs = {k: v for k, v in {**config, **overrides}.items() if k in known}
-        return cls(**kwargs)
+        return cls(**{**{k: v for k, v in config.items() if k in known}, **overrides})
 
     def save_config(self, folder: str | Path) -> Path:
         """Write ``folder/scheduler_config.json`` (diffusers' format: ``_class_name`` + keys)."""

@@ -102,7 +102,7 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         self._x0_history = []
         self._reset_steps()
 
-    def scale_model_input(self, sample: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
         """Identity: the solver works on the VP sample the model expects."""
         return sample
 

@@ -49,11 +49,12 @@ class LMSDiscreteScheduler(SigmaScheduler):
     config_class = LMSConfig
     unsupported = {"use_exponential_sigmas": False, "use_beta_sigmas": False}
     cfg: LMSConfig
+    derivatives: list[Tensor] = []  # d_i, d_{i−1}, … newest last (reset by set_timesteps)
 
     def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None
                       ) -> None:
         super().set_timesteps(num_inference_steps, device)
-        self.derivatives: list[Tensor] = []  # d_i, d_{i−1}, … newest last
+        self.derivatives = []
 
     def step(self, model_output: Tensor, timestep: float | Tensor, sample: Tensor, *,
              order: int = 4, generator: Generator = None, return_dict: bool = True) -> Any:

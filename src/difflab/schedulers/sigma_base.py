@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,7 +46,7 @@ class SigmaScheduler(Scheduler):
 
     config_class = SigmaSchedulerConfig
 
-    def __init__(self, **config: object) -> None:
+    def __init__(self, **config: Any) -> None:
         super().__init__(**config)
         if getattr(self.cfg, "rescale_betas_zero_snr", False):
             self.alphas_cumprod[-1] = ZERO_SNR_ALPHA_BAR_FLOOR

@@ -195,7 +195,7 @@ def train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Trai
         if ema is not None:
             ema.update(acc.unwrap_model(model).task)
         step += 1
-        rec = {"step": step, **{k: float(v) for k, v in logs.items()}}
+        rec = {"step": step, **{k: float(v.detach()) for k, v in logs.items()}}
         history.append(rec)
         bar.update(1)
         if step % 10 == 0:

@@ -1,0 +1,156 @@
+"""The training loop and the diffusion objective: closed forms, determinism, exact resume."""
+
+import math
+
+import pytest
+import torch
+
+from difflab.data import load_dataset
+from difflab.errors import ConfigError, DifflabError
+from difflab.models.unet import UNet2DModel, UNetConfig
+from difflab.training import TrainConfig, train
+from difflab.training.loop import lr_factor
+from difflab.training.objectives import DiffusionConfig, DiffusionObjective
+
+TINY = dict(block_out_channels=(8, 16), layers_per_block=1, attention_levels=(False, True),
+            norm_num_groups=4, attention_head_dim=8, sample_size=8)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def _task(seed=0, **dkw):
+    torch.manual_seed(seed)
+    return DiffusionObjective(UNet2DModel(UNetConfig(**TINY)), DiffusionConfig(**dkw))
+
+
+def _cfg(**kw):
+    base = dict(batch_size=16, lr=1e-3, warmup_steps=2, progress=False, seed=0)
+    return TrainConfig(**{**base, **kw})
+
+
+class _Echo(torch.nn.Module):
+    """A fake network returning a fixed tensor, to read the objective's target off the loss."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+        self.config = None
+
+    def forward(self, x, t, class_labels=None):
+        from difflab.models.unet import UNetOutput
+        self.seen = (x, t)
+        return UNetOutput(self.out)
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
+def test_objective_targets_match_closed_form(pred):
+    cfg = DiffusionConfig(prediction_type=pred, min_snr_gamma=None)
+    x0 = torch.rand(4, 1, 8, 8) * 2 - 1
+    net = _Echo(torch.zeros(4, 1, 8, 8))
+    task = DiffusionObjective(net, cfg)
+    g = torch.Generator().manual_seed(0)
+    loss = task.training_loss({"images": x0, "labels": torch.zeros(4, dtype=torch.long)}, g)
+    g = torch.Generator().manual_seed(0)  # replay the draws: t, then ε
+    t = torch.randint(0, 1000, (4,), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    ab = cfg.make_scheduler().alphas_cumprod.double()[t].view(4, 1, 1, 1)
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+    assert torch.allclose(net.seen[0].double(), x_t, atol=1e-6)
+    target = {"epsilon": eps.double(), "v_prediction": ab.sqrt() * eps - (1 - ab).sqrt() * x0,
+              "sample": x0.double()}[pred]
+    # the network outputs 0, so the loss is the mean square of the target
+    assert math.isclose(loss["loss"].item(), target.pow(2).mean().item(), rel_tol=1e-5)
+
+
+def test_min_snr_weight_is_capped_snr():
+    cfg = DiffusionConfig(min_snr_gamma=5.0)
+    task = DiffusionObjective(_Echo(torch.zeros(1, 1, 2, 2)), cfg)
+    snr = task.snr.double()
+    w_eps = torch.minimum(snr, torch.tensor(5.0).double()) / snr
+    assert w_eps[0] < 1e-3 and w_eps[-1] == 1.0  # easy low-noise steps down-weighted
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = _cfg(warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, cfg, 110) == pytest.approx(0.1)
+    assert lr_factor(9, cfg, 110) == pytest.approx(1.0)
+    assert lr_factor(60, cfg, 110) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(110, cfg, 110) == pytest.approx(0.1)
+
+
+def test_training_lowers_the_loss(digits):
+    res = train(_task(), digits.images, digits.labels, _cfg(max_steps=60, lr=3e-3))
+    first = sum(h["loss"] for h in res.history[:10]) / 10
+    last = sum(h["loss"] for h in res.history[-10:]) / 10
+    assert last < 0.7 * first
+
+
+def test_same_seed_same_weights(digits):
+    a = train(_task(), digits.images, digits.labels, _cfg(max_steps=5)).raw_model
+    b = train(_task(), digits.images, digits.labels, _cfg(max_steps=5)).raw_model
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+
+
+def test_resume_is_bit_exact(digits, tmp_path):
+    full = train(_task(), digits.images, digits.labels, _cfg(max_steps=8), out_dir=tmp_path / "a")
+
+    class Kill(Exception):
+        pass
+
+    def die(model, step):
+        if step == 4:
+            raise Kill
+
+    with pytest.raises(Kill):
+        train(_task(), digits.images, digits.labels, _cfg(max_steps=8, checkpoint_every=4),
+              out_dir=tmp_path / "b", on_checkpoint=die)
+    resumed = train(_task(seed=123), digits.images, digits.labels,
+                    _cfg(max_steps=8, checkpoint_every=4), out_dir=tmp_path / "b", resume=True)
+    assert resumed.steps == 8
+    for (k, va), vb in zip(full.raw_model.state_dict().items(),
+                           resumed.raw_model.state_dict().values()):
+        assert torch.equal(va, vb), k
+    for va, vb in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(va, vb)  # the EMA too
+
+
+def test_resume_without_checkpoint_is_a_clear_error(digits, tmp_path):
+    with pytest.raises(DifflabError, match="no training checkpoint"):
+        train(_task(), digits.images, digits.labels, _cfg(max_steps=2), out_dir=tmp_path,
+              resume=True)
+
+
+def test_nonfinite_losses_are_skipped_then_stop(digits):
+    class NaNTask(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def training_loss(self, batch, generator=None):
+            return {"loss": self.w * float("nan")}
+
+    with pytest.raises(DifflabError, match="non-finite"):
+        train(NaNTask(), digits.images, digits.labels, _cfg(max_steps=50, max_nonfinite=3,
+                                                            channels_last=False))
+
+
+def test_minutes_budget_calibrates_steps(digits):
+    res = train(_task(), digits.images, digits.labels, _cfg(minutes=0.05, warmup_steps=5))
+    assert res.steps > 5 and res.seconds < 30
+
+
+@pytest.mark.parametrize("bad", [dict(batch_size=0), dict(lr=-1.0), dict(lr_schedule="step"),
+                                 dict(mixed_precision="fp8"), dict(ema_decay=1.0),
+                                 dict(minutes=float("nan"))])
+def test_bad_train_config(bad):
+    with pytest.raises(ConfigError):
+        TrainConfig(**bad)
+
+
+def test_empty_dataset_is_an_error():
+    with pytest.raises(DifflabError, match="empty"):
+        train(_task(), torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long), _cfg())
