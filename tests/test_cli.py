@@ -1,0 +1,91 @@
+"""The command line: exit codes, one-line errors, and the diffusion train → sample path."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from difflab.cli import main
+
+
+def run(*args):
+    return main(list(args))
+
+
+def test_help_lists_the_built_commands(capsys):
+    with pytest.raises(SystemExit) as e:
+        run("--help")
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("demo", "data", "train", "sample", "plot"):
+        assert cmd in out
+
+
+@pytest.mark.parametrize("argv", [["data", "info", "imagenet"],
+                                  ["data", "info", "/nonexistent/folder"]])
+def test_bad_data_is_one_line_exit_2(argv, capsys):
+    assert run(*argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("difflab: error:") and "\n" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["train", "ddpm", "--steps", "-1"],
+                                  ["train", "ddpm", "--lr", "nan"],
+                                  ["sample", "--ckpt", "x", "--scheduler", "bogus"],
+                                  ["sample", "--ckpt", "x", "--guidance", "nan"],
+                                  ["demo", "--minutes", "0"]])
+def test_bad_flags_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        run(*argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+
+
+def test_data_info_writes_grid(tmp_path, capsys):
+    assert run("data", "info", "digits", "--out", str(tmp_path / "g.png")) == 0
+    out = capsys.readouterr().out
+    assert "1437" in out and (tmp_path / "g.png").stat().st_size > 100
+
+
+def test_dry_run_prints_config_and_trains_nothing(tmp_path, capsys):
+    assert run("train", "ddpm", "--data", "digits", "--out", str(tmp_path / "r"), "--steps", "3",
+               "--dry-run") == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["train"]["max_steps"] == 3 and not (tmp_path / "r").exists()
+
+
+def test_train_then_sample(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run("train", "ddpm", "--data", "digits", "--out", str(out), "--steps", "3",
+               "--batch-size", "8", "--no-progress", "--cond", "class") == 0
+    for f in ("model/config.json", "model/model.safetensors", "model/scheduler_config.json",
+              "report.html", "samples.png", "metrics.json", "checkpoint/state.json"):
+        assert (out / f).is_file(), f
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    for p in (a, b):
+        assert run("sample", "--ckpt", str(out), "--scheduler", "ddim", "--steps", "3", "--n",
+                   "4", "--seed", "7", "--class", "3", "--guidance", "2", "--out", str(p)) == 0
+    assert a.read_bytes() == b.read_bytes()  # same seed ⇒ same samples
+    assert run("sample", "--ckpt", str(out), "--steps", "2", "--n", "2", "--trajectory",
+               "--out", str(tmp_path / "c.png")) == 0
+    assert (tmp_path / "c-trajectory.png").is_file()
+    assert run("sample", "--ckpt", str(out), "--class", "99", "--out", str(a)) == 2
+
+
+def test_sample_missing_checkpoint(tmp_path, capsys):
+    assert run("sample", "--ckpt", str(tmp_path / "nope")) == 2
+    assert "not a difflab diffusion model" in capsys.readouterr().err
+
+
+def test_console_script_exit_code(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "difflab.cli", "data", "info", "nope"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+
+
+def test_plot_commands(tmp_path):
+    assert run("plot", "schedules", "--out", str(tmp_path / "s.png")) == 0
+    assert run("plot", "forward", "--data", "digits", "--out", str(tmp_path / "f.png")) == 0
+    assert (tmp_path / "s.png").stat().st_size > 1000
