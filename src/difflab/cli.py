@@ -247,8 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
 # Later modules add sub-commands here (an explicit list; no discovery magic).
 EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction, argparse._SubParsersAction], None]]
 from difflab.cli_autoencoders import register as _register_autoencoders  # noqa: E402
+from difflab.cli_sd import register as _register_sd  # noqa: E402
 
-EXTRA_COMMANDS = [_register_autoencoders]
+EXTRA_COMMANDS = [_register_autoencoders, _register_sd]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

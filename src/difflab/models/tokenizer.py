@@ -209,8 +209,8 @@ class CLIPTokenizer:
         specials = {self.bos_token_id, self.eos_token_id, self.pad_token_id}
         text = "".join(self.decoder[int(i)] for i in ids if int(i) not in specials)
         byte_decoder = {c: b for b, c in self.byte_encoder.items()}
-        raw = bytearray(byte_decoder[c] for c in text.replace(END_OF_WORD, " ")
-                        if c in byte_decoder)
+        byte_decoder[" "] = ord(" ")  # the end-of-word marks become spaces
+        raw = bytearray(byte_decoder[c] for c in text.replace(END_OF_WORD, " "))
         return " ".join(raw.decode("utf-8", errors="replace").split())
 
     @property

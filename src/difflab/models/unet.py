@@ -56,10 +56,14 @@ class UNetConfig(Config):
             raise ConfigError(
                 f"UNetConfig.attention_levels has {len(self.attention_levels)} entries; "
                 f"block_out_channels has {len(self.block_out_channels)}: they must match")
+        attn_widths = [c for c, a in zip(self.block_out_channels, self.attention_levels) if a]
+        if self.mid_attention:
+            attn_widths.append(self.block_out_channels[-1])
         for c in self.block_out_channels:
             if c % self.norm_num_groups:
                 raise ConfigError(f"UNetConfig.block_out_channels: {c} is not divisible by "
                                   f"norm_num_groups={self.norm_num_groups}")
+        for c in attn_widths:
             if self.attention_head_dim and c % self.attention_head_dim:
                 raise ConfigError(f"UNetConfig.attention_head_dim={self.attention_head_dim} "
                                   f"does not divide width {c}")

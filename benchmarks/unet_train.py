@@ -1,0 +1,141 @@
+"""U-Net training throughput: difflab vs diffusers' UNet2DModel, same architecture, one run.
+
+    python benchmarks/unet_train.py                          # CPU, the 'small' 28×28 preset
+    python benchmarks/unet_train.py --preset ddpm-cifar10 --batch 128 --device cuda \
+        --modes fp32,bf16,bf16-cl-compile
+
+Both models are built from the same config (parameter counts printed; they are equal), trained
+with AdamW on an ε-MSE loss at random timesteps; runs are interleaved (A, B, A, B, ...) and the
+median is reported. Achieved FLOP/s (counted with torch.utils.flop_counter) is compared with the
+measured matmul ceiling of the machine. Writes benchmarks/out/unet_train.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, matmul_ceiling, median, print_table, time_fn, write_json  # noqa: E402
+
+from difflab.models.unet import PRESETS, UNet2DModel, UNetConfig  # noqa: E402
+
+
+def diffusers_unet(cfg: UNetConfig) -> torch.nn.Module:
+    from diffusers import UNet2DModel as DUNet
+
+    down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels)
+    up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention_levels))
+    return DUNet(sample_size=cfg.sample_size, in_channels=cfg.in_channels,
+                 out_channels=cfg.out_channels, block_out_channels=cfg.block_out_channels,
+                 layers_per_block=cfg.layers_per_block, down_block_types=down,
+                 up_block_types=up, attention_head_dim=cfg.attention_head_dim,
+                 norm_num_groups=cfg.norm_num_groups, dropout=cfg.dropout,
+                 add_attention=cfg.mid_attention)
+
+
+def make_step(model: torch.nn.Module, batch: int, cfg: UNetConfig, device: torch.device,
+              mode: str, channels_last: bool):
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
+    fwd = model
+    if "compile" in mode:
+        fwd = torch.compile(model, mode="max-autotune-no-cudagraphs"
+                            if device.type == "cuda" else None)
+    g = torch.Generator(device=device).manual_seed(0)
+    size = cfg.sample_size
+    x0 = torch.randn(batch, cfg.in_channels, size, size, device=device, generator=g)
+    if channels_last:
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    t = torch.randint(0, 1000, (batch,), device=device, generator=g)
+    noise = torch.randn_like(x0)
+    bf16 = mode.startswith("bf16")
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = fwd(x0 + noise, t).sample
+            loss = torch.nn.functional.mse_loss(out.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step, model
+
+
+def flops_per_step(model: torch.nn.Module, cfg: UNetConfig, batch: int,
+                   device: torch.device) -> float:
+    x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=device)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    with FlopCounterMode(display=False) as fc:
+        model(x, t).sample.float().pow(2).mean().backward()
+    model.zero_grad(set_to_none=True)
+    return float(fc.get_total_flops())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--modes", default="fp32", help="comma list: fp32, bf16, bf16-cl-compile")
+    ap.add_argument("--peers", default="difflab,diffusers,diffusers-cl")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    cfg = UNetConfig(**PRESETS[args.preset])
+    if args.device == "cpu" and args.preset == "small":
+        cfg = UNetConfig(**{**PRESETS["small"], "sample_size": 28})
+
+    peak = {"fp32": matmul_ceiling(device, torch.float32),
+            "bf16": matmul_ceiling(device, torch.bfloat16)}
+    torch.manual_seed(0)
+    flops = flops_per_step(UNet2DModel(cfg).to(device), cfg, args.batch, device)
+    rows, results = [], {}
+    for mode in args.modes.split(","):
+        steps = {}
+        for peer in args.peers.split(","):
+            torch.manual_seed(0)
+            if peer == "difflab":
+                model, cl = UNet2DModel(cfg), True
+            elif peer.startswith("diffusers"):
+                model, cl = diffusers_unet(cfg), peer.endswith("-cl")
+            else:
+                raise SystemExit(f"unknown peer {peer}")
+            params = sum(p.numel() for p in model.parameters())
+            step, _ = make_step(model, args.batch, cfg, device, mode, cl or "cl" in mode)
+            steps[peer] = (step, params)
+        times = {p: [] for p in steps}
+        for _ in range(args.rounds):  # interleave so machine noise hits every peer alike
+            for p, (step, _) in steps.items():
+                times[p].append(time_fn(step, device, iters=args.iters, warmup=1))
+        base = None
+        for p, (_, params) in steps.items():
+            sec = median(times[p])
+            ips = args.batch / sec
+            base = base or ips
+            achieved = flops / sec
+            ceiling = peak["bf16" if mode.startswith("bf16") else "fp32"]
+            rows.append({"mode": mode, "model": p, "params": params, "img/s": ips,
+                         "vs first": ips / base, "GFLOP/s": achieved / 1e9,
+                         "% of matmul peak": 100 * achieved / ceiling})
+            results[f"{mode}/{p}"] = rows[-1]
+    print(f"preset {args.preset}, batch {args.batch}, device {device}, "
+          f"{flops / args.batch / 1e9:.2f} GFLOP per image per training step; matmul ceiling "
+          f"fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s")
+    print_table(rows)
+    path = write_json("unet_train", {"machine": machine(), "preset": args.preset,
+                                     "batch": args.batch, "flops_per_step": flops,
+                                     "peak_flops": peak, "rows": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
