@@ -4,7 +4,8 @@
 
     pipe = load_pipeline("stable-diffusion-v1-5")                 # diffusers-format folder
     pipe = load_pipeline("v1-5-pruned-emaonly.safetensors", tokenizer="sd15/tokenizer")
-    images = pipe(["a watercolor fox"], num_inference_steps=25, generator=torch.Generator().manual_seed(0))
+    images = pipe(["a watercolor fox"], num_inference_steps=25,
+                  generator=torch.Generator().manual_seed(0))        # (1, 3, 512, 512) in [0, 1]
 
 Both adapters map names, assert every tensor's shape and refuse partial loads;
 ``diffusers_format`` and ``sd_single_file`` say how.

@@ -33,7 +33,6 @@ from torch import Tensor
 from difflab.errors import CheckpointError
 from difflab.interop.diffusers_format import (
     assign_weights,
-    build_on_meta,
     make_scheduler,
     read_weights,
     vae_config_from_diffusers,

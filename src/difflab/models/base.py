@@ -86,4 +86,6 @@ class ModelMixin(nn.Module):
 
 def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> Any:
     """Load any registered difflab model from a checkpoint folder."""
+    import difflab.models  # noqa: F401  (registers every model class)
+
     return ModelMixin.from_pretrained(folder, map_location)

@@ -5,7 +5,8 @@ tests/test_tokenizer.py):
 
 1. the special tokens ``<|startoftext|>`` / ``<|endoftext|>`` written in the prompt are cut out
    first and become their ids;
-2. every other piece is normalised: Unicode NFC, each run of whitespace → one space, lowercase;
+2. every other piece is normalised: Unicode NFC, then lowercase (transformers also collapses
+   whitespace runs; whitespace only separates pre-tokens, so that changes no ids);
 3. pre-tokenised by CLIP's pattern ``'s|'t|'re|'ve|'m|'ll|'d|\\p{L}+|\\p{N}|[^\\s\\p{L}\\p{N}]+``
    (whitespace separates and is dropped);
 4. each pre-token's UTF-8 bytes are spelled with GPT-2's printable byte alphabet

@@ -4,11 +4,11 @@
 a spatial transformer (``nn/transformer.py``) after every ResnetBlock of the attention levels,
 whose cross-attention reads the text embeddings ``encoder_hidden_states`` (B, 77, D):
 
-    conv_in → down_blocks: (ResnetBlock → Transformer2D) × L, Downsample     (CrossAttnDownBlock2D)
-                           ResnetBlock × L                                   (DownBlock2D, lowest)
-            → mid_block:   ResnetBlock → Transformer2D → ResnetBlock         (UNetMidBlock2DCrossAttn)
-            → up_blocks:   ResnetBlock × (L+1) on [h, skip], Upsample        (UpBlock2D)
-                           (ResnetBlock → Transformer2D) × (L+1), Upsample   (CrossAttnUpBlock2D)
+    conv_in → down_blocks: (ResnetBlock → Transformer2D) × L, Downsample   CrossAttnDownBlock2D
+                           ResnetBlock × L                                 DownBlock2D (lowest)
+            → mid_block:   ResnetBlock → Transformer2D → ResnetBlock       UNetMidBlock2DCrossAttn
+            → up_blocks:   ResnetBlock × (L+1) on [h, skip], Upsample      UpBlock2D
+                           (ResnetBlock → Transformer2D) × (L+1), Upsample CrossAttnUpBlock2D
             → GroupNorm → SiLU → conv_out
 
 Parameter names are diffusers' ``UNet2DConditionModel`` names, so diffusers weights load with

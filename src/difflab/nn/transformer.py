@@ -4,7 +4,7 @@ Rombach et al. 2022 (LDM), §3.3: the U-Net's feature map h (B, C, H, W) is read
 and passed through transformer blocks (Vaswani et al. 2017) whose *cross*-attention takes its
 keys and values from the text encoder's output τ_θ(y) (B, M, D):
 
-    Attention(Q, K, V) = softmax(Q Kᵀ / √d) V,   Q = W_Q · φ(h),  K = W_K · τ_θ(y),  V = W_V · τ_θ(y)
+    Attention(Q, K, V) = softmax(Q Kᵀ / √d) V,  Q = W_Q·φ(h),  K = W_K·τ_θ(y),  V = W_V·τ_θ(y)
 
     Transformer2D:  h → GroupNorm → proj_in → [BasicTransformerBlock] × n → proj_out → + h
     block:          x = x + attn1(LN(x))            self-attention over the H·W tokens
@@ -18,7 +18,6 @@ Module and parameter names are diffusers' (``norm``, ``proj_in``,
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
