@@ -1,0 +1,70 @@
+"""FID-style score vs number of sampling steps, per scheduler, for one trained diffusion model.
+
+    python benchmarks/sampling.py --ckpt runs/fm --schedulers ddpm,ddim,euler,dpm++ \
+        --steps 10,20,50,100,1000 --n 2000
+
+Every (scheduler, steps) pair samples the same ``n`` seeds and is scored against the data set's
+test split in the feature-classifier space (``difflab.metrics``). Prints a table and writes
+benchmarks/out/sampling.json. Goal (issue): DPM-Solver++ at 20 NFE within 10% of DDPM at 1000.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, print_table, write_json  # noqa: E402
+
+from difflab.metrics.fid import fid_of_images  # noqa: E402
+from difflab.runs.diffusion import load_bundle, sample_images  # noqa: E402
+
+
+def sample_many(bundle, n: int, scheduler: str, steps: int, seed: int, batch: int):
+    chunks = []
+    for i, start in enumerate(range(0, n, batch)):
+        k = min(batch, n - start)
+        chunks.append(sample_images(bundle, k, scheduler=scheduler, steps=steps,
+                                    seed=seed + i).images)
+    return torch.cat(chunks)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--schedulers", default="ddpm,ddim,euler,dpm++")
+    ap.add_argument("--steps", default="10,20,50,100")
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--batch", type=int, default=500)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", help="reference data set (default: the model's)")
+    args = ap.parse_args()
+    bundle = load_bundle(args.ckpt)
+    data = args.data or bundle.data["name"]
+    rows = []
+    for sched in args.schedulers.split(","):
+        for steps in (int(s) for s in args.steps.split(",")):
+            t0 = time.perf_counter()
+            imgs = sample_many(bundle, args.n, sched, steps, args.seed, args.batch)
+            sec = time.perf_counter() - t0
+            nfe = steps * (2 if sched == "heun" else 1)
+            res = fid_of_images(imgs, data)
+            rows.append({"scheduler": sched, "steps": steps, "NFE": nfe, "FID": res["fid"],
+                         "s/image": sec / args.n})
+            print_table(rows[-1:])
+    print_table(rows)
+    best = {(r["scheduler"], r["steps"]): r["FID"] for r in rows}
+    if ("dpm++", 20) in best and ("ddpm", 1000) in best:
+        ratio = best[("dpm++", 20)] / best[("ddpm", 1000)]
+        print(f"DPM-Solver++ @20 / DDPM @1000 = {ratio:.3f} (goal ≤ 1.10)")
+    path = write_json("sampling", {"machine": machine(), "ckpt": str(args.ckpt), "data": data,
+                                   "n": args.n, "rows": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
