@@ -119,8 +119,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from difflab.runs.diffusion import load_bundle, sample_images, trajectory_figure
+    from difflab.runs.ldm import is_ldm_folder
     from difflab.viz import save_grid, save_image
 
+    if is_ldm_folder(args.ckpt):  # text-to-image: a `difflab train ldm` run or pipeline folder
+        from difflab.cli_clip_ldm import sample_ldm
+
+        return sample_ldm(args)
+    text_flags = [f for f, v in (("--prompt", args.prompt), ("--negative-prompt",
+                  args.negative_prompt), ("--init-image", args.init_image)) if v is not None]
+    if text_flags and Path(args.ckpt).exists():
+        raise DifflabError(f"{args.ckpt}: {text_flags[0]} needs a latent diffusion folder "
+                           "(difflab train ldm); this is not one")
     bundle = load_bundle(args.ckpt)
     labels = None
     if args.class_ is not None:
@@ -130,8 +140,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
                                "trained with --cond class")
         cls = _class_index(args.class_, names)
         labels = torch.full((args.n,), cls, dtype=torch.long)
+    guidance = 1.0 if args.guidance is None else args.guidance
     res = sample_images(bundle, args.n, scheduler=args.scheduler, steps=args.steps,
-                        seed=args.seed, class_labels=labels, guidance_scale=args.guidance,
+                        seed=args.seed, class_labels=labels, guidance_scale=guidance,
                         return_trajectory=args.trajectory, progress=True, eta=args.eta)
     save_grid(res.images * 2 - 1, args.out, nrow=args.nrow)
     print(f"wrote {args.out}")
@@ -214,18 +225,21 @@ def build_parser() -> argparse.ArgumentParser:
     dd.set_defaults(func=cmd_train_ddpm)
 
     s = sub.add_parser("sample", help="sample a trained diffusion model into a PNG grid")
-    s.add_argument("--ckpt", type=Path, required=True, help="run or model folder")
+    s.add_argument("--ckpt", type=Path, required=True,
+                   help="run or model folder (pixel diffusion or latent diffusion)")
     s.add_argument("--scheduler", default="dpm++", choices=sorted(SCHEDULERS))
     s.add_argument("--steps", type=positive_int, default=25)
     s.add_argument("--n", type=positive_int, default=64)
     s.add_argument("--nrow", type=positive_int, default=8)
     s.add_argument("--seed", type=nonneg_int, default=0)
     s.add_argument("--class", dest="class_", help="class index or name (conditional models)")
-    s.add_argument("--guidance", type=finite_float, default=1.0)
+    s.add_argument("--guidance", type=finite_float,
+                   help="classifier-free guidance scale (default 1 = none; latent diffusion: 4)")
     s.add_argument("--eta", type=unit_float, help="DDIM η (0 = deterministic)")
     s.add_argument("--trajectory", action="store_true",
                    help="also write the x_t / predicted noise / x̂₀ / x_{t−1} figure")
     s.add_argument("--out", type=Path, default=Path("samples.png"))
+    add_sample_arguments(s)
     s.set_defaults(func=cmd_sample)
 
     pl = sub.add_parser("plot", help="figures of the theory").add_subparsers(
@@ -247,9 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
 # Later modules add sub-commands here (an explicit list; no discovery magic).
 EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction, argparse._SubParsersAction], None]]
 from difflab.cli_autoencoders import register as _register_autoencoders  # noqa: E402
+from difflab.cli_clip_ldm import add_sample_arguments  # noqa: E402
+from difflab.cli_clip_ldm import register as _register_clip_ldm  # noqa: E402
+from difflab.cli_eval import register as _register_eval  # noqa: E402
 from difflab.cli_sd import register as _register_sd  # noqa: E402
 
-EXTRA_COMMANDS = [_register_autoencoders, _register_sd]
+EXTRA_COMMANDS = [_register_autoencoders, _register_sd, _register_clip_ldm, _register_eval]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from difflab.data.builtin import load_digits, load_mnist5k
+from difflab.data.captions import CaptionConfig, Captioner, captions_for
 from difflab.data.cifar import load_cifar10
 from difflab.data.dataset import (
     SPLITS,
@@ -86,8 +87,11 @@ def load_dataset(
 
 __all__ = [
     "DATASETS",
+    "CaptionConfig",
+    "Captioner",
     "SPLITS",
     "ImageDataset",
+    "captions_for",
     "dataset_info",
     "load_dataset",
     "load_folder",

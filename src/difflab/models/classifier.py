@@ -6,8 +6,8 @@ those features mean little, so difflab trains, once per data set, a classifier o
 set's own train split and measures in its feature space (as e.g. the MNIST FIDs of many VAE
 papers do). Layout, top to bottom (a VGG-style net sized for 8×8 … 32×32 inputs):
 
-    stage k (k = 0 … L−1):  [Conv3×3 → GroupNorm → SiLU] × convs_per_stage, then AvgPool 2×2
-                            (no pool after the last stage)
+    stage k (k = 0 … L−1):  [Conv3×3 → GroupNorm → SiLU] × convs_per_stage, then MaxPool 2×2
+                            (ceil mode: 28 → 14 → 7 → 4, 8 → 4 → 2 → 1; none after the last)
     features  φ(x) = global average pool of the last stage             (B, widths[-1])
     logits         = Linear(φ(x))                                       (B, num_classes)
 
@@ -34,8 +34,10 @@ class FeatureClassifierConfig(Config):
     in_channels: int = 1  # image channels: 1 (grayscale) or 3 (RGB)
     num_classes: int = 10  # classes of the data set it is trained on
     image_size: int = 28  # training resolution (informational; the net is fully convolutional)
-    widths: tuple[int, ...] = (32, 64, 128)  # channels per stage; the last one is the feature dim
-    convs_per_stage: int = 1  # 3×3 convolutions per stage (1 keeps training ≈1 min on 2 CPUs)
+    # channels per stage; the last is the feature dim. Narrow early stages keep the full-size
+    # convolutions cheap: (16, 32, 64, 128) trains ~4× faster than (32, 64, 128) on a CPU.
+    widths: tuple[int, ...] = (16, 32, 64, 128)
+    convs_per_stage: int = 1  # 3×3 convolutions per stage
     norm_num_groups: int = 8  # GroupNorm groups (must divide every width)
     label_smoothing: float = 0.0  # cross-entropy label smoothing during training
 
@@ -73,7 +75,7 @@ class FeatureClassifier(ModelMixin):
                            nn.GroupNorm(config.norm_num_groups, width), nn.SiLU()]
                 prev = width
             if k < len(config.widths) - 1:
-                layers.append(nn.AvgPool2d(2, ceil_mode=True))  # 28 → 14 → 7, 8 → 4 → 2
+                layers.append(nn.MaxPool2d(2, ceil_mode=True))
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(prev, config.num_classes)
 

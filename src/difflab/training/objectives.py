@@ -12,6 +12,9 @@ Min-SNR-γ weighting (Hang et al. 2023, arXiv:2303.09556) caps the weight of eas
 steps: with SNR_t = ᾱ_t/(1−ᾱ_t) the x₀-space weight is min(SNR_t, γ), i.e. min(SNR,γ)/SNR for ε
 and min(SNR,γ)/(SNR+1) for v. Classifier-free guidance (Ho & Salimans 2022) trains the
 unconditional model jointly by replacing the label by the "null" class with probability p_uncond.
+
+:class:`LatentDiffusionObjective` is the same objective on the latents of a frozen autoencoder,
+conditioned on a frozen text encoder's embeddings of generated captions (latent diffusion).
 """
 
 from __future__ import annotations
@@ -73,19 +76,31 @@ class DiffusionObjective(nn.Module):
     def training_loss(self, batch: dict[str, torch.Tensor],
                       generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         x0 = batch["images"]  # (B, C, H, W) in [-1, 1]
-        b, dev = x0.shape[0], x0.device
-        cfg = self.config
-        t = torch.randint(0, cfg.num_train_timesteps, (b,), generator=generator, device=dev)
-        noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
-        a, s = append_dims(self.sqrt_ab[t], 4), append_dims(self.sqrt_1mab[t], 4)
-        x_t = a * x0 + s * noise
+        t, noise, x_t = self.noised(x0, generator)
         labels = None
         if self.null_class is not None:
             labels = batch["labels"].clone()
-            if cfg.p_uncond > 0:
-                drop = torch.rand(b, generator=generator, device=dev) < cfg.p_uncond
-                labels[drop] = self.null_class
+            if self.config.p_uncond > 0:
+                drop = torch.rand(len(x0), generator=generator, device=x0.device)
+                labels[drop < self.config.p_uncond] = self.null_class
         pred = self.unet(x_t, t, class_labels=labels).sample
+        return self.weighted_loss(pred, t, noise, x0)
+
+    def noised(self, x0: torch.Tensor, generator: torch.Generator | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Draw t ~ U{0..T−1} (B,) and ε ~ N(0, I); return (t, ε, x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε)."""
+        b, dev = x0.shape[0], x0.device
+        t = torch.randint(0, self.config.num_train_timesteps, (b,), generator=generator,
+                          device=dev)
+        noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
+        a, s = append_dims(self.sqrt_ab[t], 4), append_dims(self.sqrt_1mab[t], 4)
+        return t, noise, a * x0 + s * noise
+
+    def weighted_loss(self, pred: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                      x0: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The (Min-SNR-weighted) MSE of the network output ``pred`` against its target."""
+        cfg = self.config
+        a, s = append_dims(self.sqrt_ab[t], 4), append_dims(self.sqrt_1mab[t], 4)
         if cfg.prediction_type == "epsilon":
             target = noise
         elif cfg.prediction_type == "v_prediction":
@@ -103,3 +118,48 @@ class DiffusionObjective(nn.Module):
                       "sample": clipped}[cfg.prediction_type]
         loss = (weight * mse).mean()
         return {"loss": loss, "mse": mse.mean().detach()}
+
+
+class LatentDiffusionObjective(DiffusionObjective):
+    """Latent diffusion with text conditioning (Rombach et al. 2022, eq. 3):
+
+        L = E_{x, y, ε, t} ‖ε − ε_θ(z_t, t, τ(y))‖²,   z₀ = scaling_factor · z, z ~ q(z | x)
+
+    where q(z | x) is a frozen AutoencoderKL's encoder and τ(y) the frozen text encoder's
+    ``last_hidden_state`` of the caption y (B, L, D), which the U-Net cross-attends to. The
+    captions are made per batch by ``captioner(images, labels, generator) -> list[str]``; with
+    probability ``p_uncond`` a caption is replaced by the empty prompt "" — the unconditional
+    text that ``TextToImage`` uses for classifier-free guidance. Noise, t and the weighting are
+    the pixel objective's (:meth:`noised`, :meth:`weighted_loss`), applied to z₀.
+    """
+
+    def __init__(self, unet: nn.Module, config: DiffusionConfig, *, vae: nn.Module,
+                 text_encoder: nn.Module, tokenizer, captioner) -> None:
+        super().__init__(unet, config)
+        self.vae = vae.requires_grad_(False).eval()
+        self.text_encoder = text_encoder.requires_grad_(False).eval()
+        self.tokenizer = tokenizer  # list[str] -> (B, L) ids
+        self.captioner = captioner
+
+    def train(self, mode: bool = True) -> LatentDiffusionObjective:
+        super().train(mode)
+        self.vae.eval()  # frozen parts stay in inference mode
+        self.text_encoder.eval()
+        return self
+
+    def training_loss(self, batch: dict[str, torch.Tensor],
+                      generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        x = batch["images"]  # (B, C, H, W) in [-1, 1]
+        captions = self.captioner(x, batch["labels"], generator)
+        if self.config.p_uncond > 0:
+            drop = torch.rand(len(captions), generator=generator, device=x.device)
+            captions = ["" if d else c for c, d in zip(captions, (drop < self.config.p_uncond)
+                                                      .tolist())]
+        with torch.no_grad():
+            ids = self.tokenizer(captions).to(x.device)
+            context = self.text_encoder(ids).last_hidden_state  # (B, L, D)
+            z0 = self.vae.encode(x).latent_dist.sample(generator)  # (B, c_z, H/f, W/f)
+            z0 = z0 * self.vae.config.scaling_factor
+        t, noise, z_t = self.noised(z0, generator)
+        pred = self.unet(z_t, t, encoder_hidden_states=context).sample
+        return self.weighted_loss(pred, t, noise, z0)
