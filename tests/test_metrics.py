@@ -120,6 +120,9 @@ def test_kid_zero_for_same_distribution_positive_for_shifted():
     shifted, _ = kid(a, b + 0.5, num_subsets=20, subset_size=500)
     assert shifted > 0.05 and shifted > 20 * abs(same)
     assert kid(a, b, num_subsets=5) == kid(a, b, num_subsets=5)  # seeded by default
+    whole, spread = kid(a[:100], b[:100], subset_size=1000)  # subsets = the whole sets
+    assert whole == pytest.approx(float(mmd2_unbiased(a[:100].double(), b[:100].double())))
+    assert math.isnan(spread)
 
 
 # ------------------------------------------------------------------------- precision / recall
@@ -312,9 +315,11 @@ def test_bound_of_random_unet_on_digits_is_finite_and_worse():
 # -------------------------------------------------------------------------- feature classifier
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DIFFLAB_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache" / "features"
+def cache(tmp_path_factory, monkeypatch):
+    # one cache for the module (the second test reuses the first one's classifier), never ~/.cache
+    root = tmp_path_factory.getbasetemp() / "metrics-cache"
+    monkeypatch.setenv("DIFFLAB_CACHE", str(root))
+    return root / "features"
 
 
 def test_feature_extractor_trains_caches_and_is_deterministic(cache, tmp_path):
@@ -322,7 +327,7 @@ def test_feature_extractor_trains_caches_and_is_deterministic(cache, tmp_path):
     from difflab.metrics.features import get_feature_extractor
 
     ext = get_feature_extractor("digits", steps=30, progress=False)
-    assert ext.trained_now and ext.path.parent == cache
+    assert ext.path.parent == cache
     assert (ext.path / "model.safetensors").is_file() and ext.test_accuracy > 0.3
     mtime = (ext.path / "model.safetensors").stat().st_mtime_ns
     again = get_feature_extractor("digits", steps=30, progress=False)
@@ -336,6 +341,7 @@ def test_feature_extractor_trains_caches_and_is_deterministic(cache, tmp_path):
     other = get_feature_extractor("digits", steps=30, progress=False,
                                   cache_dir=tmp_path / "elsewhere")
     assert other.trained_now and torch.equal(other(x), f)  # same seed ⇒ same weights
+    assert other.test_accuracy == ext.test_accuracy
     with pytest.raises(DifflabError, match="expects images of shape"):
         ext(torch.zeros(2, 1, 28, 28))
 

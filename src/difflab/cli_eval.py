@@ -219,7 +219,9 @@ def _print_result(res: dict[str, Any]) -> None:
         if f"{prefix}fid" in res:
             print(f"{label}fid: {res[f'{prefix}fid']:.4f}")
         if f"{prefix}kid" in res:
-            print(f"{label}kid: {res[f'{prefix}kid']:.5f} ± {res[f'{prefix}kid_std']:.5f}")
+            std = res[f"{prefix}kid_std"]
+            spread = f" ± {std:.5f} (std over subsets)" if math.isfinite(std) else ""
+            print(f"{label}kid: {res[f'{prefix}kid']:.5f}{spread}")
         if f"{prefix}precision" in res:
             print(f"{label}precision: {res[f'{prefix}precision']:.4f}  "
                   f"{label}recall: {res[f'{prefix}recall']:.4f}")

@@ -116,7 +116,9 @@ def kid(features_a: ArrayLike, features_b: ArrayLike, *, num_subsets: int = 100,
     """KID: mean and standard deviation of MMD²_u over ``num_subsets`` random subsets.
 
     Each subset draws ``min(subset_size, N_a, N_b)`` rows of each set without replacement
-    (the protocol of Bińkowski et al. 2018 and torch-fidelity). float64 throughout.
+    (the protocol of Bińkowski et al. 2018 and torch-fidelity). float64 throughout. When both
+    sets are smaller than ``subset_size`` every "subset" is the whole of both: MMD²_u is then
+    computed once and the standard deviation is NaN (there is no spread to report).
     """
     a = torch.from_numpy(_as_float64(features_a))
     b = torch.from_numpy(_as_float64(features_b))
@@ -125,6 +127,8 @@ def kid(features_a: ArrayLike, features_b: ArrayLike, *, num_subsets: int = 100,
         raise ValueError(f"KID needs at least 2 samples per set, got {len(a)} and {len(b)}")
     if num_subsets < 1:
         raise ValueError(f"num_subsets={num_subsets} must be >= 1")
+    if m == len(a) == len(b):
+        return float(mmd2_unbiased(a, b)), float("nan")
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     vals = []
     for _ in range(num_subsets):

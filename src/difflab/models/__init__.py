@@ -8,12 +8,13 @@ from difflab.models.autoencoder import (Autoencoder, AutoencoderConfig, LinearAu
                                         LinearAutoencoderConfig)
 from difflab.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
 from difflab.models.base import MODEL_REGISTRY, ModelMixin, load_model
+from difflab.models.clip import CLIPConfig, CLIPModel
 from difflab.models.clip_text import CLIPTextConfig, CLIPTextModel
 from difflab.models.unet import UNet2DModel, UNetConfig
 from difflab.models.unet_condition import UNet2DConditionConfig, UNet2DConditionModel
 from difflab.models.vae import VAE, VAEConfig
 
 __all__ = ["MODEL_REGISTRY", "VAE", "Autoencoder", "AutoencoderConfig", "AutoencoderKL",
-           "AutoencoderKLConfig", "CLIPTextConfig", "CLIPTextModel", "LinearAutoencoder",
+           "AutoencoderKLConfig", "CLIPConfig", "CLIPModel", "CLIPTextConfig", "CLIPTextModel", "LinearAutoencoder",
            "LinearAutoencoderConfig", "ModelMixin", "UNet2DConditionConfig",
            "UNet2DConditionModel", "UNet2DModel", "UNetConfig", "VAEConfig", "load_model"]
