@@ -12,6 +12,7 @@ from difflab.models.autoencoder import (
 )
 from difflab.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
 from difflab.models.base import MODEL_REGISTRY, ModelMixin, load_model
+from difflab.models.classifier import FeatureClassifier, FeatureClassifierConfig
 from difflab.models.clip import CLIPConfig, CLIPModel
 from difflab.models.clip_text import CLIPTextConfig, CLIPTextModel
 from difflab.models.unet import UNet2DModel, UNetConfig
@@ -21,6 +22,7 @@ from difflab.models.vae import VAE, VAEConfig
 __all__ = [
     "MODEL_REGISTRY", "VAE", "Autoencoder", "AutoencoderConfig", "AutoencoderKL",
     "AutoencoderKLConfig", "CLIPConfig", "CLIPModel", "CLIPTextConfig", "CLIPTextModel",
+    "FeatureClassifier", "FeatureClassifierConfig",
     "LinearAutoencoder", "LinearAutoencoderConfig", "ModelMixin", "UNet2DConditionConfig",
     "UNet2DConditionModel", "UNet2DModel", "UNetConfig", "VAEConfig", "load_model",
 ]
