@@ -14,7 +14,9 @@ from difflab.errors import CheckpointError
 from difflab.models.autoencoder import Autoencoder
 from difflab.models.vae import VAE
 from difflab.runs.autoencoders import (
+    code_cloud,
     decode_images,
+    encode_codes,
     evaluate_vae_checkpoint,
     fit_gaussian,
     hole_fraction,
@@ -58,6 +60,10 @@ def test_random_latents_prior_for_vae_fitted_gaussian_for_ae(digits):
     assert abs(float(z_ae.mean()) - 10) < 0.5 and abs(float(z_ae.std()) - 5) < 0.3
     assert latent_plane(vae, digits.image_shape, n=5).shape == (25, 1, 8, 8)
     assert decode_images(ae, z_ae[:3], digits.image_shape).abs().max() <= 1
+    x = digits.images[:6]
+    torch.testing.assert_close(code_cloud(ae, x), encode_codes(ae, x))
+    z_q = code_cloud(vae, x, torch.Generator().manual_seed(0))  # posterior samples, not means
+    assert z_q.shape == (6, 2) and not torch.allclose(z_q, encode_codes(vae, x))
 
 
 def test_hole_fraction_is_about_one_minus_q_when_points_match_the_data():
