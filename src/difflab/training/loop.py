@@ -158,7 +158,11 @@ def train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Trai
             on_checkpoint(ema.model if ema else acc.unwrap_model(model).task, step)
 
     t0 = time.perf_counter()
-    calib_at = min(15, cfg.warmup_steps or 15)
+    # A wall-clock budget becomes a step count, re-estimated at steps 15, 30, 60, ... from the
+    # rate measured after the first (slow, kernel-selecting) steps, and capped by a hard stop:
+    # the cosine LR schedule needs a horizon, and the machine's speed may change under load.
+    budgeted = total is None and cfg.minutes is not None
+    next_calib, rate_mark = 15, None
     bar = tqdm(total=total, initial=step, desc=desc, disable=not (cfg.progress and
                acc.is_main_process), dynamic_ncols=True, leave=False)
     model.train()
@@ -200,11 +204,18 @@ def train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Trai
         bar.update(1)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
-        if total is None and step == calib_at:  # wall-clock budget → a fixed step count
-            per_step = (time.perf_counter() - t0) / step
-            total = max(step + 1, int(cfg.minutes * 60 / per_step))
+        if budgeted:
+            now = time.perf_counter()
+            elapsed = elapsed_before + now - t0
+            if rate_mark is None and step >= 5:
+                rate_mark = (step, now)
+            if elapsed >= cfg.minutes * 60:
+                total = step  # hard stop at the budget
+            elif step >= next_calib and rate_mark is not None and step > rate_mark[0]:
+                rate = (step - rate_mark[0]) / (now - rate_mark[1])  # steps per second
+                total = max(step + 1, step + int((cfg.minutes * 60 - elapsed) * rate))
+                next_calib *= 2
             bar.total = total
-            bar.refresh()
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < (total or 0):
             save()
     bar.close()
