@@ -56,8 +56,13 @@ def test_dry_run_prints_resolved_config_and_trains_nothing(tmp_path, capsys):
     assert cfg["model"]["_class_name"] == "VAE"
     assert cfg["model"]["latent_dim"] == 3 and cfg["model"]["image_size"] == 8
     assert cfg["model"]["likelihood"] == "bernoulli" and cfg["model"]["num_levels"] == 17
-    assert cfg["train"]["minutes"] == 2 and cfg["train"]["epochs"] is None
+    assert cfg["train"]["minutes"] == 2 and cfg["train"]["max_steps"] is None
     assert not out.exists()
+    assert main(["train", "ae", "--data", "digits", "--dry-run", "--epochs", "3"]) == 0
+    train = json.loads(capsys.readouterr().out)["train"]
+    assert train["epochs"] == 3 and train["max_steps"] is None
+    assert main(["train", "ae", "--data", "digits", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["train"]["max_steps"] == 3000  # the default
 
 
 @pytest.mark.parametrize("kind,extra", [

@@ -38,8 +38,8 @@ def cmd_train_autoencoder(args: argparse.Namespace) -> int:
     )
 
     defaults = dict(DEFAULT_TRAIN, channels_last=getattr(args, "arch", "mlp") == "conv")
-    if args.steps is not None or args.minutes is not None:
-        defaults.pop("epochs")  # the user's budget, not the default epochs
+    if any(v is not None for v in (args.steps, args.minutes, args.epochs)):
+        defaults.pop("max_steps")  # the user's budget replaces the default one
     tcfg = _train_config(args, **defaults)
     out = args.out or Path("runs") / f"{args.kind}-{Path(args.data).name}"
     data = load_dataset(args.data, "train", image_size=args.image_size)
@@ -98,11 +98,12 @@ def _add_model_args(p: argparse.ArgumentParser, kind: str) -> None:
 
 # ---------------------------------------------------------------------------------- experiments
 def cmd_ae_vs_vae(args: argparse.Namespace) -> int:
-    from difflab.runs.autoencoders import AEvsVAEConfig, format_rows, run_ae_vs_vae
+    from difflab.runs.autoencoders import DEFAULT_TRAIN, AEvsVAEConfig, format_rows, run_ae_vs_vae
     from difflab.training import TrainConfig
 
     budget = {"max_steps": args.steps, "minutes": args.minutes, "epochs": args.epochs}
-    budget = {k: v for k, v in budget.items() if v is not None} or {"epochs": 20.0}
+    budget = {k: v for k, v in budget.items() if v is not None} or {
+        "max_steps": DEFAULT_TRAIN["max_steps"]}
     cfg = AEvsVAEConfig(data=args.data, image_size=args.image_size, arch=args.arch,
                         latent_dim=args.latent_dim, hidden=args.hidden, n_samples=args.n_samples,
                         seed=args.seed, out=str(args.out or Path("runs") / "ae-vs-vae"))
@@ -184,9 +185,10 @@ def register(sub: argparse._SubParsersAction, tr: argparse._SubParsersAction) ->
     av.add_argument("--latent-dim", type=positive_int, default=2)
     av.add_argument("--hidden", type=int_tuple, default=(512, 256))
     budget = av.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=positive_int, help="optimisation steps per model")
+    budget.add_argument("--steps", type=positive_int,
+                        help="optimisation steps per model (default 3000)")
     budget.add_argument("--minutes", type=positive_float, help="training minutes per model")
-    budget.add_argument("--epochs", type=positive_float, help="epochs per model (default 20)")
+    budget.add_argument("--epochs", type=positive_float, help="epochs per model")
     av.add_argument("--batch-size", type=positive_int, default=128)
     av.add_argument("--lr", type=positive_float, default=1e-3)
     av.add_argument("--n-samples", type=positive_int, default=2000,
