@@ -1,0 +1,1 @@
+"""End-to-end runs (train → sample → report) that the CLI and notebooks call."""

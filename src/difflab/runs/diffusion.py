@@ -1,0 +1,184 @@
+"""Train a pixel-space diffusion model end to end, and load/sample a trained one.
+
+A run folder ``OUT/`` holds ``model/`` (the EMA U-Net as a checkpoint folder: ``config.json``,
+``model.safetensors``, ``scheduler_config.json``, ``diffusion_config.json``, ``data.json``),
+``checkpoint/`` (training state for ``--resume``), ``samples.png``, ``loss.png``,
+``metrics.json`` and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difflab.data import ImageDataset
+from difflab.errors import CheckpointError, ConfigError
+from difflab.io import atomic_write_json, read_json
+from difflab.models.unet import PRESETS, UNet2DModel, UNetConfig
+from difflab.pipelines import ImagePipeline
+from difflab.schedulers import SCHEDULERS
+from difflab.training import TrainConfig, train
+from difflab.training.objectives import DiffusionConfig, DiffusionObjective
+from difflab.viz import Report, make_grid, plot_loss_curves, save_grid
+
+
+@dataclass
+class DiffusionModelBundle:
+    """A trained diffusion model: U-Net, its training config, and what data it saw."""
+
+    unet: UNet2DModel
+    diffusion: DiffusionConfig
+    data: dict[str, Any]  # {"name", "class_names", "image_shape"}
+
+    def scheduler(self, name: str = "dpm++", **overrides: Any) -> Any:
+        if name not in SCHEDULERS:
+            raise ConfigError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
+        cls = SCHEDULERS[name]
+        own = {f.name for f in dataclasses.fields(cls.config_class)}
+        base = {k: v for k, v in self.diffusion.make_scheduler().config.items() if k in own}
+        return cls.from_config(base, **overrides)
+
+    def pipeline(self, scheduler: str = "dpm++", **overrides: Any) -> ImagePipeline:
+        return ImagePipeline(self.unet, self.scheduler(scheduler, **overrides))
+
+
+def build_unet(data: ImageDataset, preset: str = "small", *, cond_class: bool = False,
+               **overrides: Any) -> UNet2DModel:
+    """A U-Net sized for ``data`` (channels, resolution) from a preset."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown U-Net preset {preset!r}; choose one of {sorted(PRESETS)}")
+    c, h, w = data.image_shape
+    levels = len(overrides.get("block_out_channels", PRESETS[preset]["block_out_channels"]))
+    if h != w or h % (2 ** (levels - 1)):
+        # 28×28 goes 28 → 14 → 7: fine for 3 levels. Odd sizes need --image-size.
+        if h % 2 ** (levels - 1) and h != 28:
+            raise ConfigError(f"image size {h}×{w} must be square and divisible by "
+                              f"{2 ** (levels - 1)} for a {levels}-level U-Net; use --image-size")
+    cfg = {**PRESETS[preset], "in_channels": c, "out_channels": c, "sample_size": h,
+           **overrides}
+    if cond_class:
+        cfg["num_class_embeds"] = data.num_classes + 1  # the last row is the "null" class
+    return UNet2DModel(UNetConfig(**cfg))
+
+
+def save_bundle(folder: Path, unet: UNet2DModel, diffusion: DiffusionConfig,
+                data: ImageDataset) -> None:
+    info = {"name": data.name, "class_names": list(data.class_names),
+            "image_shape": list(data.image_shape)}
+    unet.save_pretrained(folder, extra_files={"diffusion_config.json": diffusion.to_dict(),
+                                              "data.json": info})
+    diffusion.make_scheduler().save_config(folder)
+
+
+def load_bundle(folder: str | Path, device: str | torch.device = "cpu") -> DiffusionModelBundle:
+    """Load a diffusion model folder written by ``train_diffusion`` (or a run folder)."""
+    folder = Path(folder)
+    if (folder / "model" / "config.json").is_file():
+        folder = folder / "model"
+    if not (folder / "diffusion_config.json").is_file():
+        raise CheckpointError(f"{folder}: not a difflab diffusion model folder "
+                              "(no diffusion_config.json)")
+    unet = UNet2DModel.from_pretrained(folder, map_location=device).eval()
+    diffusion = DiffusionConfig.from_dict(read_json(folder / "diffusion_config.json"))
+    data = read_json(folder / "data.json")
+    return DiffusionModelBundle(unet, diffusion, data)
+
+
+@dataclass
+class DiffusionRun:
+    bundle: DiffusionModelBundle
+    seconds: float
+    steps: int
+    history: list[dict[str, float]]
+    out_dir: Path
+
+
+def train_diffusion(data: ImageDataset, *, out_dir: str | Path, train_cfg: TrainConfig,
+                    diffusion_cfg: DiffusionConfig, preset: str = "small",
+                    cond_class: bool = False, unet_overrides: dict[str, Any] | None = None,
+                    resume: bool = False, report: bool = True,
+                    sample_scheduler: str = "dpm++", sample_steps: int = 25) -> DiffusionRun:
+    """Train a U-Net on ``data`` with the diffusion objective; write model, samples, report."""
+    out_dir = Path(out_dir)
+    torch.manual_seed(train_cfg.seed)
+    unet = build_unet(data, preset, cond_class=cond_class, **(unet_overrides or {}))
+    task = DiffusionObjective(unet, diffusion_cfg)
+    result = train(task, data.images, data.labels, train_cfg, out_dir=out_dir, resume=resume,
+                   desc=f"ddpm {data.name}")
+    final_unet = result.model.unet.to("cpu").to(memory_format=torch.contiguous_format)
+    save_bundle(out_dir / "model", final_unet, diffusion_cfg, data)
+    bundle = load_bundle(out_dir / "model")
+    run = DiffusionRun(bundle, result.seconds, result.steps, result.history, out_dir)
+    metrics = {"train_seconds": result.seconds, "steps": result.steps,
+               "final_loss": _tail_mean(result.history, "loss"),
+               "skipped_nonfinite": result.skipped_nonfinite,
+               "unet_parameters": final_unet.num_parameters}
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    if report:
+        write_diffusion_report(run, data, sample_scheduler, sample_steps, train_cfg.seed)
+    return run
+
+
+def _tail_mean(history: list[dict[str, float]], key: str, n: int = 100) -> float | None:
+    vals = [h[key] for h in history[-n:] if key in h]
+    return sum(vals) / len(vals) if vals else None
+
+
+def sample_images(bundle: DiffusionModelBundle, n: int, *, scheduler: str = "dpm++",
+                  steps: int = 25, seed: int = 0, class_labels: torch.Tensor | None = None,
+                  guidance_scale: float = 1.0, return_trajectory: bool = False,
+                  progress: bool = False, eta: float | None = None) -> Any:
+    """Draw ``n`` samples (deterministic given ``seed``); images in [0, 1]."""
+    if scheduler not in SCHEDULERS:
+        raise ConfigError(f"unknown scheduler {scheduler!r}; choose one of {sorted(SCHEDULERS)}")
+    g = torch.Generator().manual_seed(seed)
+    pipe = bundle.pipeline(scheduler)
+    return pipe(n, num_inference_steps=steps, generator=g, class_labels=class_labels,
+                guidance_scale=guidance_scale, return_trajectory=return_trajectory,
+                progress=progress, eta=eta)
+
+
+def trajectory_figure(traj: list, n_show: int = 8, sample_index: int = 0) -> Any:
+    """The "common misconception" figure as one uint8 array.
+
+    Rows: x_t (input), the network's *whole-noise* prediction, the implied x̂₀, and x_{t−1}
+    after the scheduler removed only part of the noise; columns: ``n_show`` steps.
+    """
+    idx = torch.linspace(0, len(traj) - 1, min(n_show, len(traj))).round().long().tolist()
+    rows = []
+    for attr in ("x_t", "model_output", "pred_x0", "prev_sample"):
+        row = torch.stack([getattr(traj[i], attr)[sample_index] for i in idx])
+        if attr == "model_output":
+            row = row / 3  # a unit-variance noise field: ±3σ fills the grey range
+        rows.append(row.clamp(-1, 1))
+    tiles = torch.cat(rows)  # (4·n, C, H, W)
+    return make_grid(tiles, nrow=len(idx), scale=max(1, 64 // tiles.shape[-1]))
+
+
+def write_diffusion_report(run: DiffusionRun, data: ImageDataset, scheduler: str, steps: int,
+                           seed: int) -> Path:
+    out = run.out_dir
+    rep = Report(f"difflab — diffusion on {data.name}")
+    rep.text(f"Trained {run.steps} steps in {run.seconds:.0f} s; U-Net with "
+             f"{run.bundle.unet.num_parameters / 1e6:.2f} M parameters; objective "
+             f"{run.bundle.diffusion.prediction_type}, schedule "
+             f"{run.bundle.diffusion.beta_schedule}.")
+    plot_loss_curves({"loss": [(h["step"], h["loss"]) for h in run.history]}, out / "loss.png")
+    rep.heading("Training loss")
+    rep.image(out / "loss.png", "loss (running mean)")
+    rep.heading("Samples")
+    t0 = time.perf_counter()
+    res = sample_images(run.bundle, 64, scheduler=scheduler, steps=steps, seed=seed,
+                        return_trajectory=True)
+    dt = time.perf_counter() - t0
+    save_grid(res.images * 2 - 1, out / "samples.png", nrow=8)
+    rep.image(out / "samples.png", f"64 samples, {scheduler} {steps} steps ({dt:.1f} s)")
+    rep.heading("Denoising trajectory")
+    rep.image(trajectory_figure(res.trajectory), "rows: x_t, predicted noise, implied x̂₀, "
+              "x_{t−1}; columns: steps from t = T to 0")
+    return rep.save(out / "report.html")
