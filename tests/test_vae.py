@@ -244,3 +244,17 @@ def test_vae_config_errors(field, value):
 def test_vae_config_json_round_trip():
     cfg = VAEConfig(arch="conv", hidden=(8, 16), likelihood="bernoulli", beta=4.0)
     assert VAEConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_posterior_variance_is_bounded_by_the_prior():
+    """log σ² ≤ 0 whatever the input: an unusual image cannot blow the KL up (it once hit 2e8)."""
+    from difflab.models.vae import VAE, VAEConfig
+
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(arch="mlp", in_channels=1, image_size=8, latent_dim=4, hidden=(32,)))
+    with torch.no_grad():
+        for p in vae.encoder.parameters():
+            p.mul_(50.0)  # an encoder driven far out of its usual range
+        q = vae.encode(torch.ones(3, 1, 8, 8))
+    assert q.logvar.max() <= 0.0
+    assert torch.isfinite(q.kl()).all()

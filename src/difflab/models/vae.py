@@ -134,8 +134,14 @@ class VAE(ModelMixin):
     # ---- encoder / decoder ------------------------------------------------------------------
 
     def encode(self, x: Tensor) -> DiagonalGaussian:
-        """x: (B, C, H, W) in [-1, 1] → q(z | x) = N(μ, diag σ²) over (B, latent_dim)."""
-        return DiagonalGaussian.from_moments(self.encoder(x), dim=1)
+        """x: (B, C, H, W) in [-1, 1] → q(z | x) = N(μ, diag σ²) over (B, latent_dim).
+
+        log σ² = −softplus(−h) ≤ 0: a posterior wider than the N(0, I) prior only costs KL and
+        never helps the reconstruction, while an unbounded head let one unusual (almost white)
+        Fashion-MNIST test image reach the clamp log σ² = 20, i.e. a KL of 2.4e8 nats.
+        """
+        mean, raw = torch.chunk(self.encoder(x), 2, dim=1)
+        return DiagonalGaussian(mean, -F.softplus(-raw))
 
     def decoder_output(self, z: Tensor) -> Tensor:
         """f(z), (B, C, H, W): Bernoulli logits, or the Gaussian mean on the [0, 1] scale."""
