@@ -158,7 +158,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     sample_s = time.perf_counter() - t0
     sweep = [sample_images(run.bundle, k, scheduler="dpm++", steps=25, seed=cfg.seed + 1,
                            class_labels=torch.arange(k), guidance_scale=gs).images
-             for gs in (0.0, 1.0, 3.0, 6.0)]
+             for gs in (0.0, 1.0, 3.0, 7.0)]
     timings.append({"part": "DDPM U-Net (class-conditional)", "steps": run.steps,
                     "seconds": train_s})
     timings.append({"part": f"DDPM sampling ({len(labels)} images, DPM-Solver++ 25 steps, "
@@ -176,7 +176,7 @@ def run_demo(cfg: DemoConfig) -> Path:
               f"DDPM samples, one class per column ({', '.join(data.class_names)}), "
               f"guidance scale {cfg.guidance:g}")
     rep.image(make_grid(torch.cat(sweep) * 2 - 1, k, scale=max(1, 40 // h)),
-              "Guidance sweep, same noise: rows g = 0 (unconditional), 1 (conditional), 3, 6")
+              "Guidance sweep, same noise: rows g = 0 (unconditional), 1 (conditional), 3, 7")
     rep.image(trajectory_figure(res.trajectory),
               "Denoising trajectory. Rows: x_t; the network's prediction of the WHOLE noise ε; "
               "the implied clean image x̂₀; x_{t−1} — the scheduler removes only part of the "
