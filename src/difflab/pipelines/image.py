@@ -59,6 +59,8 @@ class ImagePipeline:
         x = torch.randn((n, cfg.in_channels, size, size), generator=generator,
                         device=generator.device if generator is not None else dev)
         x = (x.to(dev) * sched.init_noise_sigma).to(dtype)
+        if unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)  # match an NHWC model
 
         null = None
         if getattr(cfg, "num_class_embeds", None):

