@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from difflab.data import load_dataset
 from difflab.metrics.likelihood import elbo, evaluate_likelihood
+from difflab.models.autoencoder import mlp  # the same stack as difflab's VAE
 from difflab.models.distributions import DiagonalGaussian
 from difflab.models.vae import VAE, VAEConfig
 from difflab.training import TrainConfig, train
@@ -50,16 +51,6 @@ def binarize_once(images: Tensor, seed: int) -> Tensor:
     g = torch.Generator().manual_seed(seed)
     p = (images + 1) / 2
     return (torch.rand(p.shape, generator=g) < p).float() * 2 - 1
-
-
-def mlp(widths: list[int]) -> nn.Sequential:
-    """Linear layers with SiLU between them: the same stack as difflab.models.autoencoder.mlp."""
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths, widths[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(widths) - 2:
-            layers.append(nn.SiLU())
-    return nn.Sequential(*layers)
 
 
 # ----------------------------------------------------------------------------------- pythae

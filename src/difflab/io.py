@@ -106,22 +106,26 @@ def replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_state_dict_into(module: torch.nn.Module, state: dict[str, torch.Tensor],
-                         source: str) -> None:
-    """Load ``state`` into ``module`` strictly, with errors naming the key and both shapes."""
+def load_state_dict_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
+                         *, dtype: torch.dtype | None = None, assign: bool = False) -> None:
+    """Load ``state`` into ``module`` strictly: the key sets must be equal and every shape must
+    match, otherwise a CheckpointError names the key(s) and both shapes (no partial load).
+
+    ``dtype`` casts floating-point tensors first; ``assign`` hands the tensors over instead of
+    copying (for a module built on the ``meta`` device).
+    """
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
         raise CheckpointError(
-            f"{source}: weights do not match the model (missing {missing[:5]}"
-            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-            f"{'...' if len(unexpected) > 5 else ''})"
-        )
-    for k, v in state.items():
-        if tuple(own[k].shape) != tuple(v.shape):
-            raise CheckpointError(
-                f"{source}: tensor {k!r} has shape {tuple(v.shape)}, model expects "
-                f"{tuple(own[k].shape)}"
-            )
-    module.load_state_dict(state, strict=True)
+            f"{source}: weights do not match the model: {len(missing)} missing "
+            f"{missing[:4]}{'…' if len(missing) > 4 else ''}, {len(unexpected)} unexpected "
+            f"{unexpected[:4]}{'…' if len(unexpected) > 4 else ''}")
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(own[key].shape):
+            raise CheckpointError(f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, "
+                                  f"the model expects {tuple(own[key].shape)}")
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    module.load_state_dict(state, strict=True, assign=assign)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from difflab.errors import CheckpointError, ConfigError
-from difflab.io import load_tensors, read_json
+from difflab.io import load_state_dict_into, load_tensors, read_json
 from difflab.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
 from difflab.models.clip_text import CLIPTextConfig, CLIPTextModel
 from difflab.models.tokenizer import CLIPTokenizer
@@ -88,21 +88,7 @@ def assign_weights(model: nn.Module, state: dict[str, Tensor], source: str,
                    dtype: torch.dtype | None = None) -> None:
     """Give ``model`` (built on meta) exactly the tensors of ``state``: the key sets must be equal
     and every shape must match; otherwise a CheckpointError names the key(s) and shapes."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source}: weights do not match the model: {len(missing)} missing "
-            f"{missing[:4]}{'…' if len(missing) > 4 else ''}, {len(unexpected)} unexpected "
-            f"{unexpected[:4]}{'…' if len(unexpected) > 4 else ''}")
-    for key, tensor in state.items():
-        if tuple(tensor.shape) != tuple(own[key].shape):
-            raise CheckpointError(f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, "
-                                  f"the model expects {tuple(own[key].shape)}")
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
+    load_state_dict_into(model, state, source, dtype=dtype, assign=True)
     model.eval()
 
 
