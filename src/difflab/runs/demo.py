@@ -74,29 +74,25 @@ def run_demo(cfg: DemoConfig) -> Path:
     rep.image(make_grid(data.images[:64], 8, scale=max(1, 56 // h)), "training examples")
     show = test.images[:16]
 
-    # (a) autoencoder ---------------------------------------------------------------------
-    torch.manual_seed(cfg.seed)
-    ae = Autoencoder(AutoencoderConfig(arch="mlp", in_channels=c, image_size=h, latent_dim=2,
-                                       hidden=(512, 256)))
-    t0 = time.perf_counter()
-    ae_res = _fit(ae, data, 0.05 * cfg.minutes, cfg, "autoencoder", lr=1e-3, batch_size=128,
-                  warmup_steps=50)
-    timings.append({"part": "autoencoder (2-D latent)", "steps": ae_res.steps,
-                    "seconds": time.perf_counter() - t0})
-    ae = ae_res.model
-    ae.save_pretrained(out / "ae")
-
-    # (b) VAE -----------------------------------------------------------------------------
-    torch.manual_seed(cfg.seed)
-    vae = VAE(VAEConfig(arch="mlp", in_channels=c, image_size=h, latent_dim=2,
-                        hidden=(512, 256), likelihood="bernoulli"))
-    t0 = time.perf_counter()
-    vae_res = _fit(vae, data, 0.10 * cfg.minutes, cfg, "VAE", lr=1e-3, batch_size=128,
+    # (a) autoencoder and (b) VAE, both with a 2-D latent space so it can be drawn -----------
+    def fit_timed(model: torch.nn.Module, share: float, label: str, folder: str):
+        t0 = time.perf_counter()
+        res = _fit(model, data, share * cfg.minutes, cfg, label, lr=1e-3, batch_size=128,
                    warmup_steps=50)
-    timings.append({"part": "VAE (2-D latent)", "steps": vae_res.steps,
-                    "seconds": time.perf_counter() - t0})
-    vae = vae_res.model
-    vae.save_pretrained(out / "vae")
+        timings.append({"part": f"{label} (2-D latent)", "steps": res.steps,
+                        "seconds": time.perf_counter() - t0})
+        res.model.save_pretrained(out / folder)
+        return res
+
+    torch.manual_seed(cfg.seed)
+    ae_res = fit_timed(Autoencoder(AutoencoderConfig(arch="mlp", in_channels=c, image_size=h,
+                                                     latent_dim=2, hidden=(512, 256))),
+                       0.05, "autoencoder", "ae")
+    torch.manual_seed(cfg.seed)
+    vae_res = fit_timed(VAE(VAEConfig(arch="mlp", in_channels=c, image_size=h, latent_dim=2,
+                                      hidden=(512, 256), likelihood="bernoulli")),
+                        0.10, "VAE", "vae")
+    ae, vae = ae_res.model, vae_res.model
 
     g = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad():
