@@ -11,7 +11,9 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -92,18 +94,52 @@ def read_json(path: str | Path) -> Any:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
+def fault_point(name: str) -> None:
+    """Test hook for kill tests: with ``DIFFLAB_TEST_PAUSE=<name>`` in the environment, say so
+    on stderr and sleep, so that a test can SIGKILL the process exactly here. A no-op otherwise.
+    Points: ``checkpoint-partial`` (temp checkpoint half written), ``checkpoint-swap`` (old
+    checkpoint moved aside, new one not yet renamed into place)."""
+    if os.environ.get("DIFFLAB_TEST_PAUSE") == name:
+        print(f"difflab: test pause at {name}", file=sys.stderr, flush=True)
+        time.sleep(600)
+
+
 def replace_dir(src: Path, dst: Path) -> None:
-    """Move the complete folder ``src`` to ``dst``; the old ``dst`` is removed only afterwards."""
+    """Move the complete folder ``src`` to ``dst``; the old ``dst`` is removed only afterwards.
+
+    A kill between the two renames leaves the old folder as ``.<dst>.old``;
+    :func:`recover_dir` puts it back.
+    """
     old = None
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old")
         if old.exists():
             shutil.rmtree(old)
         os.replace(dst, old)
+        fault_point(f"{dst.name}-swap")
     os.replace(src, dst)
     _fsync_dir(dst.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(dst: Path, complete_marker: str) -> None:
+    """Undo what a writer killed inside :func:`replace_dir` (or while filling its temp folder)
+    left behind: if ``dst`` is missing or incomplete (no ``complete_marker`` file) and the
+    moved-aside previous folder is complete, put it back; then delete the temp folders
+    ``.<dst>.*`` (half-written or superseded)."""
+    dst = Path(dst)
+    old = dst.with_name(f".{dst.name}.old")
+    if not (dst / complete_marker).is_file() and (old / complete_marker).is_file():
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(old, dst)
+        _fsync_dir(dst.parent)
+    for leftover in dst.parent.glob(f".{dst.name}.*"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
 
 
 def load_state_dict_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str,

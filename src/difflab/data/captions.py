@@ -34,6 +34,7 @@ from torch import Tensor
 
 from difflab.config import Config, check_positive
 from difflab.errors import ConfigError
+from difflab.rng import batch_rand
 
 ATTRIBUTES = ("size", "thickness", "brightness", "slant", "x", "y")
 # attribute → (word for the low third, word for the high third); adjectives precede the noun,
@@ -226,8 +227,7 @@ class Captioner:
         if generator is None:
             named = [[True] * len(ATTRIBUTES)] * len(levels)
         else:
-            u = torch.rand((len(levels), len(ATTRIBUTES)), generator=generator,
-                           device=generator.device)
+            u = batch_rand((len(levels), len(ATTRIBUTES)), generator, device=generator.device)
             named = (u < self.config.p_attribute).tolist()
         return [self.caption(int(k), lev, keep)
                 for k, lev, keep in zip(labels.tolist(), levels, named)]

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from difflab.rng import batch_rand, batch_randn
+
 LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -36,16 +38,14 @@ def randn_tensor(shape: Sequence[int], generator: torch.Generator | None,
     and the numbers depend only on the seed, not on where the model lives.
     """
     gen_device = generator.device if generator is not None else device
-    return torch.randn(tuple(shape), generator=generator, device=gen_device,
-                       dtype=dtype).to(device)
+    return batch_randn(shape, generator, device=gen_device, dtype=dtype).to(device)
 
 
 def rand_tensor(shape: Sequence[int], generator: torch.Generator | None,
                 device: torch.device, dtype: torch.dtype) -> Tensor:
     """u ~ U[0, 1) of ``shape`` from ``generator``; same device rule as :func:`randn_tensor`."""
     gen_device = generator.device if generator is not None else device
-    return torch.rand(tuple(shape), generator=generator, device=gen_device,
-                      dtype=dtype).to(device)
+    return batch_rand(shape, generator, device=gen_device, dtype=dtype).to(device)
 
 
 class DiagonalGaussian:

@@ -229,6 +229,8 @@ def train_autoencoder(config: Config, data: ImageDataset, test: ImageDataset,
     res = train(model, data.images, data.labels, train_cfg, out_dir=out, resume=resume,
                 desc=f"{kind} {data.name}")
     model = res.model.to("cpu").to(memory_format=torch.contiguous_format).eval()
+    if not res.is_main_process:  # many processes: only the main one writes the run folder
+        return AutoencoderRun(model, {}, res.history, out)
     model.save_pretrained(out / "model", extra_files={"data.json": data_info(data, image_size)})
     metrics: dict[str, Any] = {
         "kind": kind, "data": data.name, "train_steps": res.steps,

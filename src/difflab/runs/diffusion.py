@@ -113,6 +113,11 @@ def train_diffusion(data: ImageDataset, *, out_dir: str | Path, train_cfg: Train
     result = train(task, data.images, data.labels, train_cfg, out_dir=out_dir, resume=resume,
                    desc=f"ddpm {data.name}")
     final_unet = result.model.unet.to("cpu").to(memory_format=torch.contiguous_format)
+    if not result.is_main_process:  # many processes: only the main one writes the run folder
+        info = {"name": data.name, "class_names": list(data.class_names),
+                "image_shape": list(data.image_shape)}
+        return DiffusionRun(DiffusionModelBundle(final_unet.eval(), diffusion_cfg, info),
+                            result.seconds, result.steps, result.history, out_dir)
     save_bundle(out_dir / "model", final_unet, diffusion_cfg, data)
     bundle = load_bundle(out_dir / "model")
     run = DiffusionRun(bundle, result.seconds, result.steps, result.history, out_dir)

@@ -4,7 +4,8 @@ A checkpoint is a folder ``checkpoint/`` holding ``model.safetensors`` (the last
 ``ema.safetensors``, ``optimizer.safetensors`` (+ its param groups in ``state.json``),
 ``training_state.safetensors`` (RNG states, data permutation) and ``state.json`` (step,
 loss history, config). It is assembled under a temporary name and renamed into place, so the
-previous checkpoint survives until the new one is complete.
+previous checkpoint survives until the new one is complete; :func:`recover_checkpoint` cleans
+up after a writer that was killed half-way (called by ``--resume``).
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from torch import nn
 
 from difflab.io import (
     atomic_write_json,
+    fault_point,
     load_state_dict_into,
     load_tensors,
     read_json,
+    recover_dir,
     replace_dir,
     save_tensors,
 )
@@ -52,6 +55,7 @@ def save_training_state(folder: Path, task: nn.Module, opt: torch.optim.Optimize
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     save_tensors(tmp / "model.safetensors", task.state_dict())
+    fault_point(f"{folder.name}-partial")
     if ema is not None:
         save_tensors(tmp / "ema.safetensors", ema.state_dict())
     opt_tensors, groups = _flatten_optimizer(opt)
@@ -63,6 +67,12 @@ def save_training_state(folder: Path, task: nn.Module, opt: torch.optim.Optimize
     plain["ema_num_updates"] = ema.num_updates if ema is not None else 0
     atomic_write_json(tmp / "state.json", plain)  # written last: marks the folder complete
     replace_dir(tmp, folder)
+
+
+def recover_checkpoint(folder: Path) -> None:
+    """After a kill: restore the previous checkpoint if the kill hit between the two renames of
+    the swap, and delete half-written temp folders (``.checkpoint.*``)."""
+    recover_dir(Path(folder), "state.json")
 
 
 def load_training_state(folder: Path, task: nn.Module, opt: torch.optim.Optimizer,

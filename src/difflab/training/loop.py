@@ -4,11 +4,19 @@ Any module with ``training_loss(batch, generator) -> {"loss": scalar, ...}`` tra
 VAEs, the diffusion objective, CLIP. The loop owns: data order (seeded), AdamW with warm-up +
 cosine LR, gradient clipping, EMA, the non-finite guard, the wall-clock budget, periodic atomic
 checkpoints and exact resume. It knows nothing about what the model is.
+
+Many processes (``accelerate launch``, ``torchrun``): ``batch_size`` is the *global* batch.
+Every process draws the same global batch indices and holds a generator seeded the same way
+(:class:`~difflab.rng.ShardedGenerator`); process r computes rows [r·B/P, (r+1)·B/P) and draws
+its noise as its rows of the global draw (:mod:`difflab.rng`). DDP averages the gradients, so
+the update is the one-process update on the same B rows, up to float summation order. Logged
+losses are averaged over processes; only the main process writes checkpoints.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +28,12 @@ from tqdm.auto import tqdm
 
 from difflab.config import Config, check_choice, check_positive
 from difflab.errors import ConfigError, DifflabError
-from difflab.training.checkpoint import load_training_state, save_training_state
+from difflab.rng import BatchShard, ShardedGenerator
+from difflab.training.checkpoint import (
+    load_training_state,
+    recover_checkpoint,
+    save_training_state,
+)
 from difflab.training.ema import EMA
 
 
@@ -43,6 +56,7 @@ class TrainConfig(Config):
     checkpoint_every: int = 0  # steps between training checkpoints (0: only at the end)
     max_nonfinite: int = 20  # consecutive non-finite losses/gradients before the run stops
     channels_last: bool = True  # NHWC memory format: faster convolutions on CPU and GPU
+    compile: str = "no"  # no | default | reduce-overhead | max-autotune: torch.compile the nets
     progress: bool = True  # tqdm progress bar
 
     def validate(self) -> None:
@@ -51,6 +65,7 @@ class TrainConfig(Config):
         check_positive("TrainConfig", "warmup_steps", self.warmup_steps, allow_zero=True)
         check_choice("TrainConfig", "lr_schedule", self.lr_schedule, ("cosine", "constant"))
         check_choice("TrainConfig", "mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        check_choice("TrainConfig", "compile", self.compile, COMPILE_MODES)
         for name in ("max_steps", "minutes", "epochs"):
             v = getattr(self, name)
             if v is not None:
@@ -75,6 +90,18 @@ class TrainResult:
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)  # {"step", "loss", ...}
     skipped_nonfinite: int = 0
+    is_main_process: bool = True  # False on the other processes of a multi-process run
+
+
+COMPILE_MODES = ("no", "default", "reduce-overhead", "max-autotune")
+
+
+def _compile_networks(task: nn.Module, mode: str) -> None:
+    """``torch.compile`` each network inside the task in place (``Module.compile``): parameter
+    names, checkpoints and the EMA copy are unchanged; the loss code around them stays eager."""
+    for child in task.children():
+        if any(True for _ in child.parameters()):
+            child.compile(mode=None if mode == "default" else mode)
 
 
 def lr_factor(step: int, cfg: TrainConfig, total: int) -> float:
@@ -103,8 +130,18 @@ def train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Trai
     acc = Accelerator(mixed_precision=cfg.mixed_precision if torch.cuda.is_available() else
                       ("bf16" if cfg.mixed_precision == "bf16" else "no"))
     dev = acc.device
+    world, rank = acc.num_processes, acc.process_index
+    if cfg.batch_size % world:
+        raise ConfigError(f"TrainConfig.batch_size={cfg.batch_size} must be divisible by the "
+                          f"number of processes ({world})")
+    local_bs = cfg.batch_size // world
+    _check_batch_fits(images, local_bs, dev)
     torch.manual_seed(cfg.seed)  # initialisation of lazily-built parts, dropout
-    gen = torch.Generator(device=dev).manual_seed(cfg.seed + 1000 * acc.process_index)
+    # The same seed on every process: noise is drawn for the global batch, each keeps its rows.
+    shard = BatchShard(rank * local_bs, (rank + 1) * local_bs, cfg.batch_size) if world > 1 \
+        else None
+    gen = ShardedGenerator(dev, shard)
+    gen.manual_seed(cfg.seed)
     data_gen = torch.Generator().manual_seed(cfg.seed)
 
     task = task.to(dev)
@@ -115,16 +152,13 @@ def train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Trai
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas),
                             weight_decay=cfg.weight_decay, fused=fused or None)
     ema = EMA(task, cfg.ema_decay) if cfg.ema_decay is not None else None
+    if cfg.compile != "no":
+        _compile_networks(task, cfg.compile)
     model, opt = acc.prepare(_LossModule(task), opt)
     images = images.to(dev)
     labels = labels.to(dev)
 
     n = len(images)
-    world, rank = acc.num_processes, acc.process_index
-    if cfg.batch_size % world:
-        raise ConfigError(f"TrainConfig.batch_size={cfg.batch_size} must be divisible by the "
-                          f"number of processes ({world})")
-    local_bs = cfg.batch_size // world
     total = cfg.resolve_steps(n)
     step, history, skipped, consecutive = 0, [], 0, 0
     perm, pos = torch.randperm(n, generator=data_gen), 0
@@ -134,6 +168,9 @@ def train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Trai
     if resume:
         if out_dir is None:
             raise DifflabError("--resume needs the run folder (--out)")
+        if acc.is_main_process:  # a writer killed mid-checkpoint left temp folders behind
+            recover_checkpoint(out_dir / "checkpoint")
+        acc.wait_for_everyone()
         state = load_training_state(out_dir / "checkpoint", acc.unwrap_model(model).task, opt, ema)
         if state is None:
             raise DifflabError(f"{out_dir}: no training checkpoint to resume from")
@@ -178,12 +215,25 @@ def train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Trai
             batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
         for g in opt.param_groups:
             g["lr"] = cfg.lr * lr_factor(step, cfg, total or 10**9)
-        with acc.autocast():
-            logs = model(batch, gen)
-        loss = logs["loss"]
-        opt.zero_grad(set_to_none=True)
-        acc.backward(loss)
+        if cfg.compile == "reduce-overhead":  # a new CUDA-graph step: earlier outputs are done
+            torch.compiler.cudagraph_mark_step_begin()
+        try:
+            with acc.autocast():
+                logs = model(batch, gen)
+            loss = logs["loss"]
+            opt.zero_grad(set_to_none=True)
+            acc.backward(loss)
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not _is_oom(e):
+                raise
+            raise DifflabError(f"out of memory at batch size {cfg.batch_size} "
+                               f"({local_bs} per process on {dev}); use a smaller "
+                               "--batch-size") from None
         gnorm = acc.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf"))
+        if world > 1:  # the mean over processes is the global batch's value
+            logs = dict(zip(logs, acc.reduce(torch.stack([v.detach().float()
+                                                          for v in logs.values()]), "mean")))
+            loss = logs["loss"]
         finite = bool(torch.isfinite(loss).item() and torch.isfinite(gnorm).item())
         if not finite:
             skipped += 1
@@ -224,7 +274,35 @@ def train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Trai
     final = ema.model if ema is not None else acc.unwrap_model(model).task
     final.eval()
     return TrainResult(model=final, raw_model=acc.unwrap_model(model).task, steps=step,
-                       seconds=seconds, history=history, skipped_nonfinite=skipped)
+                       seconds=seconds, history=history, skipped_nonfinite=skipped,
+                       is_main_process=acc.is_main_process)
+
+
+def _is_oom(e: BaseException) -> bool:
+    msg = str(e)
+    return isinstance(e, torch.OutOfMemoryError) or any(
+        s in msg for s in ("not enough memory", "out of memory", "can't allocate memory"))
+
+
+def _memory_bytes(dev: torch.device) -> int | None:
+    """Memory of ``dev``: total GPU memory, or the machine's physical RAM for the CPU."""
+    if dev.type == "cuda":
+        return torch.cuda.get_device_properties(dev).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_batch_fits(images: torch.Tensor, local_bs: int, dev: torch.device) -> None:
+    """Refuse a batch whose *input* alone exceeds the device's memory (the activations need
+    many times more), before anything is allocated for it."""
+    need = local_bs * images[0].numel() * 4  # float32 rows
+    have = _memory_bytes(dev)
+    if have is not None and need > have:
+        raise DifflabError(f"batch size {local_bs} needs {need / 2**30:.0f} GiB for the input "
+                           f"images alone, more than the {have / 2**30:.0f} GiB of {dev}; use a "
+                           "smaller --batch-size")
 
 
 class _LossModule(nn.Module):

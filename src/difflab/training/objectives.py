@@ -26,6 +26,7 @@ from torch import nn
 
 from difflab.config import Config, check_choice, check_positive
 from difflab.errors import ConfigError
+from difflab.rng import batch_rand, batch_randint, batch_randn
 from difflab.schedulers import DDPMScheduler
 from difflab.schedulers._common import append_dims
 
@@ -81,7 +82,7 @@ class DiffusionObjective(nn.Module):
         if self.null_class is not None:
             labels = batch["labels"].clone()
             if self.config.p_uncond > 0:
-                drop = torch.rand(len(x0), generator=generator, device=x0.device)
+                drop = batch_rand((len(x0),), generator, device=x0.device)
                 labels[drop < self.config.p_uncond] = self.null_class
         pred = self.unet(x_t, t, class_labels=labels).sample
         return self.weighted_loss(pred, t, noise, x0)
@@ -90,9 +91,8 @@ class DiffusionObjective(nn.Module):
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Draw t ~ U{0..T−1} (B,) and ε ~ N(0, I); return (t, ε, x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε)."""
         b, dev = x0.shape[0], x0.device
-        t = torch.randint(0, self.config.num_train_timesteps, (b,), generator=generator,
-                          device=dev)
-        noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
+        t = batch_randint(0, self.config.num_train_timesteps, (b,), generator, device=dev)
+        noise = batch_randn(x0.shape, generator, device=dev, dtype=x0.dtype)
         a, s = append_dims(self.sqrt_ab[t], 4), append_dims(self.sqrt_1mab[t], 4)
         return t, noise, a * x0 + s * noise
 
@@ -152,7 +152,7 @@ class LatentDiffusionObjective(DiffusionObjective):
         x = batch["images"]  # (B, C, H, W) in [-1, 1]
         captions = self.captioner(x, batch["labels"], generator)
         if self.config.p_uncond > 0:
-            drop = torch.rand(len(captions), generator=generator, device=x.device)
+            drop = batch_rand((len(captions),), generator, device=x.device)
             captions = ["" if d else c for c, d in zip(captions, (drop < self.config.p_uncond)
                                                       .tolist())]
         with torch.no_grad():
