@@ -8,7 +8,8 @@
                   generator=torch.Generator().manual_seed(0))        # (1, 3, 512, 512) in [0, 1]
 
 Both adapters map names, assert every tensor's shape and refuse partial loads;
-``diffusers_format`` and ``sd_single_file`` say how.
+``diffusers_format`` and ``sd_single_file`` say how. ``save_pipeline`` / ``save_single_file``
+(``writer``) write a difflab :class:`TextToImage` in the same two formats.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from difflab.errors import CheckpointError
 from difflab.interop.diffusers_format import is_diffusers_folder, load_diffusers_folder
 from difflab.interop.sd_single_file import SD15, config_counts_sd15, load_single_file
+from difflab.interop.writer import save_pipeline, save_single_file
 from difflab.pipelines.text_to_image import TextToImage
 from difflab.schedulers import Scheduler
 
@@ -52,4 +54,4 @@ def load_pipeline(path: str | Path, dtype: torch.dtype | None = None, *,
 
 
 __all__ = ["SD15", "config_counts_sd15", "load_diffusers_folder", "load_pipeline",
-           "load_single_file"]
+           "load_single_file", "save_pipeline", "save_single_file"]

@@ -40,9 +40,9 @@ from difflab.config import Config, check_choice, check_positive
 from difflab.data import ImageDataset
 from difflab.data.captions import ATTRIBUTES, WORDS, Captioner, class_word
 from difflab.errors import CheckpointError, ConfigError, DifflabError
-from difflab.io import atomic_write_json, read_json, replace_dir, save_tensors
+from difflab.interop.writer import write_pipeline_files
+from difflab.io import atomic_write_json, read_json, replace_dir
 from difflab.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
-from difflab.models.clip_text import CLIPTextModel
 from difflab.models.unet_condition import UNet2DConditionConfig, UNet2DConditionModel
 from difflab.pipelines import TextToImage
 from difflab.runs.clip import (
@@ -149,27 +149,6 @@ def build_unet(vae: AutoencoderKL, text_width: int, cfg: LDMConfig) -> UNet2DCon
 # The diffusers-layout pipeline folder
 # --------------------------------------------------------------------------------------------
 
-def vae_diffusers_config(c: AutoencoderKLConfig) -> dict[str, Any]:
-    """diffusers' ``AutoencoderKL`` config.json for ``c`` (training-only keys left out)."""
-    n = len(c.block_out_channels)
-    return {"_class_name": "AutoencoderKL", "in_channels": c.in_channels,
-            "out_channels": c.in_channels, "down_block_types": ["DownEncoderBlock2D"] * n,
-            "up_block_types": ["UpDecoderBlock2D"] * n,
-            "block_out_channels": list(c.block_out_channels),
-            "layers_per_block": c.layers_per_block, "act_fn": "silu",
-            "latent_channels": c.latent_channels, "norm_num_groups": c.norm_num_groups,
-            "sample_size": c.image_size, "scaling_factor": c.scaling_factor,
-            "mid_block_add_attention": c.mid_block_add_attention,
-            "use_quant_conv": c.use_quant_conv, "use_post_quant_conv": c.use_post_quant_conv}
-
-
-def text_encoder_transformers_config(model: CLIPTextModel, tokenizer) -> dict[str, Any]:
-    """transformers' ``CLIPTextModel`` config.json for ``model``."""
-    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
-            **model.config.to_dict(), "bos_token_id": tokenizer.bos_token_id,
-            "pad_token_id": tokenizer.pad_token_id, "projection_dim": model.config.hidden_size}
-
-
 def save_ldm(folder: str | Path, *, unet: UNet2DConditionModel, vae: AutoencoderKL,
              clip: CLIPBundle, diffusion: DiffusionConfig, info: dict[str, Any]) -> Path:
     """Write the pipeline folder atomically (assembled beside it, then renamed into place)."""
@@ -187,32 +166,11 @@ def save_ldm(folder: str | Path, *, unet: UNet2DConditionModel, vae: Autoencoder
 
 def _write_ldm(tmp: Path, *, unet: UNet2DConditionModel, vae: AutoencoderKL, clip: CLIPBundle,
                diffusion: DiffusionConfig, info: dict[str, Any]) -> None:
-    from difflab.models.clip import save_tokenizer
-
     dpm = SCHEDULERS["dpm++"]  # the default sampler; the noise schedule is the training one
     own = {f.name for f in dataclasses.fields(dpm.config_class)}
     sched = dpm(**{k: v for k, v in diffusion.make_scheduler().config.items() if k in own})
-    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-             "text_encoder": ["transformers", "CLIPTextModel"],
-             "tokenizer": ["transformers", "CLIPTokenizer"],
-             "scheduler": ["diffusers", type(sched).__name__],
-             "safety_checker": [None, None], "feature_extractor": [None, None],
-             "image_encoder": [None, None], "requires_safety_checker": False}
-    atomic_write_json(tmp / "model_index.json", index)
-    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        (tmp / part).mkdir()
-    atomic_write_json(tmp / "unet" / "config.json",
-                      {"_class_name": "UNet2DConditionModel", **unet.config.to_dict()})
-    save_tensors(tmp / "unet" / "diffusion_pytorch_model.safetensors", unet.state_dict())
-    atomic_write_json(tmp / "vae" / "config.json", vae_diffusers_config(vae.config))
-    save_tensors(tmp / "vae" / "diffusion_pytorch_model.safetensors", vae.state_dict())
-    text = clip.model.text_encoder
-    atomic_write_json(tmp / "text_encoder" / "config.json",
-                      text_encoder_transformers_config(text, clip.tokenizer))
-    save_tensors(tmp / "text_encoder" / "model.safetensors", text.state_dict())
-    save_tokenizer(clip.tokenizer, tmp / "tokenizer")
-    sched.save_config(tmp / "scheduler")
+    write_pipeline_files(tmp, TextToImage(clip.tokenizer, clip.model.text_encoder, unet, vae,
+                                          sched))
     atomic_write_json(tmp / "captions.json", clip.captioner.to_dict())
     atomic_write_json(tmp / "difflab_ldm.json", {"diffusion": diffusion.to_dict(), **info})
 
