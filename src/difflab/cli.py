@@ -53,7 +53,7 @@ def _train_config(args: argparse.Namespace, **defaults: object):  # -> TrainConf
 
     kw = dict(defaults)
     for name in ("batch_size", "lr", "seed", "minutes", "epochs", "checkpoint_every",
-                 "mixed_precision", "ema_decay", "warmup_steps"):
+                 "mixed_precision", "ema_decay", "warmup_steps", "compile"):
         v = getattr(args, name, None)
         if v is not None:
             kw[name] = v
@@ -76,6 +76,8 @@ def _add_train_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-steps", type=nonneg_int)
     p.add_argument("--ema-decay", type=unit_float)
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"])
+    p.add_argument("--compile", choices=["no", "default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile the networks (pays on GPU; reduce-overhead = CUDA graphs)")
     p.add_argument("--checkpoint-every", type=nonneg_int, help="steps between checkpoints")
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -260,13 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Later modules add sub-commands here (an explicit list; no discovery magic).
 EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction, argparse._SubParsersAction], None]]
+from difflab.cli_app import register as _register_app  # noqa: E402
 from difflab.cli_autoencoders import register as _register_autoencoders  # noqa: E402
 from difflab.cli_clip_ldm import add_sample_arguments  # noqa: E402
 from difflab.cli_clip_ldm import register as _register_clip_ldm  # noqa: E402
 from difflab.cli_eval import register as _register_eval  # noqa: E402
 from difflab.cli_sd import register as _register_sd  # noqa: E402
 
-EXTRA_COMMANDS = [_register_autoencoders, _register_sd, _register_clip_ldm, _register_eval]
+EXTRA_COMMANDS = [_register_autoencoders, _register_sd, _register_clip_ldm, _register_eval,
+                  _register_app]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
