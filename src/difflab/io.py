@@ -94,12 +94,20 @@ def read_json(path: str | Path) -> Any:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
+_fault_hits: dict[str, int] = {}
+
+
 def fault_point(name: str) -> None:
-    """Test hook for kill tests: with ``DIFFLAB_TEST_PAUSE=<name>`` in the environment, say so
-    on stderr and sleep, so that a test can SIGKILL the process exactly here. A no-op otherwise.
-    Points: ``checkpoint-partial`` (temp checkpoint half written), ``checkpoint-swap`` (old
-    checkpoint moved aside, new one not yet renamed into place)."""
-    if os.environ.get("DIFFLAB_TEST_PAUSE") == name:
+    """Test hook for kill tests: with ``DIFFLAB_TEST_PAUSE=<name>:<n>`` in the environment, the
+    n-th time (default 1st) the writer passes point ``name`` it says so on stderr and sleeps,
+    so that a test can SIGKILL it exactly there. A no-op otherwise. Points:
+    ``checkpoint-partial`` (temp checkpoint folder half written) and ``checkpoint-swap`` (old
+    checkpoint moved aside, the new one not yet renamed into place)."""
+    want = os.environ.get("DIFFLAB_TEST_PAUSE")
+    if not want or want.split(":")[0] != name:
+        return
+    _fault_hits[name] = _fault_hits.get(name, 0) + 1
+    if _fault_hits[name] == int(want.partition(":")[2] or 1):
         print(f"difflab: test pause at {name}", file=sys.stderr, flush=True)
         time.sleep(600)
 
