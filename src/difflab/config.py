@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -51,6 +52,10 @@ class Config:
         kwargs = {}
         for k, v in d.items():
             hint = hints.get(k)
+            if hint is not None and not _matches(v, hint):
+                shown = repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."
+                raise ConfigError(f"{cls.__name__}.{k}={shown} has the wrong type; expected "
+                                  f"{_hint_name(hint)}")
             if isinstance(v, list) and _is_tuple_hint(hint):
                 v = tuple(v)
             kwargs[k] = v
@@ -68,11 +73,44 @@ class Config:
             raise ConfigError(f"{path}: config file not found") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        except (UnicodeDecodeError, IsADirectoryError) as e:
+            raise ConfigError(f"{path}: not a JSON text file ({type(e).__name__})") from None
         return cls.from_dict(d)
 
 
 def _is_tuple_hint(hint: Any) -> bool:
     return hint is tuple or typing.get_origin(hint) is tuple
+
+
+def _matches(v: Any, hint: Any) -> bool:
+    """Whether the JSON value ``v`` fits the type ``hint`` (int, float, bool, str, None, unions,
+    tuple[...] and list[...] of those; JSON arrays stand for tuples). Other hints accept all."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is type(None):
+        return v is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(v, a) for a in args)
+    if hint is bool:
+        return isinstance(v, bool)
+    if hint is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if hint is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if hint is str:
+        return isinstance(v, str)
+    if origin in (tuple, list) or hint in (tuple, list):
+        if not isinstance(v, (list, tuple)):
+            return False
+        if not args:
+            return True
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            return len(v) == len(args) and all(_matches(x, a) for x, a in zip(v, args))
+        return all(_matches(x, args[0]) for x in v)
+    return True
+
+
+def _hint_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 def check_choice(owner: str, name: str, value: Any, allowed: typing.Iterable[Any]) -> None:

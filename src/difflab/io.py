@@ -150,6 +150,14 @@ def recover_dir(dst: Path, complete_marker: str) -> None:
             leftover.unlink(missing_ok=True)
 
 
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "float" if dtype.is_floating_point else "int"
+
+
 def load_state_dict_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
                          *, dtype: torch.dtype | None = None, assign: bool = False) -> None:
     """Load ``state`` into ``module`` strictly: the key sets must be equal and every shape must
@@ -170,6 +178,11 @@ def load_state_dict_into(module: torch.nn.Module, state: dict[str, torch.Tensor]
         if tuple(tensor.shape) != tuple(own[key].shape):
             raise CheckpointError(f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, "
                                   f"the model expects {tuple(own[key].shape)}")
+        if _dtype_kind(tensor.dtype) != _dtype_kind(own[key].dtype):
+            # float16/bfloat16/float64 weights for a float32 model are fine (cast on load);
+            # integers, booleans or complex numbers in place of floats (or back) are not.
+            raise CheckpointError(f"{source}: tensor {key!r} has dtype {tensor.dtype}, the "
+                                  f"model expects {own[key].dtype}")
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     module.load_state_dict(state, strict=True, assign=assign)

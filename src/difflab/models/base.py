@@ -70,7 +70,11 @@ class ModelMixin(nn.Module):
         folder = Path(folder)
         if not folder.is_dir():
             raise CheckpointError(f"{folder}: checkpoint folder not found")
-        cfg = dict(read_json(folder / "config.json"))
+        cfg = read_json(folder / "config.json")
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"{folder}/config.json: expected a JSON object, got "
+                                  f"{type(cfg).__name__}")
+        cfg = dict(cfg)
         name = cfg.pop("_class_name", cls.__name__)
         target = MODEL_REGISTRY.get(name)
         if target is None:
