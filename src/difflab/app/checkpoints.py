@@ -132,7 +132,7 @@ def _latent_span(model: nn.Module, is_vae: bool, images: Tensor | None) -> float
     from difflab.runs.autoencoders import encode_codes
 
     z = encode_codes(model, images).abs().flatten()
-    return max(float(torch.quantile(z, 0.99)), 1e-3)
+    return max(float(f"{float(torch.quantile(z, 0.99)):.2g}"), 1e-3)  # 2 digits: slider ends
 
 
 def load_autoencoder(folder: Path, images: Tensor | None) -> AutoencoderEntry:
@@ -206,4 +206,6 @@ def load_playground(folders: list[str | Path] | None = None, data: str | None = 
             if data is not None:  # asked for explicitly: say so
                 raise
     autoencoders = {label: load_autoencoder(path, images) for label, path in ae_folders}
+    # VAEs first: the tab is about them; an AE is there to compare
+    autoencoders = dict(sorted(autoencoders.items(), key=lambda kv: not kv[1].is_vae))
     return Playground(autoencoders, diffusion, images, spec if images is not None else None)

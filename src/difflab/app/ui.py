@@ -83,12 +83,12 @@ def _vae_tab(gr, pg: Playground, user_errors) -> None:
                                  label=f"z{i + 1}", visible=i < first.latent_dim)
                        for i in range(n_sliders)]
             decoded = gr.Image(_img(cb.decode_latent(first, [0.0] * n_sliders)), label="decoded x",
-                               interactive=False, elem_id="vae-decoded", height=224)
+                               interactive=False, elem_id="vae-decoded", format="png", height=224)
         with gr.Column():
             plane = gr.Image(_img(cb.plane_image(first, [0.0] * n_sliders))
                              if first.latent_dim >= 2 else None,
                              label="latent plane: click to decode", interactive=False,
-                             elem_id="vae-plane", height=480)
+                             elem_id="vae-plane", height=480, format="png")
     n_img = len(pg.test_images) if pg.test_images is not None else 0
     gr.Markdown("### Interpolation between two test images")
     if n_img < 1:
@@ -100,12 +100,12 @@ def _vae_tab(gr, pg: Playground, user_errors) -> None:
             steps = gr.Slider(2, cb.MAX_INTERP_STEPS, value=10, step=1, label="steps")
         with gr.Row():
             img_a = gr.Image(_img(cb.test_image(pg.test_images, 0)), label="A", interactive=False,
-                             height=140)
+                             height=140, format="png")
             img_b = gr.Image(_img(cb.test_image(pg.test_images, min(1, n_img - 1))), label="B",
-                             interactive=False, height=140)
+                             interactive=False, height=140, format="png")
         interp_btn = gr.Button("Interpolate", elem_id="vae-interpolate")
         strip = gr.Image(label="A, decodes along the line between their codes, B",
-                         interactive=False, elem_id="vae-strip")
+                         interactive=False, elem_id="vae-strip", format="png")
 
         def show(i):
             with user_errors():
@@ -131,7 +131,7 @@ def _vae_tab(gr, pg: Playground, user_errors) -> None:
         pic = _img(cb.plane_image(entry, zeros)) if entry.latent_dim >= 2 else None
         return [*slider_updates(entry), _img(cb.decode_latent(entry, zeros)), pic]
 
-    def on_click(name, *values, evt: gr.SelectData):
+    def on_click(evt: gr.SelectData, name, *values):  # gradio puts evt first
         with user_errors():
             entry = pg.autoencoders[name]
             if entry.latent_dim < 2:
@@ -178,12 +178,12 @@ def _diffusion_tab(gr, pg: Playground, user_errors, anim_dir: str) -> None:
     prompt = gr.Textbox(label="prompt", max_length=cb.MAX_PROMPT_CHARS,
                         visible=first.kind == "ldm", elem_id="diff-prompt")
     go = gr.Button("Sample", variant="primary", elem_id="sample-btn")
-    grid = gr.Image(label="samples", interactive=False, elem_id="sample-grid")
+    grid = gr.Image(label="samples", interactive=False, elem_id="sample-grid", format="png")
     with gr.Row():
         anim = gr.Image(label="denoising: x_t (top) and the predicted x̂₀ (bottom)",
                         type="filepath", interactive=False, elem_id="sample-anim")
         traj = gr.Image(label="trajectory: x_t, predicted noise, x̂₀, x_{t−1} (columns: steps)",
-                        interactive=False, elem_id="sample-trajectory")
+                        interactive=False, elem_id="sample-trajectory", format="png")
 
     def change_model(name):
         entry = pg.diffusion[name]
@@ -220,10 +220,10 @@ def _schedules_tab(gr, pg: Playground, user_errors) -> None:
         index = gr.Slider(0, len(images) - 1, value=0, step=1, label="image")
         seed = gr.Number(0, precision=0, minimum=0, maximum=cb.MAX_SEED, label="noise seed")
     plot = gr.Image(cb.schedule_plot(default), label="β_t, ᾱ_t and log-SNR",
-                    interactive=False, elem_id="sched-plot")
+                    interactive=False, elem_id="sched-plot", format="png")
     grid0, caption0 = cb.noised(images[0], default, 300)
     noisy = gr.Image(_img(grid0), label="x₀, then x_t for each schedule (the same ε)",
-                     interactive=False, elem_id="sched-noised", height=200)
+                     interactive=False, elem_id="sched-noised", format="png", height=200)
     caption = gr.Markdown(caption0)
 
     def redraw_plot(chosen):
