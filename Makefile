@@ -9,7 +9,7 @@ $(BIN)/.installed: pyproject.toml scripts/install.sh
 	touch $@
 
 $(BIN)/.installed-dev: pyproject.toml scripts/install.sh
-	bash scripts/install.sh $(VENV) dev
+	bash scripts/install.sh $(VENV) dev,app
 	touch $(BIN)/.installed $@
 
 install: $(BIN)/.installed
