@@ -23,6 +23,7 @@ lint: install-dev
 
 test: install-dev lint
 	$(BIN)/python -m pytest
+	DIFFLAB_NB_FAST=1 $(BIN)/python -m pytest --nbmake --nbmake-timeout=600 notebooks
 
 test-slow: install-dev
 	$(BIN)/python -m pytest -m slow
