@@ -139,7 +139,7 @@ def _vae_tab(gr, pg: Playground, user_errors) -> None:
             side = cb.PLANE_N * entry.image_shape[-1] * cb._scale(entry.image_shape[-1], 48)
             z1, z2 = cb.click_to_latent(evt.index[0], evt.index[1], side, side, entry.span)
             values = [z1, z2, *values[2:]]
-            return [_img(cb.decode_latent(entry, values)), z1, z2]
+            return [_img(cb.decode_latent(entry, values)), round(z1, 3), round(z2, 3)]
 
     choice.change(change_model, choice, [*sliders, decoded, plane])
     for s in sliders:
@@ -210,11 +210,14 @@ def _diffusion_tab(gr, pg: Playground, user_errors, anim_dir: str) -> None:
 
 # ---------------------------------------------------------------------------- Schedules
 def _schedules_tab(gr, pg: Playground, user_errors) -> None:
+    from difflab.viz.schedules import LABELS
+
     images = pg.test_images if pg.test_images is not None else cb.fallback_image()[None]
     all_names = cb.schedule_names()
     default = ["linear", "squaredcos_cap_v2"]
     with gr.Row():
-        names = gr.CheckboxGroup(all_names, value=default, label="schedules",
+        names = gr.CheckboxGroup([(LABELS.get(k, k), k) for k in all_names], value=default,
+                                 label="schedules",
                                  elem_id="sched-names")
         t = gr.Slider(0, 999, value=300, step=1, label="t")
         index = gr.Slider(0, len(images) - 1, value=0, step=1, label="image")
