@@ -2,7 +2,10 @@
 
     python benchmarks/unet_train.py                          # CPU, the 'small' 28×28 preset
     python benchmarks/unet_train.py --preset ddpm-cifar10 --batch 128 --device cuda \
-        --modes fp32,bf16,bf16-cl-compile
+        --modes fp32,bf16,bf16-cl,bf16-cl-compile,bf16-cl-ro --compile-peers difflab
+
+Modes: ``fp32`` | ``bf16`` (autocast), then ``-cl`` channels_last, ``-compile`` torch.compile
+(default mode), ``-ro`` torch.compile(mode="reduce-overhead"), i.e. CUDA graphs.
 
 Both models are built from the same config (parameter counts printed; they are equal), trained
 with AdamW on an ε-MSE loss at random timesteps; runs are interleaved (A, B, A, B, ...) and the
@@ -46,9 +49,9 @@ def make_step(model: torch.nn.Module, batch: int, cfg: UNetConfig, device: torch
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
     fwd = model
-    if "compile" in mode:
-        fwd = torch.compile(model, mode="max-autotune-no-cudagraphs"
-                            if device.type == "cuda" else None)
+    graphs = mode.endswith("-ro")
+    if "compile" in mode or graphs:
+        fwd = torch.compile(model, mode="reduce-overhead" if graphs else None)
     g = torch.Generator(device=device).manual_seed(0)
     size = cfg.sample_size
     x0 = torch.randn(batch, cfg.in_channels, size, size, device=device, generator=g)
@@ -59,6 +62,8 @@ def make_step(model: torch.nn.Module, batch: int, cfg: UNetConfig, device: torch
     bf16 = mode.startswith("bf16")
 
     def step() -> None:
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = fwd(x0 + noise, t).sample
             loss = torch.nn.functional.mse_loss(out.float(), noise)
@@ -88,6 +93,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--modes", default="fp32", help="comma list: fp32, bf16, bf16-cl-compile")
     ap.add_argument("--peers", default="difflab,diffusers,diffusers-cl")
+    ap.add_argument("--compile-peers", default="difflab,diffusers",
+                    help="peers that also run the compiled modes (compiling costs minutes)")
     args = ap.parse_args()
     device = torch.device(args.device)
     cfg = UNetConfig(**PRESETS[args.preset])
@@ -102,6 +109,9 @@ def main() -> None:
     for mode in args.modes.split(","):
         steps = {}
         for peer in args.peers.split(","):
+            if ("compile" in mode or mode.endswith("-ro")) and \
+                    peer not in args.compile_peers.split(","):
+                continue
             torch.manual_seed(0)
             if peer == "difflab":
                 model, cl = UNet2DModel(cfg), True
@@ -110,14 +120,14 @@ def main() -> None:
             else:
                 raise SystemExit(f"unknown peer {peer}")
             params = sum(p.numel() for p in model.parameters())
-            step, _ = make_step(model, args.batch, cfg, device, mode, cl or "cl" in mode)
+            step, _ = make_step(model, args.batch, cfg, device, mode, cl or "-cl" in mode)
             steps[peer] = (step, params)
         times = {p: [] for p in steps}
         for _ in range(args.rounds):  # interleave so machine noise hits every peer alike
             for p, (step, _) in steps.items():
                 times[p].append(time_fn(step, device, iters=args.iters, warmup=1))
         base = None
-        for p, (_, params) in steps.items():
+        for p, (_, params) in steps.items():  # "vs first": relative to the mode's first peer
             sec = median(times[p])
             ips = args.batch / sec
             base = base or ips
@@ -127,6 +137,10 @@ def main() -> None:
                          "vs first": ips / base, "GFLOP/s": achieved / 1e9,
                          "% of matmul peak": 100 * achieved / ceiling})
             results[f"{mode}/{p}"] = rows[-1]
+        print_table([r for r in rows if r["mode"] == mode])  # as it goes: a timeout keeps these
+    ref = results.get("bf16/diffusers")  # diffusers' training recipe: bf16 autocast, eager
+    for r in rows:
+        r["vs diffusers bf16"] = r["img/s"] / ref["img/s"] if ref else None
     print(f"preset {args.preset}, batch {args.batch}, device {device}, "
           f"{flops / args.batch / 1e9:.2f} GFLOP per image per training step; matmul ceiling "
           f"fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s")
