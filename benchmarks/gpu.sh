@@ -1,22 +1,53 @@
 #!/usr/bin/env bash
-# One script for a lent CUDA machine: U-Net training throughput, DDPM-CIFAR-10 preset, batch 128,
-# difflab vs diffusers' UNet2DModel (same config), fp32 / bf16 autocast / bf16 + channels_last +
-# torch.compile, img/s and % of the measured bf16 matmul rate. torch is on the machine; diffusers
-# and its pure-Python dependencies travel as wheels in .whl/ (see the device tool's README), e.g.
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#     --implementation cp --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 \
-#     safetensors huggingface_hub
-# and the call:  run(command="bash benchmarks/gpu.sh", carry=[".whl"], timeout_s=540)
-set -euo pipefail
+# One script for a lent CUDA machine (see benchmarks/RESULTS.md "GPU"); every part is capped so
+# that one slow part cannot eat the others' time, and every table is teed into $OUT.
+#  1. sampling.py on a trained Fashion-MNIST checkpoint: FID-style score vs NFE per scheduler
+#     (the same numbers the CPU would give, minutes instead of hours);
+#  2. unet_train.py: DDPM-CIFAR-10 preset, batch 128: fp32, bf16 autocast, bf16 + channels_last
+#     + torch.compile, + CUDA graphs (reduce-overhead); difflab vs diffusers' UNet2DModel;
+#     img/s and % of the measured bf16 matmul rate;
+#  3. train_loop.py: difflab's whole training loop (EMA, clipping, guard) on the same preset.
+# Carried (git-ignored) folders: .whl (diffusers wheels), .gpu/ckpt (a `difflab train ddpm`
+# run's model folder), .gpu/data/fashion-mnist (t10k IDX files), .gpu/cache (the feature
+# classifier). Wheels are made with
+#   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux2014_x86_64 --platform any -d .whl \
+#     diffusers==0.42.1 importlib_metadata
+# and the call is  run(command="bash benchmarks/gpu.sh", carry=[".whl", ".gpu"], timeout_s=590)
+set -uo pipefail
 cd "$(dirname "$0")/.."
+T0=$(date +%s); BUDGET=${GPU_BUDGET_S:-570}
+left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl
   export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
 export PYTHONPATH="$PWD/src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 benchmarks/unet_train.py --preset ddpm-cifar10 --batch 128 --device cuda --iters 20 \
-  --rounds 3 --modes fp32,bf16,bf16-cl-compile --peers difflab,diffusers,diffusers-cl \
-  2>&1 | tee "${OUT:-/tmp}/unet_train_gpu.txt"
-cp benchmarks/out/unet_train.json "${OUT:-/tmp}/" 2>/dev/null || true
+export DIFFLAB_DATA="$PWD/.gpu/data" DIFFLAB_CACHE="$PWD/.gpu/cache" DIFFLAB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
+
+if [ -d .gpu/ckpt ]; then
+  echo "== 1. sampling: FID-style vs NFE ($(left) s left)"
+  TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 timeout "${SAMPLING_S:-230}" python3 benchmarks/sampling.py \
+    --ckpt .gpu/ckpt --device cuda --n "${SAMPLING_N:-2000}" --batch 2000 \
+    --schedulers ddpm,ddim,dpm++,euler --steps 10,20,50,100,1000 \
+    --max-minutes "$(awk "BEGIN{print ${SAMPLING_S:-230} / 60 - 0.25}")" \
+    2>&1 | tee "$OUT/sampling.txt"
+  cp benchmarks/out/sampling.json "$OUT/" 2>/dev/null
+fi
+
+echo "== 2. U-Net training step, DDPM-CIFAR-10 preset ($(left) s left)"
+timeout "$(( $(left) - 120 ))" python3 benchmarks/unet_train.py --preset ddpm-cifar10 \
+  --batch 128 --device cuda --iters 15 --rounds 3 \
+  --modes fp32,bf16,bf16-cl-compile,bf16-cl-ro --peers difflab,diffusers,diffusers-cl \
+  --compile-peers difflab 2>&1 | tee "$OUT/unet_train.txt"
+cp benchmarks/out/unet_train.json "$OUT/" 2>/dev/null
+
+echo "== 3. difflab's whole training loop ($(left) s left)"
+timeout "$(( $(left) - 5 ))" python3 benchmarks/train_loop.py --preset ddpm-cifar10 \
+  --batch 128 --steps 60 --configs bf16,bf16-ro 2>&1 | tee "$OUT/train_loop.txt"
+cp benchmarks/out/train_loop.json "$OUT/" 2>/dev/null
+echo "done in $(( $(date +%s) - T0 )) s"

@@ -127,6 +127,9 @@ def train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Trai
 
     if len(images) == 0:
         raise DifflabError("cannot train on an empty data set")
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # each run may ask for its own precision (process group kept)
     acc = Accelerator(mixed_precision=cfg.mixed_precision if torch.cuda.is_available() else
                       ("bf16" if cfg.mixed_precision == "bf16" else "no"))
     dev = acc.device
@@ -195,11 +198,16 @@ def train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Trai
             on_checkpoint(ema.model if ema else acc.unwrap_model(model).task, step)
 
     t0 = time.perf_counter()
-    # A wall-clock budget becomes a step count, re-estimated at steps 15, 30, 60, ... from the
-    # rate measured after the first (slow, kernel-selecting) steps, and capped by a hard stop:
-    # the cosine LR schedule needs a horizon, and the machine's speed may change under load.
+    # A wall-clock budget becomes a step count, re-estimated at steps 15, 30, 60, ... and at least
+    # every 5% of the budget from the rate of the latest window, and capped by a hard stop: the
+    # cosine LR schedule needs a horizon, and the machine's speed may change under load (a
+    # slow start must not end the run early once the machine is free again). With several
+    # processes rank 0 decides, every few steps, and the others follow (no divergent stops).
     budgeted = total is None and cfg.minutes is not None
-    next_calib, rate_mark = 15, None
+    budget_s = (cfg.minutes or 0.0) * 60
+    recal_s = max(5.0, 0.05 * budget_s)
+    next_calib, rate_mark, last_mark = 15, None, None
+    sync_every = 5 if world > 1 else 1
     bar = tqdm(total=total, initial=step, desc=desc, disable=not (cfg.progress and
                acc.is_main_process), dynamic_ncols=True, leave=False)
     model.train()
@@ -254,17 +262,29 @@ def train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Trai
         bar.update(1)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
-        if budgeted:
+        if budgeted and step % sync_every == 0:
             now = time.perf_counter()
             elapsed = elapsed_before + now - t0
             if rate_mark is None and step >= 5:
-                rate_mark = (step, now)
-            if elapsed >= cfg.minutes * 60:
-                total = step  # hard stop at the budget
-            elif step >= next_calib and rate_mark is not None and step > rate_mark[0]:
-                rate = (step - rate_mark[0]) / (now - rate_mark[1])  # steps per second
-                total = max(step + 1, step + int((cfg.minutes * 60 - elapsed) * rate))
-                next_calib *= 2
+                rate_mark = last_mark = (step, now)
+            new_total = total
+            if elapsed >= budget_s:
+                new_total = step  # hard stop at the budget
+            elif rate_mark is not None and step >= rate_mark[0] + 5 and (
+                    step >= next_calib or now - last_mark[1] >= recal_s):
+                ref = last_mark if step - last_mark[0] >= 20 else rate_mark
+                rate = (step - ref[0]) / (now - ref[1])  # steps per second, latest window
+                new_total = max(step + 1, step + int((budget_s - elapsed) * rate))
+                last_mark = (step, now)
+                while next_calib <= step:
+                    next_calib *= 2
+            if world > 1:  # one decision for all processes: rank 0's
+                from accelerate.utils import broadcast
+
+                t = torch.tensor([-1 if new_total is None else new_total], device=dev)
+                new_total = int(broadcast(t, from_process=0).item())
+                new_total = None if new_total < 0 else new_total
+            total = new_total
             bar.total = total
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < (total or 0):
             save()
