@@ -6,7 +6,8 @@
 #  2. unet_train.py: DDPM-CIFAR-10 preset, batch 128: fp32, bf16 autocast, bf16 + channels_last
 #     + torch.compile, + CUDA graphs (reduce-overhead); difflab vs diffusers' UNet2DModel;
 #     img/s and % of the measured bf16 matmul rate;
-#  3. train_loop.py: difflab's whole training loop (EMA, clipping, guard) on the same preset.
+#  3. profile_step.py: the bf16 step's top CUDA operators;
+#  4. train_loop.py: difflab's whole training loop (EMA, clipping, guard) on the same preset.
 # Carried (git-ignored) folders: .whl (diffusers wheels), .gpu/ckpt (a `difflab train ddpm`
 # run's model folder), .gpu/data/fashion-mnist (t10k IDX files), .gpu/cache (the feature
 # classifier). Wheels are made with
@@ -46,7 +47,12 @@ timeout "$(( $(left) - 120 ))" python3 benchmarks/unet_train.py --preset ddpm-ci
   --compile-peers difflab 2>&1 | tee "$OUT/unet_train.txt"
 cp benchmarks/out/unet_train.json "$OUT/" 2>/dev/null
 
-echo "== 3. difflab's whole training loop ($(left) s left)"
+echo "== 3. where the bf16 step goes: torch.profiler ($(left) s left)"
+timeout 60 python3 benchmarks/profile_step.py --preset ddpm-cifar10 --batch 128 --device cuda \
+  --mode bf16 --iters 3 2>&1 | tee "$OUT/profile_step.txt"
+cp benchmarks/out/profile_step.json "$OUT/" 2>/dev/null
+
+echo "== 4. difflab's whole training loop ($(left) s left)"
 timeout "$(( $(left) - 5 ))" python3 benchmarks/train_loop.py --preset ddpm-cifar10 \
   --batch 128 --steps 60 --configs bf16,bf16-ro 2>&1 | tee "$OUT/train_loop.txt"
 cp benchmarks/out/train_loop.json "$OUT/" 2>/dev/null
