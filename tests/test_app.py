@@ -21,8 +21,12 @@ from difflab.viz import make_grid
 
 
 @pytest.fixture(scope="module")
-def pg(tmp_path_factory):
-    root = make_tiny_models(tmp_path_factory.mktemp("app"), ldm=True)
+def root(tmp_path_factory):
+    return make_tiny_models(tmp_path_factory.mktemp("app"), ldm=True)
+
+
+@pytest.fixture(scope="module")
+def pg(root):
     return load_playground([root / "vae", root / "ae", root / "ddpm", root / "ldm"])
 
 
@@ -200,3 +204,17 @@ def test_app_builds_with_a_queue_of_one(pg):
     demo = build_app(pg)
     assert demo._queue.default_concurrency_limit == 1
     assert not demo.analytics_enabled
+
+
+def test_a_taken_port_is_one_line_exit_2(root, capsys):
+    pytest.importorskip("gradio")
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--ckpt", str(root / "vae"), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("difflab: error: cannot serve on 127.0.0.1:") and "Traceback" \
+        not in "".join(err)

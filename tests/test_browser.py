@@ -66,7 +66,7 @@ def server(tmp_path_factory):
     with open(log, "w") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # generous: CI machines may be busy
     while True:
         try:
             with urllib.request.urlopen(url, timeout=2) as r:

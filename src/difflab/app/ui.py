@@ -249,6 +249,9 @@ def _schedules_tab(gr, pg: Playground, user_errors) -> None:
 def serve(pg: Playground, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
     """Start the web server (blocking unless ``block=False``); returns the app."""
     demo = build_app(pg)
-    demo.launch(server_name=host, server_port=port, share=False, inbrowser=False,
-                ssr_mode=False, prevent_thread_lock=not block, quiet=True)
+    try:
+        demo.launch(server_name=host, server_port=port, share=False, inbrowser=False,
+                    ssr_mode=False, prevent_thread_lock=not block, quiet=True)
+    except OSError as e:  # port taken, address not on this machine: one line, exit 2
+        raise DifflabError(f"cannot serve on {host}:{port}: {e}") from None
     return demo
