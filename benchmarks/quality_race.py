@@ -1,8 +1,12 @@
 """Quality per compute: equal wall-clock training budget on Fashion-MNIST, difflab vs two peers.
 
     bash benchmarks/setup_peers.sh                    # once: the peer venv (/work/peervenv)
-    python benchmarks/quality_race.py --minutes 20 --n 5000 [--n-peer 1000]
-    python benchmarks/quality_race.py --skip-train --estimate-only     # sampling cost only
+    python benchmarks/quality_race.py --minutes 20 --estimate-only     # train all 3, price sampling
+    python benchmarks/quality_race.py --skip-train --n 5000 --n-peer 1000   # sample and score
+
+Sampling cost per image differs ~25× between contestants: forward GFLOP per 28/32-px image
+(FlopCounterMode) × NFE = difflab 0.58 × 25 = 14, diffusers 7.76 × 50 = 388,
+denoising-diffusion-pytorch 3.64 × 50 = 182 — hence ``--n-peer``.
 
 Contestants (``--contestants``), each trained in its own subprocess with ``--threads`` torch
 threads (default 2), one after the other, for ``--minutes`` of *training loop* (model build and
@@ -49,6 +53,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import machine, print_table, write_json  # noqa: E402
 
+from difflab.viz import save_grid  # noqa: E402
+
 CONTESTANTS = ("difflab", "diffusers", "ddpm-pytorch")
 DATA = "fashion-mnist"
 DIFFLAB_SAMPLER = ("dpm++", 25)  # `difflab sample`'s default --scheduler / --steps
@@ -71,15 +77,15 @@ def run_logged(cmd: list[str], log: Path, threads: int) -> dict:
     """
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"  $ {' '.join(cmd)}\n    (log: {log})", flush=True)
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, text=True,
-                              env=child_env(threads), cwd=HERE.parent)
-        f.write(proc.stdout)
+    with open(log, "w") as f:  # streamed, so `tail -f LOG` follows a long run
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env(threads),
+                              cwd=HERE.parent)
+    lines = log.read_text().splitlines()  # also splits tqdm's \r-separated updates
     if proc.returncode != 0:
-        tail = "\n".join(log.read_text().splitlines()[-25:])
+        tail = "\n".join(lines[-25:])
         sys.exit(f"{cmd[0]} … failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    return json.loads(lines[-1]) if lines else {}
+    found = [ln for ln in lines if ln.startswith("{")]
+    return json.loads(found[-1]) if found else {}
 
 
 def difflab_cli() -> str:
@@ -282,13 +288,17 @@ def main() -> None:
     for name in args.names:
         print(f"[sample] {name}: {n_of[name]} images", flush=True)
         u8, sec, sampler = sample_contestant(name, n_of[name], args, batch=args.batch)
+        grid = save_grid(u8[:64].float() / 255, args.out_dir / f"{name}-samples.png", nrow=8,
+                         value_range=(0.0, 1.0))
+        print(f"  {len(u8)} samples in {sec:.0f} s; first 64: {grid}", flush=True)
         scores = scorer(u8, args.seed)
         rows.append({"contestant": name, **trained[name], "n": n_of[name], "sampler": sampler,
                      "sampling_seconds": sec, "s/image": sec / n_of[name], **scores})
         print_table(rows[-1:])
     refs = [r for n in sorted(set(n_of.values())) for r in scorer.references(n, args.seed)]
 
-    cols = ("contestant", "steps", "batch_size", "img_per_s", "final_loss", "n", "sampler",
+    cols = ("contestant", "steps", "train_seconds", "batch_size", "img_per_s", "final_loss",
+            "n", "sampler",
             "s/image", "FID", "KID", "precision", "recall")
     print(f"\nquality race: {args.minutes} min training per contestant, {args.threads} threads")
     print_table([{c: r.get(c) for c in cols} for r in rows + refs])
