@@ -122,6 +122,12 @@ def test_interpolation_strip_starts_and_ends_at_the_chosen_images(pg):
             cb.interpolate(e, imgs, *bad)
     with pytest.raises(ConfigError, match="--data"):
         cb.interpolate(e, imgs[:, :, :4, :4], 0, 1, 4)  # images of another size
+    assert np.array_equal(cb.test_image(imgs, 63), make_grid(imgs[63:], 1, padding=0,
+                                                              scale=cb.TILE // 8))
+    with pytest.raises(ConfigError, match="image index"):
+        cb.test_image(imgs, 64)
+    with pytest.raises(ConfigError, match="--data"):
+        cb.test_image(None, 0)
 
 
 # ---------------------------------------------------------------------------- Diffusion

@@ -91,12 +91,18 @@ def plane_latents(entry: AutoencoderEntry, values: Sequence[float], n: int = PLA
     return z
 
 
+def plane_side(entry: AutoencoderEntry, n: int = PLANE_N) -> int:
+    """Width (= height) in pixels of :func:`plane_image`: n tiles enlarged to ≥ 48 px each."""
+    side = entry.image_shape[-1]
+    return n * side * _scale(side, 48)
+
+
 def plane_image(entry: AutoencoderEntry, values: Sequence[float], n: int = PLANE_N) -> np.ndarray:
     """The decoded latent plane as one picture (n tiles a side, no padding) to click on."""
     from difflab.runs.autoencoders import decode_images
 
     x = decode_images(entry.model, plane_latents(entry, values, n), entry.image_shape)
-    return make_grid(x, n, padding=0, scale=_scale(entry.image_shape[-1], 48))
+    return make_grid(x, n, padding=0, scale=plane_side(entry, n) // (n * entry.image_shape[-1]))
 
 
 def click_to_latent(x: float, y: float, width: int, height: int, span: float,
@@ -111,12 +117,17 @@ def click_to_latent(x: float, y: float, width: int, height: int, span: float,
     return (float(np.clip(z1, -span, span)), float(np.clip(z2, -span, span)))
 
 
-def test_image(images: Tensor | None, index: float | int) -> np.ndarray:
-    """One test image, enlarged for display."""
+def pick(images: Tensor | None, index: float | int) -> Tensor:
+    """Test image ``index`` (C, H, W), checked."""
     if images is None:
         raise ConfigError("no test images: start the app with --data NAME")
-    i = _check_int("image index", index, 0, len(images) - 1)
-    return make_grid(images[i:i + 1], 1, padding=0, scale=_scale(images.shape[-1]))
+    return images[_check_int("image index", index, 0, len(images) - 1)]
+
+
+def test_image(images: Tensor | None, index: float | int) -> np.ndarray:
+    """One test image, enlarged for display."""
+    x = pick(images, index)
+    return make_grid(x[None], 1, padding=0, scale=_scale(x.shape[-1]))
 
 
 def interpolate(entry: AutoencoderEntry, images: Tensor | None, i: float | int,
@@ -235,7 +246,7 @@ def _sample_ldm(entry: DiffusionEntry, scheduler: str, steps: int, seed: int, gu
                           f"{MAX_PROMPT_CHARS}")
     pipe = entry.model
     check_prompt(prompt, entry.captioner, pipe)  # words the model never saw, too many tokens
-    pipe.scheduler = _ldm_scheduler(pipe, scheduler)
+    pipe.scheduler = _ldm_scheduler(pipe, scheduler)  # safe: the app runs one request at a time
     g = torch.Generator().manual_seed(seed)
     images = pipe([prompt] * n, num_inference_steps=steps, guidance_scale=max(guidance, 1.0),
                   generator=g, progress=progress)

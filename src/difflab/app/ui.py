@@ -136,7 +136,7 @@ def _vae_tab(gr, pg: Playground, user_errors) -> None:
             entry = pg.autoencoders[name]
             if entry.latent_dim < 2:
                 raise DifflabError("the latent plane needs at least 2 latent dimensions")
-            side = cb.PLANE_N * entry.image_shape[-1] * cb._scale(entry.image_shape[-1], 48)
+            side = cb.plane_side(entry)
             z1, z2 = cb.click_to_latent(evt.index[0], evt.index[1], side, side, entry.span)
             values = [z1, z2, *values[2:]]
             return [_img(cb.decode_latent(entry, values)), round(z1, 3), round(z2, 3)]
@@ -235,8 +235,7 @@ def _schedules_tab(gr, pg: Playground, user_errors) -> None:
 
     def redraw_noised(chosen, tt, i, s):
         with user_errors():
-            cb._check_int("image", i, 0, len(images) - 1)
-            grid, caption = cb.noised(images[int(i)], chosen, tt, s)
+            grid, caption = cb.noised(cb.pick(images, i), chosen, tt, s)
             return _img(grid), caption
 
     names.change(redraw_plot, names, plot)
