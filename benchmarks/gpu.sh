@@ -7,7 +7,8 @@
 #     + torch.compile, + CUDA graphs (reduce-overhead); difflab vs diffusers' UNet2DModel;
 #     img/s and % of the measured bf16 matmul rate;
 #  3. profile_step.py: the bf16 step's top CUDA operators;
-#  4. train_loop.py: difflab's whole training loop (EMA, clipping, guard) on the same preset.
+#  4. train_loop.py: difflab's whole training loop (EMA, clipping, guard) on the same preset;
+#  5. the training tests, whose loop then runs on CUDA.  PARTS=sampling,loop,... picks parts.
 # Carried (git-ignored) folders: .whl (diffusers wheels), .gpu/ckpt (a `difflab train ddpm`
 # run's model folder), .gpu/data/fashion-mnist (t10k IDX files), .gpu/cache (the feature
 # classifier). Wheels are made with
@@ -19,6 +20,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s); BUDGET=${GPU_BUDGET_S:-570}
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+PARTS=${PARTS:-sampling,unet,profile,loop,tests}  # a later call can rerun only some parts
+want() { [[ ",$PARTS," == *",$1,"* ]]; }
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -30,7 +33,7 @@ export DIFFLAB_DATA="$PWD/.gpu/data" DIFFLAB_CACHE="$PWD/.gpu/cache" DIFFLAB_OFF
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
 
-if [ -d .gpu/ckpt ]; then
+if want sampling && [ -d .gpu/ckpt ]; then
   echo "== 1. sampling: FID-style vs NFE ($(left) s left)"
   TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 timeout "${SAMPLING_S:-230}" python3 benchmarks/sampling.py \
     --ckpt .gpu/ckpt --device cuda --n "${SAMPLING_N:-2000}" --batch 2000 \
@@ -40,20 +43,32 @@ if [ -d .gpu/ckpt ]; then
   cp benchmarks/out/sampling.json "$OUT/" 2>/dev/null
 fi
 
+if want unet; then
 echo "== 2. U-Net training step, DDPM-CIFAR-10 preset ($(left) s left)"
 timeout "$(( $(left) - 120 ))" python3 benchmarks/unet_train.py --preset ddpm-cifar10 \
   --batch 128 --device cuda --iters 15 --rounds 3 \
   --modes fp32,bf16,bf16-cl-compile,bf16-cl-ro --peers difflab,diffusers,diffusers-cl \
   --compile-peers difflab 2>&1 | tee "$OUT/unet_train.txt"
 cp benchmarks/out/unet_train.json "$OUT/" 2>/dev/null
+fi
 
+if want profile; then
 echo "== 3. where the bf16 step goes: torch.profiler ($(left) s left)"
 timeout 60 python3 benchmarks/profile_step.py --preset ddpm-cifar10 --batch 128 --device cuda \
   --mode bf16 --iters 3 2>&1 | tee "$OUT/profile_step.txt"
 cp benchmarks/out/profile_step.json "$OUT/" 2>/dev/null
+fi
 
+if want loop; then
 echo "== 4. difflab's whole training loop ($(left) s left)"
-timeout "$(( $(left) - 5 ))" python3 benchmarks/train_loop.py --preset ddpm-cifar10 \
-  --batch 128 --steps 60 --configs bf16,bf16-ro 2>&1 | tee "$OUT/train_loop.txt"
+timeout "$(( $(left) - 60 ))" python3 benchmarks/train_loop.py --preset ddpm-cifar10 \
+  --batch 128 --steps 60 --configs ${LOOP_CONFIGS:-bf16-sync,bf16,bf16-ro-sync,bf16-ro} 2>&1 | tee "$OUT/train_loop.txt"
 cp benchmarks/out/train_loop.json "$OUT/" 2>/dev/null
+fi
+
+if want tests; then  # the training tests with the loop on CUDA (sync-free guard, precisions)
+echo "== 5. training tests on the GPU ($(left) s left)"
+timeout "$(( $(left) - 3 ))" python3 -m pytest -q -p no:cacheprovider \
+  tests/test_training_options.py tests/test_training.py 2>&1 | tail -25 | tee "$OUT/tests.txt"
+fi
 echo "done in $(( $(date +%s) - T0 )) s"

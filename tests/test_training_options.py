@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from difflab.data import load_dataset
-from difflab.errors import ConfigError
+from difflab.errors import ConfigError, DifflabError
 from difflab.models.unet import UNet2DModel, UNetConfig
 from difflab.training import TrainConfig, train
 from difflab.training.objectives import DiffusionConfig, DiffusionObjective
@@ -47,3 +47,42 @@ def test_runs_with_different_precisions_in_one_process():
         cfg = TrainConfig(batch_size=8, max_steps=1, mixed_precision=mp, progress=False)
         res = train(task, digits.images[:32], digits.labels[:32], cfg)
         assert res.steps == 1 and torch.isfinite(torch.tensor(res.history[-1]["loss"]))
+
+
+class _Flaky(torch.nn.Module):
+    """A data-independent quadratic whose loss is NaN on chosen calls."""
+
+    def __init__(self, bad_calls):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.full((4,), 2.0))
+        self.bad, self.calls = set(bad_calls), 0
+
+    def training_loss(self, batch, generator=None):
+        self.calls += 1
+        loss = (self.w - 1.0).pow(2).sum()
+        return {"loss": loss * float("nan") if self.calls in self.bad else loss}
+
+
+def _flaky_run(bad, steps, **kw):
+    digits = load_dataset("digits")
+    cfg = TrainConfig(**{**dict(batch_size=8, lr=0.1, warmup_steps=0, lr_schedule="constant",
+                               progress=False, max_nonfinite=10, channels_last=False,
+                               ema_decay=0.5, lazy_guard=True, max_steps=steps), **kw})
+    return train(_Flaky(bad), digits.images[:64], digits.labels[:64], cfg)
+
+
+def test_lazy_guard_skips_bad_steps_on_the_device():
+    """The sync-free guard (fused AdamW's found_inf, EMA weight 0): NaN steps change nothing."""
+    all_bad = _flaky_run(set(range(1, 10)), 4)
+    assert all_bad.skipped_nonfinite == 4 and all_bad.history == []
+    assert torch.equal(all_bad.raw_model.w, torch.full((4,), 2.0))
+    assert torch.equal(all_bad.model.w, torch.full((4,), 2.0))  # the EMA copy
+    flaky, clean = _flaky_run({2, 3}, 6), _flaky_run(set(), 4)
+    assert flaky.skipped_nonfinite == 2 and len(flaky.history) == 4
+    assert torch.equal(flaky.raw_model.w, clean.raw_model.w)  # Adam's step count undone too
+    assert [h["loss"] for h in flaky.history] == [h["loss"] for h in clean.history]
+
+
+def test_lazy_guard_stops_after_too_many_nonfinite():
+    with pytest.raises(DifflabError, match="3 non-finite losses or gradients in a row"):
+        _flaky_run(set(range(1, 200)), 100, max_nonfinite=3)

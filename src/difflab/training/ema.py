@@ -26,11 +26,16 @@ class EMA:
         return min(self.decay, (1 + k) / (10 + k))
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, weight: torch.Tensor | None = None) -> None:
+        """One EMA step; ``weight`` (a 0/1 device tensor) turns it off without a host sync."""
         d = self.current_decay()
         ema_p = [p for p in self.model.parameters()]
         src_p = [p.detach() for p in model.parameters()]
-        torch._foreach_lerp_(ema_p, src_p, 1.0 - d)
+        if weight is None:
+            torch._foreach_lerp_(ema_p, src_p, 1.0 - d)
+        else:
+            w = weight.to(ema_p[0].dtype) * (1.0 - d)
+            torch._foreach_lerp_(ema_p, src_p, [w] * len(ema_p))
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
             b_ema.copy_(b)
         self.num_updates += 1

@@ -57,6 +57,7 @@ class TrainConfig(Config):
     max_nonfinite: int = 20  # consecutive non-finite losses/gradients before the run stops
     channels_last: bool = True  # NHWC memory format: faster convolutions on CPU and GPU
     compile: str = "no"  # no | default | reduce-overhead | max-autotune: torch.compile the nets
+    lazy_guard: bool | None = None  # non-finite guard without a host sync per step (None: on GPU)
     progress: bool = True  # tqdm progress bar
 
     def validate(self) -> None:
@@ -151,7 +152,12 @@ def train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Trai
     if cfg.channels_last:
         task = task.to(memory_format=torch.channels_last)
     params = [p for p in task.parameters() if p.requires_grad]
-    fused = dev.type == "cuda"
+    # The sync-free guard: the finite check stays on the device, fused AdamW skips a bad update
+    # itself (its found_inf input), and losses are read back every few steps. fp16's
+    # GradScaler owns found_inf, so fp16 keeps the synchronous guard.
+    lazy = (dev.type == "cuda" if cfg.lazy_guard is None else cfg.lazy_guard) and \
+        cfg.mixed_precision != "fp16"
+    fused = dev.type == "cuda" or lazy
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas),
                             weight_decay=cfg.weight_decay, fused=fused or None)
     ema = EMA(task, cfg.ema_decay) if cfg.ema_decay is not None else None
@@ -185,7 +191,30 @@ def train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Trai
         torch.set_rng_state(state["torch_rng"])
         elapsed_before = state["elapsed"]
 
+    pending: list[tuple[int, torch.Tensor, dict[str, torch.Tensor]]] = []
+
+    def flush(skipped: int, consecutive: int) -> tuple[int, int]:
+        """Read the lazily kept losses back (one host sync) into ``history``; count skips."""
+        if not pending:
+            return skipped, consecutive
+        keys = list(pending[0][2])
+        flat = torch.stack([torch.stack([ok.float(), *(v[k] for k in keys)])
+                            for _, ok, v in pending]).cpu().tolist()
+        for (st, _, _), (ok, *vals) in zip(pending, flat):
+            if ok:
+                consecutive = 0
+                history.append({"step": st, **dict(zip(keys, vals))})
+            else:
+                skipped, consecutive = skipped + 1, consecutive + 1
+                if consecutive >= cfg.max_nonfinite:
+                    raise _nonfinite_error(consecutive, st, out_dir)
+        pending.clear()
+        bar.set_postfix(loss=f"{history[-1]['loss']:.4f}" if history else "nan")
+        return skipped, consecutive
+
     def save(final: bool = False) -> None:
+        nonlocal skipped, consecutive
+        skipped, consecutive = flush(skipped, consecutive)
         if out_dir is None or not acc.is_main_process:
             return
         save_training_state(out_dir / "checkpoint", acc.unwrap_model(model).task, opt, ema,
@@ -242,26 +271,36 @@ def train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Trai
             logs = dict(zip(logs, acc.reduce(torch.stack([v.detach().float()
                                                           for v in logs.values()]), "mean")))
             loss = logs["loss"]
-        finite = bool(torch.isfinite(loss).item() and torch.isfinite(gnorm).item())
-        if not finite:
-            skipped += 1
-            consecutive += 1
-            opt.zero_grad(set_to_none=True)
-            if consecutive >= cfg.max_nonfinite:
-                raise DifflabError(f"training stopped: {consecutive} non-finite losses or "
-                                   f"gradients in a row at step {step}; the last good checkpoint "
-                                   f"is kept" + (f" in {out_dir}/checkpoint" if out_dir else ""))
-            continue
-        consecutive = 0
-        opt.step()
-        if ema is not None:
-            ema.update(acc.unwrap_model(model).task)
-        step += 1
-        rec = {"step": step, **{k: float(v.detach()) for k, v in logs.items()}}
-        history.append(rec)
-        bar.update(1)
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{rec['loss']:.4f}")
+        if lazy:
+            ok = (torch.isfinite(loss) & torch.isfinite(gnorm)).reshape(())
+            getattr(opt, "optimizer", opt).found_inf = (~ok).float()
+            opt.step()
+            if ema is not None:
+                ema.update(acc.unwrap_model(model).task, weight=ok)
+            step += 1
+            pending.append((step, ok, {k: v.detach().float() for k, v in logs.items()}))
+            if len(pending) >= 16:
+                skipped, consecutive = flush(skipped, consecutive)
+            bar.update(1)
+        else:
+            finite = bool(torch.isfinite(loss).item() and torch.isfinite(gnorm).item())
+            if not finite:
+                skipped += 1
+                consecutive += 1
+                opt.zero_grad(set_to_none=True)
+                if consecutive >= cfg.max_nonfinite:
+                    raise _nonfinite_error(consecutive, step, out_dir)
+                continue
+            consecutive = 0
+            opt.step()
+            if ema is not None:
+                ema.update(acc.unwrap_model(model).task)
+            step += 1
+            rec = {"step": step, **{k: float(v.detach()) for k, v in logs.items()}}
+            history.append(rec)
+            bar.update(1)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{rec['loss']:.4f}")
         if budgeted and step % sync_every == 0:
             now = time.perf_counter()
             elapsed = elapsed_before + now - t0
@@ -288,6 +327,7 @@ def train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Trai
             bar.total = total
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < (total or 0):
             save()
+    skipped, consecutive = flush(skipped, consecutive)
     bar.close()
     seconds = elapsed_before + time.perf_counter() - t0
     save(final=True)
@@ -296,6 +336,12 @@ def train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Trai
     return TrainResult(model=final, raw_model=acc.unwrap_model(model).task, steps=step,
                        seconds=seconds, history=history, skipped_nonfinite=skipped,
                        is_main_process=acc.is_main_process)
+
+
+def _nonfinite_error(consecutive: int, step: int, out_dir: Path | None) -> DifflabError:
+    return DifflabError(f"training stopped: {consecutive} non-finite losses or gradients in a "
+                        f"row at step {step}; the last good checkpoint is kept"
+                        + (f" in {out_dir}/checkpoint" if out_dir else ""))
 
 
 def _is_oom(e: BaseException) -> bool:
