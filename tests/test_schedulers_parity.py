@@ -122,6 +122,11 @@ FEATURE_CASES = [
     Case("dpm++", {"thresholding": True, "sample_max_value": 2.0}, 10),
     Case("dpm++", _ZSNR, 10),
     Case("dpm++", {}, 1),
+    Case("dpm++", {"beta_schedule": "squaredcos_cap_v2", "lambda_min_clipped": -5.1}, 20),
+    Case("dpm++", {"beta_schedule": "squaredcos_cap_v2", "lambda_min_clipped": -5.1,
+                   "timestep_spacing": "leading"}, 25),
+    Case("dpm++", {"beta_schedule": "squaredcos_cap_v2", "lambda_min_clipped": -5.1,
+                   "timestep_spacing": "trailing"}, 25),
 ]
 GRID = grid()
 
@@ -263,3 +268,17 @@ def test_config_keys_and_files_interchange(name: str, tmp_path: Any) -> None:
     ref.save_config(tmp_path / "ref")
     loaded = type(ours).from_pretrained(tmp_path / "ref")
     assert loaded.config == {k: ref.config[k] for k in ours.config}
+
+
+def test_lambda_min_clipped_starts_the_grid_where_lambda_allows():
+    """The clip moves the noisiest timestep down to where log(α/σ) ≥ the threshold."""
+    from difflab.schedulers import DPMSolverMultistepScheduler
+
+    s = DPMSolverMultistepScheduler(beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1,
+                                    timestep_spacing="linspace")
+    s.set_timesteps(20)
+    ab = s.alphas_cumprod
+    lam = 0.5 * (ab.log() - (1 - ab).log())
+    t0 = int(s.timesteps[0])
+    assert lam[t0] >= -5.1 - 1e-6 and t0 < 999
+    assert lam[min(t0 + 2, 999)] < -5.1  # and not further down than needed

@@ -41,6 +41,9 @@ class DPMSolverConfig(SigmaSchedulerConfig):
     euler_at_final: bool = False  # always first order at the last step
     use_karras_sigmas: bool = False  # EDM's ρ = 7 σ grid instead of the timestep grid
     final_sigmas_type: str = "zero"  # σ after the last step: "zero" or "sigma_min" (σ at t=0)
+    # Start no noisier than λ = log(α/σ) = lambda_min_clipped: near T the cosine schedule's
+    # α_t → 0, and x̂₀ = (x − σ ε̂)/α multiplies the model's error by 1/α (diffusers suggests −5.1).
+    lambda_min_clipped: float = -math.inf
     thresholding: bool = False  # Imagen dynamic thresholding of x̂₀
     dynamic_thresholding_ratio: float = 0.995
     sample_max_value: float = 1.0
@@ -61,7 +64,7 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
     config_class = DPMSolverConfig
     unsupported = {"use_exponential_sigmas": False, "use_beta_sigmas": False,
                    "use_lu_lambdas": False, "use_flow_sigmas": False, "flow_shift": 1.0,
-                   "lambda_min_clipped": -math.inf, "variance_type": None,
+                   "variance_type": None,
                    "use_dynamic_shifting": False, "time_shift_type": "exponential"}
     init_noise_sigma = 1.0  # type: ignore[assignment]
     cfg: DPMSolverConfig
@@ -78,10 +81,16 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         if n < 1:
             raise ValueError(f"num_inference_steps={n} must be >= 1")
         T = cfg.num_train_timesteps
+        last = T  # one past the noisiest timestep allowed by lambda_min_clipped
+        if cfg.lambda_min_clipped > -math.inf:
+            ab = self.alphas_cumprod.float()  # float32, as diffusers computes λ_t
+            lam = torch.log(ab.sqrt()) - torch.log((1 - ab).sqrt())
+            last = T - int(torch.searchsorted(lam.flip(0), torch.tensor(cfg.lambda_min_clipped)))
         if cfg.timestep_spacing == "trailing":
-            ts = schedules.spaced_timesteps("trailing", T, n)
+            ts = np.round(np.arange(last, 0, -T / n)) - 1.0
         else:
-            ts = schedules.spaced_timesteps(cfg.timestep_spacing, T, n + 1, cfg.steps_offset)[:-1]
+            ts = schedules.spaced_timesteps(cfg.timestep_spacing, last, n + 1,
+                                            cfg.steps_offset)[:-1]
         ts = np.round(ts)
         table = self.train_sigmas.numpy()
         # Karras + cosine: integer t would tell the model noise levels far from σ where the
