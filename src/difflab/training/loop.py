@@ -132,9 +132,12 @@ def train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Trai
 
     AcceleratorState._reset_state()  # each run may ask for its own precision (process group kept)
     acc = Accelerator(mixed_precision=cfg.mixed_precision if torch.cuda.is_available() else
-                      ("bf16" if cfg.mixed_precision == "bf16" else "no"))
+                      ("bf16" if cfg.mixed_precision == "bf16" else "no"), cpu=_multi_cpu())
     dev = acc.device
     world, rank = acc.num_processes, acc.process_index
+    if world != _launched_processes():  # each process would train alone on the global batch
+        raise DifflabError(f"launched as {_launched_processes()} processes but Accelerate sees "
+                           f"{world} ({acc.distributed_type}); check the launcher's settings")
     if cfg.batch_size % world:
         raise ConfigError(f"TrainConfig.batch_size={cfg.batch_size} must be divisible by the "
                           f"number of processes ({world})")
@@ -198,8 +201,9 @@ def train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Trai
         if not pending:
             return skipped, consecutive
         keys = list(pending[0][2])
-        flat = torch.stack([torch.stack([ok.float(), *(v[k] for k in keys)])
-                            for _, ok, v in pending]).cpu().tolist()
+        rows = [[x.float().reshape(()) for x in (ok, *(v[k] for k in keys))]
+                for _, ok, v in pending]
+        flat = torch.stack([torch.stack(r) for r in rows]).cpu().tolist()
         for (st, _, _), (ok, *vals) in zip(pending, flat):
             if ok:
                 consecutive = 0
@@ -342,6 +346,30 @@ def _nonfinite_error(consecutive: int, step: int, out_dir: Path | None) -> Diffl
     return DifflabError(f"training stopped: {consecutive} non-finite losses or gradients in a "
                         f"row at step {step}; the last good checkpoint is kept"
                         + (f" in {out_dir}/checkpoint" if out_dir else ""))
+
+
+def _launched_processes() -> int:
+    """Processes started by the launcher (torchrun, ``accelerate launch``, mpirun); 1 if none."""
+    from accelerate.utils import get_int_from_env
+
+    return get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE",
+                             "MV2_COMM_WORLD_SIZE"], 1)
+
+
+def _multi_cpu() -> bool:
+    """Many processes and no CUDA: Accelerate must be told ``cpu=True`` to join them (gloo);
+    without it, under ``torchrun`` each CPU process sees itself alone (``DistributedType.NO``).
+    ``accelerate launch --cpu`` says so through ``ACCELERATE_USE_CPU``."""
+    return not torch.cuda.is_available() and _launched_processes() > 1
+
+
+def is_main_process() -> bool:
+    """True in a single process and on the main process of a multi-process launch: the one
+    process that writes run folders and prints. (Starts the process group if none is up yet,
+    as :func:`train` would.)"""
+    from accelerate import PartialState
+
+    return PartialState(cpu=_multi_cpu()).is_main_process
 
 
 def _is_oom(e: BaseException) -> bool:
