@@ -90,6 +90,7 @@ def cmd_train_ddpm(args: argparse.Namespace) -> int:
 
     from difflab.data import load_dataset
     from difflab.runs.diffusion import train_diffusion
+    from difflab.training import is_main_process
     from difflab.training.objectives import DiffusionConfig
 
     dcfg = DiffusionConfig(prediction_type=args.prediction_type, beta_schedule=args.schedule,
@@ -106,6 +107,8 @@ def cmd_train_ddpm(args: argparse.Namespace) -> int:
     run = train_diffusion(data, out_dir=out, train_cfg=tcfg, diffusion_cfg=dcfg,
                           preset=args.preset, cond_class=args.cond == "class",
                           resume=args.resume)
+    if not is_main_process():  # many processes: the main one reports
+        return 0
     print(f"trained {run.steps} steps in {run.seconds:.0f} s → {out}/model, "
           f"report {out}/report.html")
     return 0

@@ -36,6 +36,7 @@ def cmd_train_autoencoder(args: argparse.Namespace) -> int:
         model_config,
         train_autoencoder,
     )
+    from difflab.training import is_main_process
 
     defaults = dict(DEFAULT_TRAIN, channels_last=getattr(args, "arch", "mlp") == "conv")
     if any(v is not None for v in (args.steps, args.minutes, args.epochs)):
@@ -59,6 +60,8 @@ def cmd_train_autoencoder(args: argparse.Namespace) -> int:
     test = load_test_split(args.data, args.image_size, data)
     run = train_autoencoder(mcfg, data, test, tcfg, out_dir=out, image_size=args.image_size,
                             resume=args.resume, iwae_k=iwae_k, eval_n=eval_n)
+    if not is_main_process():  # many processes: the main one evaluated and reports
+        return 0
     m = run.metrics
     line = (f"trained {m['train_steps']} steps in {m['train_seconds']:.0f} s; "
             f"test MSE {m['test_mse']:.4g}")

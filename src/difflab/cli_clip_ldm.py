@@ -48,6 +48,8 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
     test = _test_split(args.data, args.image_size, data)
     run = train_clip(data, test, out_dir=out, train_cfg=tcfg, caption_cfg=ccfg,
                      resume=args.resume)
+    if not run.is_main_process:  # many processes: the main one reports
+        return 0
     print(f"trained {run.steps} steps in {run.seconds:.0f} s; zero-shot {test.split} accuracy "
           f"{100 * run.metrics['zero_shot_accuracy']:.1f} % → {out}/model, "
           f"report {out}/report.html")
@@ -76,6 +78,8 @@ def cmd_train_ldm(args: argparse.Namespace) -> int:
     test = _test_split(args.data, args.image_size, data)
     run = train_ldm(data, test, out_dir=out, cfg=cfg, train_cfg=tcfg, clip=args.clip,
                     vae=args.vae, resume=args.resume)
+    if not run.is_main_process:
+        return 0
     print(f"trained in {run.metrics['total_train_seconds']:.0f} s → {run.pipeline}, "
           f"report {out}/report.html")
     return 0

@@ -10,6 +10,10 @@ and keep this process's rows; every process advances its generator by the same a
 stay in lock-step. With a plain ``torch.Generator`` (or a sharded one in a single process) they
 are exactly ``torch.randn`` & co., so one-process runs keep their numbers.
 
+A loss that compares the rows of a batch with each other (CLIP's InfoNCE) also needs the other
+processes' rows: :func:`batch_gather` all-gathers them, with gradients flowing back to the
+process that computed each row.
+
 The leading dimension of ``shape`` is always the batch-row dimension.
 """
 
@@ -81,3 +85,60 @@ def batch_randint(low: int, high: int, shape: Sequence[int],
     full, rows = _global_rows(shape, generator)
     x = torch.randint(low, high, full, generator=generator, device=device)
     return x if rows is None else x[rows]
+
+
+# --------------------------------------------------------------------------------------------
+# Whole-batch quantities: a loss that compares rows with each other (CLIP's InfoNCE) needs the
+# other processes' rows too, not only draws.
+# --------------------------------------------------------------------------------------------
+
+def batch_shard(generator: torch.Generator | None) -> BatchShard | None:
+    """This process's rows of the global batch, or None when it computes the whole batch."""
+    return getattr(generator, "shard", None)
+
+
+def batch_gather(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """x (b, ...) — this process's rows — → (B, ...), the rows of the whole global batch in
+    global order; x itself in one process.
+
+    Differentiable: the backward pass sums, for each row, the gradients that *every* process's
+    loss sends to it (an all-reduce) and keeps this process's rows. So if process r's loss L_r
+    is the global loss's terms of its own rows (L = mean_r L_r), DDP's mean of the gradients
+    is ∇L.
+    """
+    shard = batch_shard(generator)
+    if shard is None:
+        return x
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"rows {shard.start}:{shard.stop} of a global batch of {shard.size} "
+                           "but no torch.distributed process group to gather the others from")
+    if len(x) != shard.stop - shard.start or shard.start != dist.get_rank() * len(x) or \
+            shard.size != dist.get_world_size() * len(x):
+        raise ValueError(f"gathering {len(x)} rows on process {dist.get_rank()} of "
+                         f"{dist.get_world_size()}, which holds rows {shard.start}:{shard.stop} "
+                         f"of a global batch of {shard.size}")
+    return _GatherRows.apply(x, shard)
+
+
+class _GatherRows(torch.autograd.Function):
+    """all-gather forward; backward: all-reduce (sum) of the (B, ...) gradient, own rows kept."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, shard: BatchShard) -> Tensor:
+        import torch.distributed as dist
+
+        ctx.shard = shard
+        parts = [torch.empty_like(x, memory_format=torch.contiguous_format)
+                 for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)  # Σ over processes of ∂L_r/∂(every row)
+        return grad[ctx.shard.start:ctx.shard.stop], None

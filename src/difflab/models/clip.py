@@ -19,6 +19,10 @@ exactly. Here every text with the same token ids counts as a positive, with the 
 spread evenly over them (as in supervised contrastive learning, Khosla et al. 2020); with
 distinct captions this is exactly CLIP's loss.
 
+With many processes the negatives are those of the whole global batch, not only of this
+process's slice (:meth:`CLIPModel.training_loss`): the loss and the update are the one-process
+ones on the same B pairs.
+
 The text side also gives the conditioning of latent diffusion: the frozen ``text_encoder``'s
 ``last_hidden_state`` is what the U-Net cross-attends to (``runs/ldm.py``). Its tokenizer is
 CLIP's byte-level BPE (``models/tokenizer.py``) with merges learned here on the closed caption
@@ -53,6 +57,7 @@ from difflab.models.tokenizer import (
     pre_tokenize,
 )
 from difflab.nn import Downsample, ResnetBlock
+from difflab.rng import batch_gather, batch_shard
 
 
 @dataclass(kw_only=True)
@@ -131,11 +136,14 @@ def clip_loss(logits: Tensor, positives: Tensor | None = None) -> Tensor:
     if positives is None:
         positives = torch.eye(len(logits), dtype=torch.bool, device=logits.device)
     logits = logits.float()
+    return (soft_cross_entropy(logits, positives) + soft_cross_entropy(logits.T, positives.T)) / 2
+
+
+def soft_cross_entropy(logits: Tensor, positives: Tensor) -> Tensor:
+    """mean over rows i of −Σ_j y_ij log softmax(logits_i)_j, with y_i spread evenly over the
+    positives of row i. logits, positives: (b, B) — b rows scored against B candidates."""
     pos = positives.float()
-    loss_i = -(pos / pos.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
-    pos_t = pos.T
-    loss_t = -(pos_t / pos_t.sum(1, keepdim=True) * logits.T.log_softmax(1)).sum(1).mean()
-    return (loss_i + loss_t) / 2
+    return -(pos / pos.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
 
 
 class CLIPModel(ModelMixin):
@@ -175,11 +183,30 @@ class CLIPModel(ModelMixin):
                       generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """batch: "images" (B, C, H, W), "input_ids" (B, L) (the tokenized captions).
 
-        Logs: "loss", "accuracy" (image → text top-1 lands on a positive), "temperature"."""
+        Logs: "loss", "accuracy" (image → text top-1 lands on a positive), "temperature".
+
+        Many processes (``generator`` carries this process's rows of the global batch, see
+        :mod:`difflab.rng`): the other pairs are those of the *whole global batch*, as in one
+        process. Embeddings are all-gathered (:func:`~difflab.rng.batch_gather`), and process r
+        takes the terms of its own b rows: its images against all B texts, its texts against
+        all B images. The mean over processes is the one-process loss, and the gathered
+        gradients make DDP's mean gradient the one-process gradient."""
         ids = batch["input_ids"]
-        logits = self(batch["images"], ids)
-        positives = (ids[:, None, :] == ids[None, :, :]).all(-1)  # (B, B) same caption
-        loss = clip_loss(logits, positives)
+        if batch_shard(generator) is None:
+            logits = self(batch["images"], ids)  # (B, B)
+            positives = (ids[:, None, :] == ids[None, :, :]).all(-1)  # (B, B) same caption
+            loss = clip_loss(logits, positives)
+        else:
+            i_e = F.normalize(self.get_image_features(batch["images"]), dim=-1)  # (b, P)
+            t_e = F.normalize(self.get_text_features(ids), dim=-1)  # (b, P)
+            all_i, all_t = batch_gather(i_e, generator), batch_gather(t_e, generator)  # (B, P)
+            all_ids = batch_gather(ids, generator)  # (B, L)
+            s = self.scale()
+            logits = (s * i_e @ all_t.T).float()  # (b, B) this process's images vs all texts
+            logits_t = (s * t_e @ all_i.T).float()  # (b, B) its texts vs all images
+            positives = (ids[:, None, :] == all_ids[None, :, :]).all(-1)  # (b, B); symmetric
+            loss = (soft_cross_entropy(logits, positives)
+                    + soft_cross_entropy(logits_t, positives)) / 2
         hit = positives.gather(1, logits.argmax(1, keepdim=True)).float().mean()
         return {"loss": loss, "accuracy": hit.detach(), "temperature": 1 / self.scale().detach()}
 
@@ -296,4 +323,4 @@ def save_tokenizer(tokenizer: CLIPTokenizer, folder: str | Path) -> None:
 
 __all__ = ["CLIPConfig", "CLIPModel", "ImageEncoder", "caption_tokenizer", "clip_loss",
            "embed_images", "embed_texts", "learn_bpe", "retrieve", "save_tokenizer",
-           "zero_shot_accuracy", "zero_shot_scores"]
+           "soft_cross_entropy", "zero_shot_accuracy", "zero_shot_scores"]

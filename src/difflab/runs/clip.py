@@ -124,8 +124,9 @@ class CLIPRun:
     seconds: float
     steps: int
     history: list[dict[str, float]]
-    metrics: dict[str, Any]
+    metrics: dict[str, Any]  # empty on the other processes of a multi-process run
     out_dir: Path
+    is_main_process: bool = True  # False on the other processes: they wrote nothing
 
 
 def train_clip(data: ImageDataset, test: ImageDataset, *, out_dir: str | Path,
@@ -143,6 +144,9 @@ def train_clip(data: ImageDataset, test: ImageDataset, *, out_dir: str | Path,
     info = {"name": data.name, "class_names": list(data.class_names),
             "image_shape": list(data.image_shape)}
     bundle = CLIPBundle(trained, tokenizer, captioner, info)
+    if not result.is_main_process:  # many processes: only the main one writes the run folder
+        return CLIPRun(bundle, result.seconds, result.steps, result.history, {}, out_dir,
+                       is_main_process=False)
     save_clip(out_dir / "model", bundle)
     acc, pred = zero_shot_accuracy(trained, tokenizer, test.images, test.labels,
                                    captioner.class_prompts())

@@ -55,7 +55,7 @@ from difflab.runs.clip import (
     train_clip,
 )
 from difflab.schedulers import SCHEDULERS
-from difflab.training import TrainConfig, train
+from difflab.training import TrainConfig, is_main_process, train
 from difflab.training.objectives import PREDICTION_TYPES, DiffusionConfig, LatentDiffusionObjective
 from difflab.viz import Report, plot_loss_curves, save_grid
 
@@ -252,6 +252,8 @@ class LDMRun:
     pipeline: Path
     metrics: dict[str, Any]
     out_dir: Path
+    is_main_process: bool = True  # False on the other processes of a multi-process run: they
+    # trained the same models but wrote nothing (``metrics`` holds only their training stages)
 
 
 @torch.no_grad()
@@ -280,8 +282,10 @@ def train_ldm(data: ImageDataset, test: ImageDataset, *, out_dir: str | Path,
               report: bool = True) -> LDMRun:
     """Train (or reuse) the autoencoder and CLIP, then the text-conditioned U-Net; write the
     pipeline folder, and the report unless ``report=False``. ``train_cfg`` is the U-Net's and
-    the total budget (see :func:`stage_train_configs`)."""
+    the total budget (see :func:`stage_train_configs`). With many processes each stage trains
+    on all of them; only the main process writes files and evaluates."""
     out = Path(out_dir)
+    main = is_main_process()
     trained = [s for s, given in zip(STAGES, (vae, clip, None)) if given is None]
     tcfgs = stage_train_configs(train_cfg, cfg, trained)
     metrics: dict[str, Any] = {"data": data.name, "stages": {}}
@@ -300,10 +304,12 @@ def train_ldm(data: ImageDataset, test: ImageDataset, *, out_dir: str | Path,
         raise ConfigError(f"the autoencoder takes {ae.config.in_channels}×{ae.config.image_size}"
                           f"² images; {data.name} has {data.image_shape}")
     scale = ae.compute_scaling_factor(data.images[:4096], torch.Generator().manual_seed(0))
-    ae.save_pretrained(out / "vae" / "model")
-    st.update(reconstruction_metrics(ae, test.images[:2000]), scaling_factor=scale,
-              latent_shape=[ae.config.latent_channels, ae.config.latent_size,
-                            ae.config.latent_size], wall_seconds=time.perf_counter() - t0)
+    if main:
+        ae.save_pretrained(out / "vae" / "model")
+        st.update(reconstruction_metrics(ae, test.images[:2000]))
+    latent_shape = [ae.config.latent_channels, ae.config.latent_size, ae.config.latent_size]
+    st.update(scaling_factor=scale, latent_shape=latent_shape,
+              wall_seconds=time.perf_counter() - t0)
     metrics["stages"]["autoencoder"] = st
 
     # 2. CLIP ---------------------------------------------------------------------------
@@ -313,8 +319,9 @@ def train_ldm(data: ImageDataset, test: ImageDataset, *, out_dir: str | Path,
                           resume=resume and (out / "clip" / "checkpoint").is_dir(),
                           report=report)
         bundle = crun.bundle
-        st = {"seconds": crun.seconds, "steps": crun.steps,
-              "zero_shot_accuracy": crun.metrics["zero_shot_accuracy"]}
+        st = {"seconds": crun.seconds, "steps": crun.steps}
+        if main:
+            st["zero_shot_accuracy"] = crun.metrics["zero_shot_accuracy"]
         hist["clip"] = crun.history
     else:
         from difflab.models.clip import zero_shot_accuracy
@@ -324,9 +331,11 @@ def train_ldm(data: ImageDataset, test: ImageDataset, *, out_dir: str | Path,
             raise ConfigError(f"{clip}: this CLIP was trained on the classes "
                               f"{bundle.captioner.class_words}; {data.name} has "
                               f"{data.class_names}")
-        acc, _ = zero_shot_accuracy(bundle.model, bundle.tokenizer, test.images, test.labels,
-                                    bundle.captioner.class_prompts())
-        st = {"reused": str(clip), "zero_shot_accuracy": acc}
+        st = {"reused": str(clip)}
+        if main:
+            st["zero_shot_accuracy"], _ = zero_shot_accuracy(
+                bundle.model, bundle.tokenizer, test.images, test.labels,
+                bundle.captioner.class_prompts())
     st["wall_seconds"] = time.perf_counter() - t0
     metrics["stages"]["clip"] = st
 
@@ -347,6 +356,8 @@ def train_ldm(data: ImageDataset, test: ImageDataset, *, out_dir: str | Path,
                                  "final_loss": _tail_mean(res.history, "loss"),
                                  "parameters": unet.num_parameters,
                                  "wall_seconds": time.perf_counter() - t0}
+    if not main:  # many processes: only the main one writes the pipeline, report, metrics
+        return LDMRun(out / "pipeline", metrics, out, is_main_process=False)
     info = {"data": {"name": data.name, "class_names": list(data.class_names),
                      "image_shape": list(data.image_shape)}, "ldm_config": cfg.to_dict()}
     folder = save_ldm(out / "pipeline", unet=unet, vae=ae.to(memory_format=torch
