@@ -95,8 +95,10 @@ def test_same_seed_same_weights(digits):
         assert torch.equal(va, vb), k
 
 
-def test_resume_is_bit_exact(digits, tmp_path):
-    full = train(_task(), digits.images, digits.labels, _cfg(max_steps=8), out_dir=tmp_path / "a")
+@pytest.mark.parametrize("lazy", [False, True])  # True: fused AdamW + the GPU's sync-free guard
+def test_resume_is_bit_exact(digits, tmp_path, lazy):
+    full = train(_task(), digits.images, digits.labels, _cfg(max_steps=8, lazy_guard=lazy),
+                 out_dir=tmp_path / "a")
 
     class Kill(Exception):
         pass
@@ -106,10 +108,12 @@ def test_resume_is_bit_exact(digits, tmp_path):
             raise Kill
 
     with pytest.raises(Kill):
-        train(_task(), digits.images, digits.labels, _cfg(max_steps=8, checkpoint_every=4),
+        train(_task(), digits.images, digits.labels,
+              _cfg(max_steps=8, checkpoint_every=4, lazy_guard=lazy),
               out_dir=tmp_path / "b", on_checkpoint=die)
     resumed = train(_task(seed=123), digits.images, digits.labels,
-                    _cfg(max_steps=8, checkpoint_every=4), out_dir=tmp_path / "b", resume=True)
+                    _cfg(max_steps=8, checkpoint_every=4, lazy_guard=lazy),
+                    out_dir=tmp_path / "b", resume=True)
     assert resumed.steps == 8
     for (k, va), vb in zip(full.raw_model.state_dict().items(),
                            resumed.raw_model.state_dict().values()):

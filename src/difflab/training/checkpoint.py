@@ -75,6 +75,21 @@ def recover_checkpoint(folder: Path) -> None:
     recover_dir(Path(folder), "state.json")
 
 
+def _match_param_layout(opt: torch.optim.Optimizer) -> None:
+    """Give each loaded moment the memory layout of its parameter (e.g. channels_last).
+
+    Safetensors stores contiguous tensors; fused AdamW walks a parameter and its moments as
+    flat memory, so a channels_last weight next to a contiguous ``exp_avg`` would be updated
+    with the wrong elements (silently on CPU; CUDA refuses)."""
+    inner = getattr(opt, "optimizer", opt)
+    for group in inner.param_groups:
+        for p in group["params"]:
+            st = inner.state.get(p, {})
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+
+
 def load_training_state(folder: Path, task: nn.Module, opt: torch.optim.Optimizer,
                         ema: EMA | None) -> dict[str, Any] | None:
     """Restore task/optimizer/EMA in place; returns the metadata, or None if no checkpoint."""
@@ -90,5 +105,6 @@ def load_training_state(folder: Path, task: nn.Module, opt: torch.optim.Optimize
         ema.num_updates = int(meta.get("ema_num_updates", 0))
     opt.load_state_dict(_unflatten_optimizer(load_tensors(folder / "optimizer.safetensors"),
                                              meta.pop("optimizer_param_groups")))
+    _match_param_layout(opt)
     meta.update(load_tensors(folder / "training_state.safetensors"))
     return meta
