@@ -7,7 +7,8 @@ made by ``bash benchmarks/setup_peers.sh`` (default /work/peervenv)::
     /work/peervenv/bin/pip install torch==2.14.1 torchvision==0.29.1
     /work/peervenv/bin/pip install denoising-diffusion-pytorch==2.3.4
 
-This file imports neither difflab nor the benchmarks' helpers. ``benchmarks/quality_race.py``
+This file imports no difflab code; of the benchmarks' helpers only ``_race_sampling`` (torch
+and safetensors alone). ``benchmarks/quality_race.py``
 calls it with the peer venv's python:
 
     python race_ddpm_pytorch.py train --png-dir DIR --minutes 20 --out /tmp/race/ddpm-pytorch
@@ -41,8 +42,8 @@ import time
 from pathlib import Path
 
 import torch
+from _race_sampling import sample_to_file  # the script's folder is on sys.path
 
-PAD = 2  # 28 → 32
 UNET = dict(dim=64, dim_mults=(1, 2, 4, 8), flash_attn=False, channels=1)
 DIFFUSION = dict(image_size=32, timesteps=1000, sampling_timesteps=50)
 TRAINER = dict(train_batch_size=32, gradient_accumulate_every=2, train_lr=8e-5,
@@ -110,28 +111,19 @@ def train(png_dir: Path, out: Path, minutes: float, seed: int) -> dict:
 
 @torch.inference_mode()
 def sample(out: Path, n: int, seed: int, batch: int) -> dict:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     _threads()
     diffusion = _diffusion()
     diffusion.load_state_dict(load_file(str(out / "ema.safetensors")), strict=True)
     diffusion.eval()
-    chunks = []
-    t0 = time.perf_counter()
-    for i, start in enumerate(range(0, n, batch)):
-        b = min(batch, n - start)
+
+    def draw(b: int, i: int) -> torch.Tensor:
         torch.manual_seed(seed * 1_000_003 + i)  # the library samples from the global RNG
-        x = diffusion.sample(batch_size=b)  # (B, 1, 32, 32) in [0, 1]
-        x = x[:, :, PAD:-PAD, PAD:-PAD]
-        chunks.append(torch.round(x.clamp(0, 1) * 255).to(torch.uint8))
-        print(f"ddpm-pytorch: {start + b}/{n} samples, {time.perf_counter() - t0:.0f} s",
-              flush=True)
-    seconds = time.perf_counter() - t0
-    save_file({"images": torch.cat(chunks).contiguous()}, str(out / "samples.safetensors"))
-    res = {"n": n, "sampler": f"DDIM eta=0, {DIFFUSION['sampling_timesteps']} steps (EMA)",
-           "sampling_seconds": seconds, "threads": torch.get_num_threads()}
-    (out / "sample.json").write_text(json.dumps(res, indent=2) + "\n")
-    return res
+        return diffusion.sample(batch_size=b)  # (B, 1, 32, 32) in [0, 1]
+
+    return sample_to_file(draw, out, n, batch, "ddpm-pytorch",
+                          f"DDIM eta=0, {DIFFUSION['sampling_timesteps']} steps (EMA)")
 
 
 def main() -> None:

@@ -48,8 +48,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-PAD = 2  # 28 → 32
+from _race_sampling import PAD, sample_to_file  # the script's folder is on sys.path
 
 UNET_KW = dict(
     layers_per_block=2,
@@ -145,30 +144,20 @@ def train(out: Path, minutes: float, seed: int, data: str) -> dict:
 @torch.inference_mode()
 def sample(out: Path, n: int, seed: int, steps: int, batch: int) -> dict:
     from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
-    from safetensors.torch import save_file
-
     _threads()
     unet = UNet2DModel.from_pretrained(out / "unet").eval()
     ddpm = DDPMScheduler.from_pretrained(out / "scheduler")
     pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(ddpm.config))
     pipe.set_progress_bar_config(disable=True)
-    chunks = []
-    t0 = time.perf_counter()
-    for i, start in enumerate(range(0, n, batch)):
-        b = min(batch, n - start)
+
+    def draw(b: int, i: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed * 1_000_003 + i)
         x = pipe(batch_size=b, generator=g, eta=0.0, num_inference_steps=steps,
                  output_type="np").images  # (B, H, W, C) float in [0, 1]
-        x = torch.from_numpy(x).permute(0, 3, 1, 2)[:, :, PAD:-PAD, PAD:-PAD]  # crop to 28
-        chunks.append(torch.round(x.clamp(0, 1) * 255).to(torch.uint8))
-        print(f"diffusers: {start + b}/{n} samples, {time.perf_counter() - t0:.0f} s",
-              flush=True)
-    seconds = time.perf_counter() - t0
-    save_file({"images": torch.cat(chunks).contiguous()}, str(out / "samples.safetensors"))
-    res = {"n": n, "sampler": f"DDIM eta=0, {steps} steps (EMA weights)",
-           "sampling_seconds": seconds, "threads": torch.get_num_threads()}
-    (out / "sample.json").write_text(json.dumps(res, indent=2) + "\n")
-    return res
+        return torch.from_numpy(x).permute(0, 3, 1, 2)
+
+    return sample_to_file(draw, out, n, batch, "diffusers",
+                          f"DDIM eta=0, {steps} steps (EMA weights)")
 
 
 def main() -> None:
