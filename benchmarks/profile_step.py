@@ -32,13 +32,15 @@ def main() -> None:
     ap.add_argument("--mode", default="fp32", help="fp32 | bf16 (autocast)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--layout", default="channels_last", choices=["channels_last", "nchw"])
     args = ap.parse_args()
     device = torch.device(args.device)
     cfg = UNetConfig(**PRESETS[args.preset])
     if args.device == "cpu" and args.preset == "small":
         cfg = UNetConfig(**{**PRESETS["small"], "sample_size": 28})
     torch.manual_seed(0)
-    step, _ = make_step(UNet2DModel(cfg), args.batch, cfg, device, args.mode, True)
+    step, _ = make_step(UNet2DModel(cfg), args.batch, cfg, device, args.mode,
+                        args.layout == "channels_last")
     step()
     sync(device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -53,7 +55,7 @@ def main() -> None:
     rows = [{"operator": e.key[:48], "calls/step": e.count // args.iters,
              "ms/step": getattr(e, key) / 1e3 / args.iters,
              "% of step": 100 * getattr(e, key) / total} for e in events[:args.top]]
-    print(f"{args.preset} batch {args.batch} {args.mode} on {device}: "
+    print(f"{args.preset} batch {args.batch} {args.mode} {args.layout} on {device}: "
           f"{total / 1e3 / args.iters:.1f} ms of {'device' if device.type == 'cuda' else 'CPU'}"
           " self time per step")
     print_table(rows)

@@ -16,6 +16,7 @@ measured matmul ceiling of the machine. Writes benchmarks/out/unet_train.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def make_step(model: torch.nn.Module, batch: int, cfg: UNetConfig, device: torch
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # both peers alike
     fwd = model
     graphs = mode.endswith("-ro")
     if "compile" in mode or graphs:
@@ -74,13 +75,16 @@ def make_step(model: torch.nn.Module, batch: int, cfg: UNetConfig, device: torch
     return step, model
 
 
-def flops_per_step(model: torch.nn.Module, cfg: UNetConfig, batch: int,
-                   device: torch.device) -> float:
-    x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=device)
-    t = torch.randint(0, 1000, (batch,), device=device)
-    with FlopCounterMode(display=False) as fc:
-        model(x, t).sample.float().pow(2).mean().backward()
-    model.zero_grad(set_to_none=True)
+def flops_per_step(model: torch.nn.Module, cfg: UNetConfig, batch: int) -> float:
+    """FLOPs of one training step of the *plain* architecture (forward + backward), counted on
+    the meta device: the textbook count both peers are measured against, so a cheaper
+    algorithm for the same function (difflab's folded upsampling) shows as a higher rate."""
+    with torch.device("meta"):
+        model = copy.deepcopy(model).to("meta")
+        x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        t = torch.randint(0, 1000, (batch,))
+        with FlopCounterMode(display=False) as fc:
+            model(x, t).sample.float().pow(2).mean().backward()
     return float(fc.get_total_flops())
 
 
@@ -92,7 +96,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--modes", default="fp32", help="comma list: fp32, bf16, bf16-cl-compile")
-    ap.add_argument("--peers", default="difflab,diffusers,diffusers-cl")
+    ap.add_argument("--peers", default="difflab,difflab-nchw,diffusers,diffusers-cl",
+                    help="difflab runs channels_last, diffusers NCHW; -nchw / -cl switch layout")
     ap.add_argument("--compile-peers", default="difflab,diffusers",
                     help="peers that also run the compiled modes (compiling costs minutes)")
     args = ap.parse_args()
@@ -104,7 +109,7 @@ def main() -> None:
     peak = {"fp32": matmul_ceiling(device, torch.float32),
             "bf16": matmul_ceiling(device, torch.bfloat16)}
     torch.manual_seed(0)
-    flops = flops_per_step(UNet2DModel(cfg).to(device), cfg, args.batch, device)
+    flops = flops_per_step(UNet2DModel(cfg), cfg, args.batch)
     rows, results = [], {}
     for mode in args.modes.split(","):
         steps = {}
@@ -113,8 +118,8 @@ def main() -> None:
                     peer not in args.compile_peers.split(","):
                 continue
             torch.manual_seed(0)
-            if peer == "difflab":
-                model, cl = UNet2DModel(cfg), True
+            if peer.startswith("difflab"):
+                model, cl = UNet2DModel(cfg), not peer.endswith("-nchw")
             elif peer.startswith("diffusers"):
                 model, cl = diffusers_unet(cfg), peer.endswith("-cl")
             else:

@@ -13,6 +13,7 @@ from pathlib import Path
 from difflab import __version__
 from difflab.cli_args import finite_float, nonneg_int, positive_float, positive_int, unit_float
 from difflab.errors import DifflabError
+from difflab.perf import keep_freed_memory
 
 
 class _Parser(argparse.ArgumentParser):
@@ -279,6 +280,7 @@ EXTRA_COMMANDS = [_register_autoencoders, _register_sd, _register_clip_ldm, _reg
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    keep_freed_memory()
     try:
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)

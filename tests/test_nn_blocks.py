@@ -1,0 +1,96 @@
+"""The U-Net blocks' fast paths compute the textbook functions: checked in float64 against the
+plain formulation (nearest ×2 + 3×3 conv; per-token linears + SDPA), values and gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from difflab.nn import SelfAttention, Upsample
+from difflab.nn.blocks import folded_upsample_kernel
+
+CL = torch.channels_last
+
+
+def _grads(out: torch.Tensor, go: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(out, tensors, go))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_folded_upsample_equals_nearest_then_conv(layout):
+    torch.manual_seed(0)
+    up = Upsample(6).double()
+    x = torch.randn(2, 6, 5, 7, dtype=torch.float64)
+    if layout == "channels_last":
+        up, x = up.to(memory_format=CL), x.contiguous(memory_format=CL)
+    x.requires_grad_(True)
+    w, b = up.conv.weight, up.conv.bias
+    ref = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), w, b, padding=1)
+    out = up(x)
+    assert out.shape == (2, 6, 10, 14)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    go = torch.randn_like(ref)
+    for g, g_ref in zip(_grads(out, go, x, w, b), _grads(ref, go, x, w, b)):
+        torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_folded_kernel_is_the_per_axis_tap_sum():
+    w = torch.zeros(1, 1, 3, 3, dtype=torch.float64)
+    w[0, 0, :, 1] = torch.tensor([1.0, 10.0, 100.0])  # taps along y only (centre column)
+    k = folded_upsample_kernel(w)[0, 0]
+    # along y: (w₂, w₁+w₂, w₀+w₁, w₀); along x the centre tap lands in the two middle columns
+    torch.testing.assert_close(k[:, 1], torch.tensor([100.0, 110.0, 11.0, 1.0], dtype=w.dtype))
+    torch.testing.assert_close(k[:, 2], k[:, 1])
+    assert k[:, 0].abs().sum() == 0 and k[:, 3].abs().sum() == 0
+
+
+def test_upsample_to_an_odd_size_keeps_the_plain_path():
+    torch.manual_seed(0)
+    up = Upsample(4).double()
+    x = torch.randn(1, 4, 4, 4, dtype=torch.float64)
+    out = up(x, size=(7, 7))
+    ref = up.conv(F.interpolate(x, size=(7, 7), mode="nearest"))
+    assert out.shape == (1, 4, 7, 7)
+    torch.testing.assert_close(out, ref)
+
+
+def _plain_attention(m: SelfAttention, x: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = x.shape
+    tok = m.group_norm(x).flatten(2).transpose(1, 2)
+    q, k, v = (p(tok).unflatten(-1, (m.heads, -1)).transpose(1, 2)
+               for p in (m.to_q, m.to_k, m.to_v))
+    att = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1) @ v
+    out = m.to_out[0](att.transpose(1, 2).flatten(2)).transpose(1, 2).reshape(b, c, h, w)
+    return out + x
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_self_attention_equals_the_token_formulation(layout):
+    torch.manual_seed(0)
+    m = SelfAttention(16, head_dim=4, groups=4).double()
+    for p in m.parameters():  # non-trivial norm affine and biases
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 16, 3, 5, dtype=torch.float64)
+    if layout == "channels_last":
+        m, x = m.to(memory_format=CL), x.contiguous(memory_format=CL)
+    x.requires_grad_(True)
+    out, ref = m(x), _plain_attention(m, x)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    assert out.is_contiguous(memory_format=CL if layout == "channels_last" else
+                             torch.contiguous_format)
+    go = torch.randn_like(ref)
+    params = [m.to_q.weight, m.to_k.bias, m.to_v.weight, m.to_out[0].weight, m.group_norm.weight]
+    for g, g_ref in zip(_grads(out, go, x, *params), _grads(ref, go, x, *params)):
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-9)
+
+
+def test_self_attention_under_cpu_bf16_autocast_is_close_and_differentiable():
+    torch.manual_seed(0)
+    m = SelfAttention(32, head_dim=8, groups=8)
+    x = torch.randn(4, 32, 7, 7, requires_grad=True)
+    ref = _plain_attention(m.double(), x.double()).float()
+    m.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x)
+    assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max()
+    out.float().square().mean().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
