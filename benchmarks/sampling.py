@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, print_table, write_json  # noqa: E402
 
 from difflab.metrics.fid import fid_of_images  # noqa: E402
+from difflab.perf import keep_freed_memory  # noqa: E402
 from difflab.runs.diffusion import load_bundle, sample_images  # noqa: E402
 
 
@@ -54,13 +55,14 @@ def main() -> None:
     ap.add_argument("--schedulers", default="ddpm,ddim,euler,dpm++")
     ap.add_argument("--steps", default="10,20,50,100")
     ap.add_argument("--n", type=int, default=2000)
-    ap.add_argument("--batch", type=int, default=500)
+    ap.add_argument("--batch", type=int, default=64, help="64 is fastest on CPU")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", help="reference data set (default: the model's)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-minutes", type=float, default=float("inf"),
                     help="do not start a configuration that the measured rate says would end later")
     args = ap.parse_args()
+    keep_freed_memory()  # as the CLI does: CPU sampling ~10% faster
     bundle = load_bundle(args.ckpt, device=args.device)
     data = args.data or bundle.data["name"]
     configs = [(sched, over, int(s)) for sched, over in parse_schedulers(args.schedulers)
