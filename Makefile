@@ -19,7 +19,7 @@ demo: install
 	$(BIN)/difflab demo
 
 lint: install-dev
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks notebooks
 
 test: install-dev lint
 	$(BIN)/python -m pytest
