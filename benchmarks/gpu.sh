@@ -47,8 +47,8 @@ if want unet; then
 echo "== 2. U-Net training step, DDPM-CIFAR-10 preset ($(left) s left)"
 timeout "$(( $(left) - 120 ))" python3 benchmarks/unet_train.py --preset ddpm-cifar10 \
   --batch 128 --device cuda --iters 15 --rounds 3 \
-  --modes fp32,bf16,bf16-cl-compile,bf16-cl-ro --peers difflab,diffusers,diffusers-cl \
-  --compile-peers difflab 2>&1 | tee "$OUT/unet_train.txt"
+  --modes fp32,bf16,bf16-cl-compile,bf16-cl-ro --peers difflab,difflab-fold,diffusers,diffusers-cl \
+  --compile-peers difflab,difflab-fold 2>&1 | tee "$OUT/unet_train.txt"
 cp benchmarks/out/unet_train.json "$OUT/" 2>/dev/null
 fi
 

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, matmul_ceiling, median, print_table, time_fn, write_json  # noqa: E402
 
 from difflab.models.unet import PRESETS, UNet2DModel, UNetConfig  # noqa: E402
+from difflab.nn import Upsample  # noqa: E402
 
 
 def diffusers_unet(cfg: UNetConfig) -> torch.nn.Module:
@@ -97,7 +98,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--modes", default="fp32", help="comma list: fp32, bf16, bf16-cl-compile")
     ap.add_argument("--peers", default="difflab,difflab-nchw,diffusers,diffusers-cl",
-                    help="difflab runs channels_last, diffusers NCHW; -nchw / -cl switch layout")
+                    help="difflab runs channels_last, diffusers NCHW; -nchw / -cl switch layout; "
+                    "difflab-fold: folded upsampling on a GPU too (CPU always folds)")
     ap.add_argument("--compile-peers", default="difflab,diffusers",
                     help="peers that also run the compiled modes (compiling costs minutes)")
     args = ap.parse_args()
@@ -120,6 +122,10 @@ def main() -> None:
             torch.manual_seed(0)
             if peer.startswith("difflab"):
                 model, cl = UNet2DModel(cfg), not peer.endswith("-nchw")
+                if peer.endswith("-fold"):  # folded upsampling on this device too
+                    for m in model.modules():
+                        if isinstance(m, Upsample):
+                            m.fold_on = frozenset({"cpu", device.type})
             elif peer.startswith("diffusers"):
                 model, cl = diffusers_unet(cfg), peer.endswith("-cl")
             else:

@@ -94,3 +94,17 @@ def test_self_attention_under_cpu_bf16_autocast_is_close_and_differentiable():
     assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max()
     out.float().square().mean().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_fold_on_selects_the_path_per_instance():
+    torch.manual_seed(0)
+    up = Upsample(4).double()
+    x = torch.randn(1, 4, 3, 3, dtype=torch.float64)
+    folded = up(x)
+    up.fold_on = frozenset()  # this instance: plain nearest + conv on every device
+    plain = up(x)
+    assert Upsample.fold_on == frozenset({"cpu"})  # the class default is untouched
+    torch.testing.assert_close(folded, plain, rtol=1e-12, atol=1e-12)
+    with torch.profiler.profile() as prof:
+        up(x)
+    assert not any("conv_transpose" in e.key for e in prof.key_averages())

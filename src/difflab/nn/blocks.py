@@ -132,13 +132,17 @@ class Upsample(nn.Module):
     pair, and no 4× upsampled copy: ~2× faster forward + backward (benchmarks/RESULTS.md).
     """
 
+    # Device types that run the folded form. GPUs keep the plain pair until measured there
+    # (``benchmarks/unet_train.py --peers difflab-fold`` sets it per model instance).
+    fold_on: frozenset[str] = frozenset({"cpu"})
+
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         doubled = size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1])
-        if doubled and x.device.type == "cpu":  # GPU: not yet measured, keeps the plain pair
+        if doubled and x.device.type in self.fold_on:
             return F.conv_transpose2d(x, folded_upsample_kernel(self.conv.weight),
                                       self.conv.bias, stride=2, padding=1)
         if size is None:
