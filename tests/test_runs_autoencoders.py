@@ -11,6 +11,7 @@ import torch
 from difflab.cli import main
 from difflab.data import load_dataset
 from difflab.errors import CheckpointError
+from difflab.experiments.ae_vs_vae import hole_fraction
 from difflab.models.autoencoder import Autoencoder
 from difflab.models.vae import VAE
 from difflab.runs.autoencoders import (
@@ -19,13 +20,12 @@ from difflab.runs.autoencoders import (
     encode_codes,
     evaluate_vae_checkpoint,
     fit_gaussian,
-    hole_fraction,
     latent_plane,
     model_config,
     num_levels,
     random_latents,
-    score_samples,
 )
+from difflab.runs.judge import score_samples
 
 
 @pytest.fixture(scope="module")

@@ -101,7 +101,8 @@ def _add_model_args(p: argparse.ArgumentParser, kind: str) -> None:
 
 # ---------------------------------------------------------------------------------- experiments
 def cmd_ae_vs_vae(args: argparse.Namespace) -> int:
-    from difflab.runs.autoencoders import DEFAULT_TRAIN, AEvsVAEConfig, format_rows, run_ae_vs_vae
+    from difflab.experiments.ae_vs_vae import AEvsVAEConfig, format_rows, run_ae_vs_vae
+    from difflab.runs.autoencoders import DEFAULT_TRAIN
     from difflab.training import TrainConfig
 
     budget = {"max_steps": args.steps, "minutes": args.minutes, "epochs": args.epochs}
@@ -129,8 +130,7 @@ def cmd_pca_vs_linear_ae(args: argparse.Namespace) -> int:
     import torch
 
     from difflab.data import load_dataset
-    from difflab.experiments import format_table, run_pca_vs_linear_ae
-    from difflab.runs.autoencoders import write_pca_report
+    from difflab.experiments import format_table, run_pca_vs_linear_ae, write_pca_report
 
     data = load_dataset(args.data, "train", image_size=args.image_size)
     if args.n is not None:

@@ -5,6 +5,8 @@ from difflab.experiments.pca_linear_ae import (
                                                format_table,
                                                plot_bases,
                                                run_pca_vs_linear_ae,
+                                               write_pca_report,
 )
 
-__all__ = ["PCAvsLinearAEResult", "format_table", "plot_bases", "run_pca_vs_linear_ae"]
+__all__ = ["PCAvsLinearAEResult", "format_table", "plot_bases", "run_pca_vs_linear_ae",
+           "write_pca_report"]

@@ -1,5 +1,5 @@
-"""Train and look inside autoencoders and VAEs: ``difflab train ae|vae|linear-ae`` and the
-experiments ``ae-vs-vae`` and ``pca-vs-linear-ae``.
+"""Train and look inside autoencoders and VAEs: ``difflab train ae|vae|linear-ae`` (the
+experiments ``ae-vs-vae`` and ``pca-vs-linear-ae`` build on this, in ``difflab.experiments``).
 
 A run folder ``OUT/`` holds ``model/`` (checkpoint folder: ``config.json``, ``model.safetensors``,
 ``data.json`` naming the data set it was trained on), ``checkpoint/`` (training state for
@@ -11,8 +11,6 @@ only builds configs from the data, writes the pictures and measures.
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,7 +189,7 @@ def plot_codes(codes: Tensor, labels: Tensor, class_names: list[str], path: Path
     return how
 
 
-def _scale(h: int, target: int = 56) -> int:
+def grid_scale(h: int, target: int = 56) -> int:
     return max(1, target // h)
 
 
@@ -299,7 +297,7 @@ def write_autoencoder_report(run: AutoencoderRun, data: ImageDataset, test: Imag
     show = test.images[:16]
     with torch.no_grad():
         rec = model(show).reshape(len(show), *shape).clamp(-1, 1)
-    rep.image(make_grid(torch.cat([show, rec]), 16, scale=_scale(h, 40)),
+    rep.image(make_grid(torch.cat([show, rec]), 16, scale=grid_scale(h, 40)),
               f"top: test images; bottom: reconstructions (test MSE {m['test_mse']:.4g} on "
               "the [-1, 1] scale)")
 
@@ -307,12 +305,12 @@ def write_autoencoder_report(run: AutoencoderRun, data: ImageDataset, test: Imag
     g = torch.Generator().manual_seed(seed)
     codes = encode_codes(model, data.images[:5000])
     samples = decode_images(model, random_latents(model, codes, 64, g), shape)
-    rep.image(make_grid(samples, 8, scale=_scale(h)),
+    rep.image(make_grid(samples, 8, scale=grid_scale(h)),
               "samples from the prior z ~ N(0, I), decoder mean" if isinstance(model, VAE) else
               "decoded random codes z ~ N(m, S), the Gaussian fitted to the training codes "
               "(an autoencoder has no prior)")
     rep.image(make_grid(interpolate_codes(model, test.images[0], test.images[1]), 10,
-                        scale=_scale(h)),
+                        scale=grid_scale(h)),
               "decoding the straight line between the codes of two test images")
 
     rep.heading("Latent space")
@@ -321,12 +319,12 @@ def write_autoencoder_report(run: AutoencoderRun, data: ImageDataset, test: Imag
                      title=f"{m['kind']} latent space (test set)")
     rep.image(out / "latent.png", f"test-set codes coloured by class: {how}")
     if isinstance(model, VAE) and cfg.latent_dim == 2:
-        rep.image(make_grid(latent_plane(model, shape), 12, padding=0, scale=_scale(h, 28)),
+        rep.image(make_grid(latent_plane(model, shape), 12, padding=0, scale=grid_scale(h, 28)),
                   "the decoded latent plane, z₁, z₂ ∈ [−2, 2]")
     if isinstance(model, LinearAutoencoder):
         basis = model.basis.detach().T.reshape(-1, *shape)  # (k, C, H, W)
         basis = basis / basis.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
-        rep.image(make_grid(basis[:32], 8, scale=_scale(h)),
+        rep.image(make_grid(basis[:32], 8, scale=grid_scale(h)),
                   "decoder columns W[:, i] as images (grey = 0): a basis of the learned "
                   "subspace, not the principal components themselves")
         pca = m["pca"]
@@ -384,196 +382,3 @@ def evaluate_vae_checkpoint(folder: str | Path, split: str = "test", k: int = 10
     res = evaluate_likelihood(model, ds.images, k=k, progress=progress,
                               generator=torch.Generator().manual_seed(seed))
     return {**res, "data": ds.name, "split": split, "checkpoint": str(folder)}
-
-
-# --------------------------------------------------------------------------- AE vs VAE scoring
-class ImageClassifier(nn.Module):
-    """A small MLP classifier x (B, C, H, W) → logits (B, classes), the judge of decoded
-    samples in :func:`run_ae_vs_vae`. Trained through the one loop via ``training_loss``."""
-
-    def __init__(self, image_shape: tuple[int, int, int], num_classes: int,
-                 hidden: int = 256) -> None:
-        super().__init__()
-        d = math.prod(image_shape)
-        self.net = nn.Sequential(nn.Flatten(1), nn.Linear(d, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, num_classes))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-    def training_loss(self, batch: dict[str, Tensor],
-                      generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        loss = F.cross_entropy(self(batch["images"]), batch["labels"])
-        return {"loss": loss}
-
-
-def train_classifier(data: ImageDataset, *, seed: int = 0,
-                     max_steps: int = 2000) -> ImageClassifier:
-    """Fit :class:`ImageClassifier` on ``data``: 10 epochs or ``max_steps``, seeded."""
-    torch.manual_seed(seed)
-    clf = ImageClassifier(data.image_shape, data.num_classes)
-    steps = min(max_steps, math.ceil(10 * len(data) / 128))
-    cfg = TrainConfig(max_steps=steps, batch_size=128, lr=1e-3, warmup_steps=20,
-                      ema_decay=None, seed=seed, progress=False, channels_last=False)
-    return train(clf, data.images, data.labels, cfg, desc="classifier").model.eval()
-
-
-@torch.no_grad()
-def score_samples(clf: nn.Module, images: Tensor, num_classes: int) -> dict[str, float]:
-    """How recognisable decoded samples are: mean max-softmax confidence, fraction classified
-    with confidence > 0.9, and the entropy of the predicted-class histogram divided by
-    log(classes) (1 = all classes equally often, 0 = one class only)."""
-    prob = torch.cat([clf(images[i:i + 1000]).softmax(1) for i in range(0, len(images), 1000)])
-    conf, pred = prob.max(1)
-    hist = torch.bincount(pred, minlength=num_classes).double() / len(pred)
-    ent = -(hist[hist > 0] * hist[hist > 0].log()).sum() / math.log(max(2, num_classes))
-    return {"mean_confidence": float(conf.mean()), "frac_confident": float((conf > 0.9).double()
-            .mean()), "class_entropy": float(ent)}
-
-
-def hole_fraction(z: Tensor, train_codes: Tensor, test_codes: Tensor, q: float = 0.99) -> float:
-    """Fraction of random latent points z (n, k) that fall in a "hole": farther from every
-    training code than ``q`` of the test images' codes are (distances to the nearest training
-    code). If z has the distribution of the codes this is ≈ 1 − q; for a VAE pass codes from
-    :func:`code_cloud` (posterior samples), for an AE its codes."""
-    def nn_dist(a: Tensor) -> Tensor:
-        return torch.cat([torch.cdist(a[i:i + 1000], train_codes).min(1).values
-                          for i in range(0, len(a), 1000)])
-
-    threshold = torch.quantile(nn_dist(test_codes), q)
-    return float((nn_dist(z) > threshold).double().mean())
-
-
-@dataclass(kw_only=True)
-class AEvsVAEConfig(Config):
-    data: str = "mnist5k"  # data set name or image folder
-    image_size: int | None = None  # resize images to this side (None: native)
-    out: str = "runs/ae-vs-vae"  # output folder (report.html, results.json, figures)
-    arch: str = "mlp"  # "mlp" or "conv", the same for both models
-    latent_dim: int = 2  # the same latent size for both; 2 can be drawn
-    hidden: tuple[int, ...] = (512, 256)  # MLP widths / conv channels of both models
-    n_samples: int = 2000  # random latent points decoded and scored per model
-    seed: int = 0  # seeds the models, their training, the classifier and the random points
-
-    def validate(self) -> None:
-        for name in ("latent_dim", "n_samples"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"AEvsVAEConfig.{name}={getattr(self, name)} must be >= 1")
-
-
-def run_ae_vs_vae(cfg: AEvsVAEConfig, train_cfg: TrainConfig) -> dict[str, Any]:
-    """Train an AE and a VAE with the same architecture and budget (``train_cfg`` each), decode
-    random latent points of both (VAE: N(0, I); AE: Gaussian fitted to its codes) and score them
-    with a classifier trained on the train split. Writes ``results.json`` and ``report.html``;
-    returns {"classifier_accuracy", "rows": [per-model scores], "report"}."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    data = load_dataset(cfg.data, "train", image_size=cfg.image_size)
-    test = load_test_split(cfg.data, cfg.image_size, data)
-    shape = data.image_shape
-    t0 = time.perf_counter()
-    clf = train_classifier(data, seed=cfg.seed)
-    with torch.no_grad():
-        acc = float((clf(test.images).argmax(1) == test.labels).double().mean())
-    clf_s = time.perf_counter() - t0
-    real = score_samples(clf, test.images, data.num_classes)
-    rows = [{"model": "test images", "steps": "", "train s": "", "test MSE": "",
-             "confidence": real["mean_confidence"], "conf>0.9": real["frac_confident"],
-             "class entropy": real["class_entropy"], "in holes": ""}]
-    decoded, scatters = {}, {}
-    for kind in ("ae", "vae"):
-        mcfg = model_config(kind, data, arch=cfg.arch, latent_dim=cfg.latent_dim,
-                            hidden=cfg.hidden)
-        run = train_autoencoder(mcfg, data, test, train_cfg, out_dir=out / kind, report=False,
-                                image_size=cfg.image_size, eval_n=2000, iwae_k=10)
-        model = run.model
-        train_codes = encode_codes(model, data.images)
-        test_codes = encode_codes(model, test.images)
-        g = torch.Generator().manual_seed(cfg.seed + 1)  # the same ε for both models
-        z = random_latents(model, train_codes, cfg.n_samples, g)
-        holes = hole_fraction(z, code_cloud(model, data.images, g),
-                              code_cloud(model, test.images, g))
-        decoded[kind] = decode_images(model, z, shape)
-        s = score_samples(clf, decoded[kind], data.num_classes)
-        rows.append({"model": "AE, z ~ Gaussian fit to codes" if kind == "ae" else
-                     "VAE, z ~ N(0, I)", "steps": run.metrics["train_steps"],
-                     "train s": run.metrics["train_seconds"],
-                     "test MSE": run.metrics["test_mse"], "confidence": s["mean_confidence"],
-                     "conf>0.9": s["frac_confident"], "class entropy": s["class_entropy"],
-                     "in holes": holes})
-        scatters[kind] = plot_codes(test_codes, test.labels, test.class_names,
-                                    out / f"{kind}_latent.png",
-                                    title=f"{kind.upper()} latent space (test set)")
-
-    result = {"data": data.name, "latent_dim": cfg.latent_dim, "classifier_accuracy": acc,
-              "classifier_seconds": clf_s, "rows": rows, "config": cfg.to_dict(),
-              "train": train_cfg.to_dict()}
-    atomic_write_json(out / "results.json", result)
-
-    h = shape[1]
-    rep = Report(f"difflab — AE vs VAE latent regularity on {data.name}")
-    rep.text(f"Both models: {cfg.arch} {cfg.hidden}, latent dimension {cfg.latent_dim}, the "
-             f"same training budget. {cfg.n_samples} random latent points per model are decoded "
-             f"and judged by an MLP classifier trained on the train split ({acc:.1%} test "
-             "accuracy). The AE has no prior, so its random points come from the full-covariance "
-             "Gaussian fitted to its training codes — its best chance. \"In holes\": fraction of "
-             "random points farther from every training code than 99% of test-image codes are "
-             "(≈ 0.01 when the random points are distributed like the codes; a VAE's codes "
-             "here are posterior samples z ~ q(z|x), whose mixture the prior should match).")
-    rep.table(rows)
-    rep.heading("Decoded random latent points")
-    for kind, caption in (("ae", "AE: z ~ Gaussian fitted to its codes"),
-                          ("vae", "VAE: z ~ N(0, I), the same ε")):
-        rep.image(make_grid(decoded[kind][:64], 8, scale=_scale(h, 32)), caption)
-    rep.heading("Latent spaces (test set)")
-    for kind in ("ae", "vae"):
-        rep.image(out / f"{kind}_latent.png", f"{kind.upper()}: {scatters[kind]}", width=420)
-    result["report"] = str(rep.save(out / "report.html"))
-    return result
-
-
-def format_rows(rows: list[dict[str, Any]]) -> str:
-    """A fixed-width text table of dict rows (floats to 4 significant digits)."""
-    cols = list(rows[0])
-    cells = [[c for c in cols]] + [[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c])
-                                    for c in cols] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    lines = ["  ".join(v.ljust(w) if i == 0 else v.rjust(w)
-                       for i, (v, w) in enumerate(zip(row, widths))) for row in cells]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------ PCA vs linear AE run
-def write_pca_report(result: Any, data: ImageDataset, out_dir: str | Path) -> Path:
-    """``OUT/bases.png``, ``OUT/metrics.json`` and ``OUT/report.html`` for a
-    :class:`~difflab.experiments.PCAvsLinearAEResult` on ``data``."""
-    from difflab.experiments import plot_bases
-
-    out = Path(out_dir)
-    r = result
-    plot_bases(r, data.image_shape, out / "bases.png")
-    metrics = {"data": data.name, "n": r.n, "d": r.d, "k": r.k, "tied": r.tied,
-               "max_principal_angle_deg": r.max_angle_deg,
-               "principal_angles_deg": r.angles_deg.tolist(), "mse_pca": r.mse_pca,
-               "mse_linear_ae": r.mse_ae, "mse_rel_gap": r.mse_rel_gap,
-               "orth_fro_error": r.orth_fro_error, "adam_steps": r.adam_steps,
-               "lbfgs_iters": r.lbfgs_iters, "final_grad_norm": r.final_grad_norm,
-               "seconds": r.seconds}
-    atomic_write_json(out / "metrics.json", metrics)
-    rep = Report(f"difflab — linear autoencoder vs PCA on {data.name}")
-    rep.text(f"A linear autoencoder (k = {r.k}, {'tied' if r.tied else 'untied'} weights, "
-             f"centred data) trained to convergence on N = {r.n} images (D = {r.d}) spans the "
-             "same subspace as the top-k principal components (Baldi & Hornik 1989), so the "
-             "principal angles are ≈ 0 and the MSE equals PCA's — but its basis vectors are "
-             "not the components.")
-    rep.table([{"quantity": "max principal angle (deg)", "value": r.max_angle_deg},
-               {"quantity": "reconstruction MSE, PCA", "value": r.mse_pca},
-               {"quantity": "reconstruction MSE, linear AE", "value": r.mse_ae},
-               {"quantity": "relative MSE gap", "value": r.mse_rel_gap},
-               {"quantity": "||WᵀW − I||_F", "value": r.orth_fro_error},
-               {"quantity": "optimisation", "value": f"{r.adam_steps} Adam + {r.lbfgs_iters} "
-                                                     f"L-BFGS, {r.seconds:.1f} s"}])
-    rep.image(out / "bases.png", "top: principal components; bottom: the AE's decoder columns")
-    return rep.save(out / "report.html")

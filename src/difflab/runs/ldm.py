@@ -423,7 +423,7 @@ def text_following(captioner: Captioner, images: Tensor, labels: Tensor,
 def write_ldm_report(run: LDMRun, data: ImageDataset, test: ImageDataset,
                      hist: dict[str, list], cfg: LDMConfig, seed: int,
                      n_per_prompt: int = 4) -> Path:
-    from difflab.runs.autoencoders import train_classifier
+    from difflab.runs.judge import train_classifier
 
     out, m = run.out_dir, run.metrics
     pipe, captioner = load_ldm(run.pipeline, scheduler="dpm++")
