@@ -200,10 +200,11 @@ def train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Trai
 
     pending: list[tuple[int, torch.Tensor, dict[str, torch.Tensor]]] = []
 
-    def flush(skipped: int, consecutive: int) -> tuple[int, int]:
+    def flush() -> None:
         """Read the lazily kept losses back (one host sync) into ``history``; count skips."""
+        nonlocal skipped, consecutive
         if not pending:
-            return skipped, consecutive
+            return
         keys = list(pending[0][2])
         rows = [[x.float().reshape(()) for x in (ok, *(v[k] for k in keys))]
                 for _, ok, v in pending]
@@ -218,11 +219,9 @@ def train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Trai
                     raise _nonfinite_error(consecutive, st, out_dir)
         pending.clear()
         bar.set_postfix(loss=f"{history[-1]['loss']:.4f}" if history else "nan")
-        return skipped, consecutive
 
     def save(final: bool = False) -> None:
-        nonlocal skipped, consecutive
-        skipped, consecutive = flush(skipped, consecutive)
+        flush()
         if out_dir is None or not acc.is_main_process:
             return
         save_training_state(out_dir / "checkpoint", acc.unwrap_model(model).task, opt, ema,
@@ -288,7 +287,7 @@ def train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Trai
             step += 1
             pending.append((step, ok, {k: v.detach().float() for k, v in logs.items()}))
             if len(pending) >= 16:
-                skipped, consecutive = flush(skipped, consecutive)
+                flush()
             bar.update(1)
         else:
             finite = bool(torch.isfinite(loss).item() and torch.isfinite(gnorm).item())
@@ -335,7 +334,7 @@ def train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Trai
             bar.total = total
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < (total or 0):
             save()
-    skipped, consecutive = flush(skipped, consecutive)
+    flush()
     bar.close()
     seconds = elapsed_before + time.perf_counter() - t0
     save(final=True)
