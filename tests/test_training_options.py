@@ -87,3 +87,24 @@ def test_lazy_guard_skips_bad_steps_on_the_device():
 def test_lazy_guard_stops_after_too_many_nonfinite():
     with pytest.raises(DifflabError, match="3 non-finite losses or gradients in a row"):
         _flaky_run(set(range(1, 200)), 100, max_nonfinite=3)
+
+
+def test_cpu_bf16_trains_nchw_and_follows_fp32():
+    """Under CPU bf16 the loop keeps the model NCHW (channels_last bf16 GroupNorm is slow on
+    CPU) and the run follows the fp32 one: same data, same seed, close losses."""
+    digits = load_dataset("digits")
+    runs = {}
+    for mp in ("no", "bf16"):
+        torch.manual_seed(0)
+        task = DiffusionObjective(UNet2DModel(UNetConfig(**TINY)), DiffusionConfig())
+        cfg = TrainConfig(batch_size=32, max_steps=60, lr=2e-3, warmup_steps=5, seed=0,
+                          mixed_precision=mp, channels_last=True, progress=False)
+        runs[mp] = train(task, digits.images[:512], digits.labels[:512], cfg)
+    w32 = runs["no"].raw_model.unet.down_blocks[0].resnets[0].conv1.weight
+    w16 = runs["bf16"].raw_model.unet.down_blocks[0].resnets[0].conv1.weight
+    assert w32.is_contiguous(memory_format=torch.channels_last) and not w32.is_contiguous()
+    assert w16.is_contiguous() and w16.dtype == torch.float32  # fp32 master weights
+    tail = {mp: sum(h["loss"] for h in r.history[-20:]) / 20 for mp, r in runs.items()}
+    first = runs["no"].history[0]["loss"]
+    assert tail["no"] < 0.7 * first and tail["bf16"] < 0.7 * first  # both learn
+    assert abs(tail["bf16"] - tail["no"]) < 0.15 * tail["no"]
