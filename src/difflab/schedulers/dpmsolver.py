@@ -145,11 +145,16 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         # x_t = (σ_t/σ_s) x − α_t (e^{−h} − 1) D, with σ_t/σ_s = (σ̃_t α_t)/(σ̃_s α_s)
         coef_x = ratio * alpha_t / alpha_s0
         coef_d = alpha_t * (1.0 - ratio)
-        if cfg.solver_order == 1 or len(self._x0_history) < 2 or first_order_final:
+        h = h_prev = 0.0
+        if i > 0 and s_next > 0.0:  # σ̃ = 0 (the final step) is always first order
+            h, h_prev = math.log(s0 / s_next), math.log(float(self.sigmas[i - 1]) / s0)
+        # A grid that repeats a timestep (λ-clipped grids at ~1000 steps round to the same t)
+        # has h = 0 there: the step is a no-op and there is no interval to difference over, so
+        # those steps are first order (diffusers divides by zero and returns NaN).
+        if cfg.solver_order == 1 or len(self._x0_history) < 2 or first_order_final \
+                or h <= 0.0 or h_prev <= 0.0:
             prev_sample = coef_x * x + coef_d * x0
         else:
-            s1 = float(self.sigmas[i - 1])
-            h, h_prev = math.log(s0 / s_next), math.log(s1 / s0)
             m0, m1 = self._x0_history[-1], self._x0_history[-2]
             d1 = (m0 - m1) * (h / h_prev)  # (m0 − m1)/r
             if cfg.solver_type == "midpoint":
