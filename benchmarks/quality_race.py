@@ -13,7 +13,8 @@ threads (default 2), one after the other, for ``--minutes`` of *training loop* (
 data preparation are outside the budget, for all three):
 
 - ``difflab``: ``difflab train ddpm --data fashion-mnist --minutes M`` — the default recipe,
-  unchanged (``--difflab-precision bf16`` adds ``--mixed-precision bf16``) — sampled like
+  unchanged (its precision is ``auto``: bf16 autocast on a CPU with bf16 dot products;
+  ``--difflab-precision no`` forces float32) — sampled like
   ``difflab sample``'s defaults (DPM-Solver++, 25 steps, EMA weights).
 - ``diffusers``: diffusers' ``train_unconditional.py`` recipe transcribed with diffusers objects
   (``benchmarks/race_diffusers.py``; its docstring lists what follows the script and what
@@ -131,6 +132,7 @@ def train_contestant(name: str, args: argparse.Namespace) -> dict:
         m = json.loads((out / "metrics.json").read_text())
         bs = int(DEFAULT_DDPM_TRAIN["batch_size"])
         return {"steps": m["steps"], "train_seconds": m["train_seconds"], "batch_size": bs,
+                "precision": m.get("mixed_precision", args.difflab_precision),
                 "img_per_s": m["steps"] * bs / m["train_seconds"], "final_loss": m["final_loss"],
                 "parameters": m["unet_parameters"]}
     if not args.skip_train:
@@ -225,8 +227,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--n-peer", type=int, help="samples for the two peers (default --n)")
     ap.add_argument("--contestants", default=",".join(CONTESTANTS))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--difflab-precision", default="no", choices=["no", "bf16"],
-                    help="difflab's --mixed-precision (bf16 autocast also runs on CPU)")
+    ap.add_argument("--difflab-precision", default="auto", choices=["auto", "no", "bf16"],
+                    help="difflab's --mixed-precision (default: the recipe's auto)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads per contestant")
     ap.add_argument("--out-dir", type=Path, default=Path("/tmp/race"),
                     help="work dir: checkpoints, logs, samples")

@@ -35,3 +35,32 @@ def test_keep_freed_memory_serves_big_buffers_from_the_heap():
                for mode in ("default", "keep")}
     assert mmapped == {"default": "True", "keep": "False"}
     assert keep_freed_memory() is True  # and applying it twice is harmless
+
+
+from difflab.perf import cpu_has_bf16_dot_products, resolve_mixed_precision  # noqa: E402
+
+ZEN4 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
+SKYLAKE = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni\n"
+SAPPHIRE = "processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile amx_int8\n"
+
+
+def test_bf16_dot_products_are_read_from_the_cpu_flags():
+    assert cpu_has_bf16_dot_products(ZEN4) is True
+    assert cpu_has_bf16_dot_products(SAPPHIRE) is True
+    assert cpu_has_bf16_dot_products(SKYLAKE) is False  # AVX-512 alone: bf16 is emulated
+    assert cpu_has_bf16_dot_products("") is False
+    assert cpu_has_bf16_dot_products("flags\t: avx512_bf16_extra\n") is False  # whole words
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch):
+    import difflab.perf as perf
+
+    monkeypatch.setattr(perf, "cpu_has_bf16_dot_products", lambda cpuinfo=None: True)
+    assert resolve_mixed_precision("auto", "cpu") == "bf16"
+    monkeypatch.setattr(perf, "cpu_has_bf16_dot_products", lambda cpuinfo=None: False)
+    assert resolve_mixed_precision("auto", "cpu") == "no"
+    assert resolve_mixed_precision("auto", "mps") == "no"
+    for explicit in ("no", "bf16"):
+        assert resolve_mixed_precision(explicit, "cpu") == explicit
+    assert resolve_mixed_precision("fp16", "cpu") == "no"  # fp16 autocast is a GPU precision
+    assert resolve_mixed_precision("fp16", "cuda") == "fp16"

@@ -108,3 +108,23 @@ def test_cpu_bf16_trains_nchw_and_follows_fp32():
     first = runs["no"].history[0]["loss"]
     assert tail["no"] < 0.7 * first and tail["bf16"] < 0.7 * first  # both learn
     assert abs(tail["bf16"] - tail["no"]) < 0.15 * tail["no"]
+
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_auto_precision_trains_in_what_the_cpu_supports(monkeypatch, has_bf16):
+    """``mixed_precision="auto"`` resolves per machine, the result says which precision ran,
+    and an auto run is the same run as asking for that precision explicitly."""
+    import difflab.perf as perf
+
+    monkeypatch.setattr(perf, "cpu_has_bf16_dot_products", lambda cpuinfo=None: has_bf16)
+    digits = load_dataset("digits")
+    losses = {}
+    for mp in ("auto", "bf16" if has_bf16 else "no"):
+        torch.manual_seed(0)
+        task = DiffusionObjective(UNet2DModel(UNetConfig(**TINY)), DiffusionConfig())
+        cfg = TrainConfig(batch_size=8, max_steps=3, mixed_precision=mp, progress=False,
+                          ema_decay=None)
+        res = train(task, digits.images[:32], digits.labels[:32], cfg)
+        assert res.precision == ("bf16" if has_bf16 else "no")
+        losses[mp] = [h["loss"] for h in res.history]
+    assert losses["auto"] == losses["bf16" if has_bf16 else "no"]

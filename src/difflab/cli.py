@@ -76,7 +76,9 @@ def _add_train_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=positive_float)
     p.add_argument("--warmup-steps", type=nonneg_int)
     p.add_argument("--ema-decay", type=unit_float)
-    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"])
+    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16", "auto"],
+                   help="autocast precision; auto = bf16 on GPUs and on CPUs with bf16 dot "
+                        "products (AVX-512 BF16 / AMX), float32 elsewhere")
     p.add_argument("--compile", choices=["no", "default", "reduce-overhead", "max-autotune"],
                    help="torch.compile the networks (pays on GPU; reduce-overhead = CUDA graphs)")
     p.add_argument("--checkpoint-every", type=nonneg_int, help="steps between checkpoints")
@@ -116,8 +118,11 @@ def cmd_train_ddpm(args: argparse.Namespace) -> int:
 
 
 # Measured default recipe (see benchmarks/RESULTS.md).
+# mixed_precision "auto": bf16 autocast where the hardware multiplies bf16 natively (on this
+# project's 2-core AVX-512 BF16 CPU: 1.35× the steps of float32 and FID-style 0.398 vs 0.611
+# after 20 minutes), float32 elsewhere.
 DEFAULT_DDPM_TRAIN: dict[str, object] = dict(batch_size=64, lr=2e-3, warmup_steps=100,
-                                             ema_decay=0.999)
+                                             ema_decay=0.999, mixed_precision="auto")
 
 
 # ----------------------------------------------------------------------------------- sample

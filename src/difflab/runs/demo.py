@@ -136,13 +136,14 @@ def run_demo(cfg: DemoConfig) -> Path:
 
     # (c) DDPM ----------------------------------------------------------------------------
     # Class-conditional with label dropout, sampled with classifier-free guidance: at this
-    # budget (~1,100 steps of 32 images on 2 cores) unconditional samples are still mostly
-    # stroke soup, guided ones are clearly digits (measured; benchmarks/RESULTS.md).
+    # budget (~1,100 steps of 32 images on 2 cores in float32, ~1,500 in bf16) unconditional
+    # samples are still mostly stroke soup, guided ones are clearly digits (measured;
+    # benchmarks/RESULTS.md).
     t0 = time.perf_counter()
     run = train_diffusion(data, out_dir=out / "ddpm", report=False, cond_class=True,
                           train_cfg=TrainConfig(minutes=0.85 * cfg.minutes, seed=cfg.seed,
                                                 progress=cfg.progress, batch_size=32, lr=2e-3,
-                                                warmup_steps=100),
+                                                warmup_steps=100, mixed_precision="auto"),
                           diffusion_cfg=DiffusionConfig(p_uncond=0.1))
     train_s = time.perf_counter() - t0
     k = data.num_classes
@@ -155,14 +156,16 @@ def run_demo(cfg: DemoConfig) -> Path:
     sweep = [sample_images(run.bundle, k, scheduler="dpm++", steps=25, seed=cfg.seed + 1,
                            class_labels=torch.arange(k), guidance_scale=gs).images
              for gs in (0.0, 1.0, 3.0, 7.0)]
-    timings.append({"part": "DDPM U-Net (class-conditional)", "steps": run.steps,
+    precision = "bf16 autocast" if run.precision == "bf16" else "float32"
+    timings.append({"part": f"DDPM U-Net (class-conditional, {precision})", "steps": run.steps,
                     "seconds": train_s})
     timings.append({"part": f"DDPM sampling ({len(labels)} images, DPM-Solver++ 25 steps, "
                             "guided: 2 U-Net passes per step)", "steps": 25,
                     "seconds": sample_s})
     rep.heading("Diffusion (DDPM)")
     rep.text(f"U-Net with {run.bundle.unet.num_parameters / 1e6:.2f} M parameters, ε-prediction, "
-             f"cosine schedule, Min-SNR-5 weighting, {run.steps} steps of batch 32; class "
+             f"cosine schedule, Min-SNR-5 weighting, {run.steps} steps of batch 32 in {precision} "
+             f"(bf16 where the CPU or GPU multiplies bf16 natively); class "
              f"labels dropped 10% of the time so one network is both conditional and "
              f"unconditional (classifier-free guidance).")
     plot_loss_curves({"loss": [(r["step"], r["loss"]) for r in run.history]},

@@ -113,6 +113,7 @@ class DiffusionRun:
     steps: int
     history: list[dict[str, float]]
     out_dir: Path
+    precision: str = "no"  # the mixed precision the run trained in ("auto" resolved)
 
 
 def train_diffusion(data: ImageDataset, *, out_dir: str | Path, train_cfg: TrainConfig,
@@ -132,11 +133,14 @@ def train_diffusion(data: ImageDataset, *, out_dir: str | Path, train_cfg: Train
         info = {"name": data.name, "class_names": list(data.class_names),
                 "image_shape": list(data.image_shape)}
         return DiffusionRun(DiffusionModelBundle(final_unet.eval(), diffusion_cfg, info),
-                            result.seconds, result.steps, result.history, out_dir)
+                            result.seconds, result.steps, result.history, out_dir,
+                            result.precision)
     save_bundle(out_dir / "model", final_unet, diffusion_cfg, data)
     bundle = load_bundle(out_dir / "model")
-    run = DiffusionRun(bundle, result.seconds, result.steps, result.history, out_dir)
+    run = DiffusionRun(bundle, result.seconds, result.steps, result.history, out_dir,
+                       result.precision)
     metrics = {"train_seconds": result.seconds, "steps": result.steps,
+               "mixed_precision": result.precision,
                "final_loss": _tail_mean(result.history, "loss"),
                "skipped_nonfinite": result.skipped_nonfinite,
                "unet_parameters": final_unet.num_parameters}
@@ -188,7 +192,9 @@ def write_diffusion_report(run: DiffusionRun, data: ImageDataset, scheduler: str
                            seed: int) -> Path:
     out = run.out_dir
     rep = Report(f"difflab — diffusion on {data.name}")
-    rep.text(f"Trained {run.steps} steps in {run.seconds:.0f} s; U-Net with "
+    precision = "bf16 autocast" if run.precision == "bf16" else \
+        ("fp16 autocast" if run.precision == "fp16" else "float32")
+    rep.text(f"Trained {run.steps} steps in {run.seconds:.0f} s ({precision}); U-Net with "
              f"{run.bundle.unet.num_parameters / 1e6:.2f} M parameters; objective "
              f"{run.bundle.diffusion.prediction_type}, schedule "
              f"{run.bundle.diffusion.beta_schedule}.")

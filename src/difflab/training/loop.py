@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from difflab.config import Config, check_choice, check_positive
 from difflab.errors import ConfigError, DifflabError
+from difflab.perf import resolve_mixed_precision
 from difflab.rng import BatchShard, ShardedGenerator
 from difflab.training.checkpoint import (
     load_training_state,
@@ -51,7 +52,9 @@ class TrainConfig(Config):
     epochs: float | None = None  # passes over the data (used when max_steps, minutes unset)
     grad_clip: float | None = 1.0  # max global gradient norm (None: no clipping)
     ema_decay: float | None = 0.999  # EMA of weights for sampling/eval (None: no EMA)
-    mixed_precision: str = "no"  # no | bf16 | fp16 (GPU); bf16 autocast also works on CPU
+    # no | bf16 | fp16 (GPU) | auto: bf16 on GPUs with bf16 and CPUs with bf16 dot products
+    # (AVX-512 BF16 / AMX), float32 elsewhere (difflab.perf.resolve_mixed_precision)
+    mixed_precision: str = "no"
     seed: int = 0  # seeds data order, noise and initialisation
     checkpoint_every: int = 0  # steps between training checkpoints (0: only at the end)
     max_nonfinite: int = 20  # consecutive non-finite losses/gradients before the run stops
@@ -67,7 +70,7 @@ class TrainConfig(Config):
         check_positive("TrainConfig", "lr", self.lr)
         check_positive("TrainConfig", "warmup_steps", self.warmup_steps, allow_zero=True)
         check_choice("TrainConfig", "lr_schedule", self.lr_schedule, ("cosine", "constant"))
-        check_choice("TrainConfig", "mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        check_choice("TrainConfig", "mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
         check_choice("TrainConfig", "compile", self.compile, COMPILE_MODES)
         for name in ("max_steps", "minutes", "epochs"):
             v = getattr(self, name)
@@ -94,9 +97,11 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)  # {"step", "loss", ...}
     skipped_nonfinite: int = 0
     is_main_process: bool = True  # False on the other processes of a multi-process run
+    precision: str = "no"  # the mixed precision it trained in: no | bf16 | fp16 ("auto" resolved)
 
 
 COMPILE_MODES = ("no", "default", "reduce-overhead", "max-autotune")
+MIXED_PRECISIONS = ("no", "bf16", "fp16", "auto")
 
 
 def _compile_networks(task: nn.Module, mode: str) -> None:
@@ -133,8 +138,9 @@ def train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Trai
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state()  # each run may ask for its own precision (process group kept)
-    acc = Accelerator(mixed_precision=cfg.mixed_precision if torch.cuda.is_available() else
-                      ("bf16" if cfg.mixed_precision == "bf16" else "no"), cpu=_multi_cpu())
+    precision = resolve_mixed_precision(cfg.mixed_precision,
+                                        "cuda" if torch.cuda.is_available() else "cpu")
+    acc = Accelerator(mixed_precision=precision, cpu=_multi_cpu())
     dev = acc.device
     world, rank = acc.num_processes, acc.process_index
     if world != _launched_processes():  # each process would train alone on the global batch
@@ -154,7 +160,7 @@ def train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Trai
     data_gen = torch.Generator().manual_seed(cfg.seed)
 
     task = task.to(dev)
-    channels_last = cfg.channels_last and not (dev.type == "cpu" and cfg.mixed_precision == "bf16")
+    channels_last = cfg.channels_last and not (dev.type == "cpu" and precision == "bf16")
     if channels_last:
         task = task.to(memory_format=torch.channels_last)
     params = [p for p in task.parameters() if p.requires_grad]
@@ -162,7 +168,7 @@ def train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Trai
     # itself (its found_inf input), and losses are read back every few steps. fp16's
     # GradScaler owns found_inf, so fp16 keeps the synchronous guard.
     lazy = (dev.type == "cuda" if cfg.lazy_guard is None else cfg.lazy_guard) and \
-        cfg.mixed_precision != "fp16"
+        precision != "fp16"
     # Fused AdamW (one kernel over all tensors; on CPU too, ~2.5× faster than the per-tensor
     # loop for the small U-Net); the lazy guard also needs it for its found_inf input.
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas),
@@ -342,7 +348,7 @@ def train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Trai
     final.eval()
     return TrainResult(model=final, raw_model=acc.unwrap_model(model).task, steps=step,
                        seconds=seconds, history=history, skipped_nonfinite=skipped,
-                       is_main_process=acc.is_main_process)
+                       is_main_process=acc.is_main_process, precision=precision)
 
 
 def _nonfinite_error(consecutive: int, step: int, out_dir: Path | None) -> DifflabError:
