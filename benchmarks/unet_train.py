@@ -28,6 +28,7 @@ from _common import machine, matmul_ceiling, median, print_table, time_fn, write
 
 from difflab.models.unet import PRESETS, UNet2DModel, UNetConfig  # noqa: E402
 from difflab.nn import Upsample  # noqa: E402
+from difflab.perf import keep_freed_memory  # noqa: E402
 
 
 def diffusers_unet(cfg: UNetConfig) -> torch.nn.Module:
@@ -102,7 +103,12 @@ def main() -> None:
                     "difflab-fold: folded upsampling on a GPU too (CPU always folds)")
     ap.add_argument("--compile-peers", default="difflab,diffusers",
                     help="peers that also run the compiled modes (compiling costs minutes)")
+    ap.add_argument("--allocator", default="keep", choices=["keep", "default"],
+                    help="keep: glibc keeps freed activation buffers, as `difflab train` sets "
+                    "it (difflab.perf.keep_freed_memory; process-wide, so for every peer)")
     args = ap.parse_args()
+    if args.allocator == "keep" and not keep_freed_memory():
+        args.allocator = "default (keep needs glibc)"
     device = torch.device(args.device)
     cfg = UNetConfig(**PRESETS[args.preset])
     if args.device == "cpu" and args.preset == "small":
@@ -152,12 +158,14 @@ def main() -> None:
     ref = results.get("bf16/diffusers")  # diffusers' training recipe: bf16 autocast, eager
     for r in rows:
         r["vs diffusers bf16"] = r["img/s"] / ref["img/s"] if ref else None
-    print(f"preset {args.preset}, batch {args.batch}, device {device}, "
+    print(f"preset {args.preset}, batch {args.batch}, device {device}, allocator "
+          f"{args.allocator}, "
           f"{flops / args.batch / 1e9:.2f} GFLOP per image per training step; matmul ceiling "
           f"fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s")
     print_table(rows)
     path = write_json("unet_train", {"machine": machine(), "preset": args.preset,
                                      "batch": args.batch, "flops_per_step": flops,
+                                     "allocator": args.allocator,
                                      "peak_flops": peak, "rows": rows})
     print(f"wrote {path}")
 
