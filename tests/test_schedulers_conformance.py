@@ -243,3 +243,49 @@ def test_dpm_solver_survives_a_grid_with_repeated_timesteps() -> None:
     assert torch.isfinite(x).all()
     mean_err, std_err = (x.mean(0) - MU).abs().max(), (x.std(0) - S).abs().max()
     assert mean_err < 0.02 and std_err < 0.03
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("steps", [10, 100])
+def test_clipped_euler_is_ddim_with_the_clipped_model_output(spacing: str, steps: int) -> None:
+    """With x̂₀ clipped, Euler's derivative (x̃ − clip(x̂₀))/σ is the ε re-derived from the
+    clipped x̂₀, so clipped Euler is DDIM with ``clip_sample`` and ``use_clipped_model_output``
+    — for any ε̂, on the leading grid and on the trailing one that starts where ᾱ ≈ 0."""
+    common = dict(beta_schedule="squaredcos_cap_v2", timestep_spacing=spacing, clip_sample=True,
+                  clip_sample_range=1.0)
+    ddim, euler = get_scheduler("ddim", **common), get_scheduler("euler", **common)
+
+    def eps_hat(x: torch.Tensor, t) -> torch.Tensor:  # pushes x̂₀ outside [−1, 1] often
+        return torch.tanh(1.5 * x) + 0.3 * torch.sin(x * float(t) / 250.0)
+
+    x_T = standard_noise((64, 4), seed=4)
+    a = run_sampler(ddim, eps_hat, x_T, steps, use_clipped_model_output=True)
+    b = run_sampler(euler, eps_hat, x_T, steps)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    unclipped = run_sampler(get_scheduler("euler", **{**common, "clip_sample": False}), eps_hat,
+                            x_T, steps)
+    assert (unclipped - b).abs().max() > 0.1  # the clip did something here
+
+
+@pytest.mark.parametrize("name", ["euler", "euler_a", "lms", "heun"])
+def test_sigma_samplers_clip_x0_when_asked(name: str) -> None:
+    """Every σ-space sampler keeps x̂₀ in ±clip_sample_range when ``clip_sample`` is on (and
+    only then), and its samples then stay in the range too for a model that overshoots."""
+    def overshooting(x: torch.Tensor, t) -> torch.Tensor:  # ε̂ = −3x: x̂₀ far outside [−1, 1]
+        return -3.0 * x
+
+    for clip in (False, True):
+        sched = get_scheduler(name, beta_schedule="squaredcos_cap_v2", clip_sample=clip,
+                              clip_sample_range=0.5)
+        sched.set_timesteps(8)
+        x = standard_noise((256, 2), seed=1) * sched.init_noise_sigma
+        x0_max = 0.0
+        for t in sched.timesteps:
+            out = sched.step(overshooting(sched.scale_model_input(x, t), t), t, x,
+                             generator=torch.Generator().manual_seed(0))
+            x, x0_max = out.prev_sample, max(x0_max, float(out.pred_original_sample.abs().max()))
+        if clip:
+            assert x0_max <= 0.5 + 1e-12
+            assert float(x.abs().max()) <= 0.5 + 1e-6 or name == "euler_a"
+        else:
+            assert x0_max > 0.5

@@ -255,19 +255,24 @@ def test_add_noise_parity_training_timesteps(name: str) -> None:
 
 @pytest.mark.parametrize("name", ORACLES)
 def test_config_keys_and_files_interchange(name: str, tmp_path: Any) -> None:
-    """Same config keys as diffusers; each library loads the other's scheduler_config.json."""
+    """Same config keys as diffusers (plus difflab's declared extensions, which diffusers'
+    loader ignores); each library loads the other's scheduler_config.json."""
     ours, ref = SCHEDULERS[name](prediction_type="v_prediction"), ORACLES[name]()
     ref_keys = {k for k in ref.config if not k.startswith("_")}
-    assert set(ours.config) <= ref_keys
-    assert ref_keys - set(ours.config) == set(type(ours).unsupported)
+    extensions = type(ours).extensions
+    assert not extensions & ref_keys  # an extension diffusers has would need parity instead
+    shared = set(ours.config) - extensions
+    assert shared <= ref_keys
+    assert ref_keys - shared == set(type(ours).unsupported)
 
     ours.save_config(tmp_path / "ours")
     loaded_ref = ORACLES[name].from_pretrained(tmp_path / "ours")
-    assert {k: loaded_ref.config[k] for k in ours.config} == ours.config
+    assert {k: loaded_ref.config[k] for k in shared} == {k: ours.config[k] for k in shared}
 
     ref.save_config(tmp_path / "ref")
     loaded = type(ours).from_pretrained(tmp_path / "ref")
-    assert loaded.config == {k: ref.config[k] for k in ours.config}
+    assert {k: loaded.config[k] for k in shared} == {k: ref.config[k] for k in shared}
+    assert all(loaded.config[k] == getattr(type(ours).config_class(), k) for k in extensions)
 
 
 def test_lambda_min_clipped_starts_the_grid_where_lambda_allows():

@@ -86,6 +86,8 @@ class Scheduler:
     # diffusers keys that difflab does not implement: accepted (so diffusers' config files load)
     # only at these default values; any other value is a ConfigError, never silently ignored.
     unsupported: ClassVar[dict[str, Any]] = {}
+    # difflab keys that diffusers' class of the same name lacks (its loader ignores them)
+    extensions: ClassVar[frozenset[str]] = frozenset()
     order: ClassVar[int] = 1  # model evaluations per step (Heun: 2)
     init_noise_sigma: float = 1.0  # std of the initial x_T
 

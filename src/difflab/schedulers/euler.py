@@ -49,7 +49,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
         sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
         x = sample.to(self._compute_dtype(sample))
 
-        x0 = self._pred_x0(model_output, x, sigma)
+        x0 = self._clip_x0(self._pred_x0(model_output, x, sigma))
         d = (x - x0) / sigma
         prev_sample = (x + d * (sigma_next - sigma)).to(model_output.dtype)
 

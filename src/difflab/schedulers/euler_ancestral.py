@@ -40,7 +40,7 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
         sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
         x = sample.to(self._compute_dtype(sample))
 
-        x0 = self._pred_x0(model_output, x, sigma)
+        x0 = self._clip_x0(self._pred_x0(model_output, x, sigma))
         sigma_up = math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
         sigma_down = sigma_next**2 / sigma  # = √(σ_{i+1}² − σ_up²), without cancellation
         d = (x - x0) / sigma

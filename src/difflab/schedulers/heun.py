@@ -28,14 +28,13 @@ class HeunConfig(SigmaSchedulerConfig):
     beta_start: float = 0.00085  # diffusers' defaults for Heun (Stable Diffusion's range)
     beta_end: float = 0.012
     use_karras_sigmas: bool = False  # EDM's ρ = 7 σ grid instead of the timestep grid
-    clip_sample: bool = False  # clip x̂₀ to ±clip_sample_range
-    clip_sample_range: float = 1.0
 
 
 class HeunDiscreteScheduler(SigmaScheduler):
     """Deterministic Heun sampler, two ``step`` calls (model evaluations) per σ step."""
 
     config_class = HeunConfig
+    extensions = frozenset()  # diffusers' Heun has clip_sample too
     unsupported = {"use_exponential_sigmas": False, "use_beta_sigmas": False}
     order = 2
     cfg: HeunConfig

@@ -61,7 +61,7 @@ class LMSDiscreteScheduler(SigmaScheduler):
         """One multistep update σ_i → σ_{i+1}. ``model_output, sample: (B, C, H, W)``."""
         i = self._begin_step(timestep)
         sigma = float(self.sigmas[i])
-        x0 = self._pred_x0(model_output, sample, sigma)
+        x0 = self._clip_x0(self._pred_x0(model_output, sample, sigma))
         self.derivatives.append((sample - x0) / sigma)
         del self.derivatives[:-order]
 

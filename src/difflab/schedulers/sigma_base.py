@@ -39,12 +39,18 @@ ZERO_SNR_ALPHA_BAR_FLOOR = 2.0**-24
 @dataclass(kw_only=True)
 class SigmaSchedulerConfig(SchedulerConfig):
     timestep_spacing: str = "linspace"  # diffusers' default for σ-space samplers
+    # Clip x̂₀ to ±clip_sample_range before the derivative d = (x̃ − x̂₀)/σ is formed (diffusers
+    # has this for Heun only; difflab for every σ-space sampler). Pixel-space models use it
+    # with the trailing grid, whose first step from ᾱ ≈ 0 would otherwise blow ε̂'s error up.
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
 
 
 class SigmaScheduler(Scheduler):
     """Base class: σ tables, input scaling, VE ``add_noise`` and x̂₀ in σ-space."""
 
     config_class = SigmaSchedulerConfig
+    extensions = frozenset({"clip_sample", "clip_sample_range"})  # diffusers: Heun only
 
     def __init__(self, **config: Any) -> None:
         super().__init__(**config)
