@@ -171,7 +171,13 @@ def test_latent_diffusion_needs_a_known_prompt_and_is_seeded(pg):
     e = pg.diffusion["ldm"]
     a = cb.sample(e, scheduler="dpm++", steps=2, n=2, seed=0, prompt="a seven", guidance=3.0)
     b = cb.sample(e, scheduler="dpm++", steps=2, n=2, seed=0, prompt="a seven", guidance=3.0)
-    assert np.array_equal(a.grid, b.grid) and a.trajectory is None and a.frames == []
+    assert np.array_equal(a.grid, b.grid) and np.array_equal(a.trajectory, b.trajectory)
+    # the trajectory figure as for pixel models: 4 rows (x_t, noise, x̂₀, x_{t−1}) × 2 steps
+    side = e.model.unet.config.sample_size * e.model.vae_scale_factor
+    scale = max(1, 64 // side)
+    assert a.trajectory.shape[:2] == (4 * (side + 2) * scale + 2 * scale,
+                                      2 * (side + 2) * scale + 2 * scale)
+    assert len(a.frames) == 2 and a.trajectory.std() > 5
     c = cb.sample(e, scheduler="euler", steps=2, n=2, seed=0, prompt="a seven", guidance=3.0)
     assert not np.array_equal(a.grid, c.grid)  # the sampler really changed
     with pytest.raises(ConfigError, match="prompt"):

@@ -180,3 +180,23 @@ def test_same_seed_same_images_and_checks(pipes):
         ours(PROMPTS, num_inference_steps=1, negative_prompt=["x"])
     with pytest.raises(ValueError, match="strength"):
         ours.img2img(PROMPTS, torch.rand(2, 3, 16, 16), strength=0.0)
+
+
+def test_trajectory_records_every_step_and_ends_at_the_image(pipes):
+    """``trajectory=[]`` collects each step's latents without changing the images: the first
+    input is the scaled start noise, each output is the next input, the last one decodes to
+    the returned images, and x̂₀ is what the scheduler implied from the (guided) noise."""
+    _, ours = pipes
+    plain = difflab_images(ours, "ddim", seed=3)
+    traj: list = []
+    images = difflab_images(ours, "ddim", seed=3, trajectory=traj)
+    assert torch.equal(images, plain) and len(traj) == 4
+    start = ours._randn(tuple(traj[0].x_t.shape), torch.Generator().manual_seed(3))
+    torch.testing.assert_close(traj[0].x_t, start * ours.scheduler.init_noise_sigma)
+    for a, b in zip(traj, traj[1:]):
+        assert torch.equal(a.prev_sample, b.x_t) and a.t > b.t
+    torch.testing.assert_close(ours.decode(traj[-1].prev_sample), images)
+    s, ab = traj[1], float(ours.scheduler.alphas_cumprod[traj[1].t])
+    x0 = (s.x_t - (1 - ab) ** 0.5 * s.model_output) / ab**0.5  # DDIM's x̂₀ from ε̂
+    torch.testing.assert_close(s.pred_x0, x0.clamp(-1, 1) if ours.scheduler.config.get(
+        "clip_sample") else x0, rtol=1e-4, atol=1e-4)

@@ -248,10 +248,41 @@ def _sample_ldm(entry: DiffusionEntry, scheduler: str, steps: int, seed: int, gu
     check_prompt(prompt, entry.captioner, pipe)  # words the model never saw, too many tokens
     pipe.scheduler = _ldm_scheduler(pipe, scheduler)  # safe: the app runs one request at a time
     g = torch.Generator().manual_seed(seed)
+    h = pipe.unet.config.sample_size
+    traj: list | None = [] if h * h <= MAX_LDM_TRAJECTORY_LATENT**2 else None
     images = pipe([prompt] * n, num_inference_steps=steps, guidance_scale=max(guidance, 1.0),
-                  generator=g, progress=progress)
+                  generator=g, progress=progress, trajectory=traj)
     grid = make_grid(images * 2 - 1, min(n, 8), scale=_scale(images.shape[-1], 84))
-    return DiffusionResult(grid, None, [])
+    if not traj:  # a large model (SD): decoding every step would take minutes on a CPU
+        return DiffusionResult(grid, None, [])
+    from difflab.runs.diffusion import trajectory_figure
+
+    shown = decoded_trajectory(pipe, traj)
+    return DiffusionResult(grid, trajectory_figure(shown), trajectory_frames(shown))
+
+
+MAX_LDM_TRAJECTORY_LATENT = 32  # latent side up to which the app decodes the trajectory
+
+
+def decoded_trajectory(pipe, traj: list, n_show: int = 8, max_steps: int = 50) -> list:
+    """A latent trajectory in pixels, for the same figure and animation as pixel models: at
+    most ``max_steps`` evenly spaced steps, the first ``n_show`` samples; x_t, x̂₀ and x_{t−1}
+    go through the VAE decoder, the predicted latent noise is shown as its first channels
+    (enlarged to the image size), since decoding noise means nothing."""
+    from difflab.pipelines.image import TrajectoryStep
+
+    idx = torch.linspace(0, len(traj) - 1, min(max_steps, len(traj))).round().long().tolist()
+    out = []
+    for i in idx:
+        s = traj[i]
+        lat = torch.cat([s.x_t[:n_show], s.pred_x0[:n_show], s.prev_sample[:n_show]])
+        x_t, x0, prev = (pipe.decode(lat.to(pipe.device, pipe.dtype)) * 2 - 1).chunk(3)
+        noise = s.model_output[:n_show]
+        c = x_t.shape[1]
+        noise = noise[:, :c] if noise.shape[1] >= c else noise[:, :1].expand(-1, c, -1, -1)
+        noise = torch.nn.functional.interpolate(noise, size=x_t.shape[-2:], mode="nearest")
+        out.append(TrajectoryStep(s.t, x_t, noise, x0, prev))
+    return out
 
 
 # ------------------------------------------------------------------------ Schedules tab

@@ -22,6 +22,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from difflab.pipelines.image import TrajectoryStep
+
 
 class TextToImage:
     """tokenizer + text_encoder + unet + vae + scheduler. See the module docstring."""
@@ -85,9 +87,11 @@ class TextToImage:
     @torch.inference_mode()
     def denoise(self, latents: Tensor, timesteps: Tensor, context: Tensor,
                 guidance_scale: float, generator: torch.Generator | None = None,
-                progress: bool = False) -> Tensor:
+                progress: bool = False, trajectory: list | None = None) -> Tensor:
         """Run the scheduler from ``latents`` over ``timesteps``; ``context`` is [∅; c] when
-        ``guidance_scale > 1`` (classifier-free guidance), else c."""
+        ``guidance_scale > 1`` (classifier-free guidance), else c. With a ``trajectory`` list,
+        each step appends a :class:`~difflab.pipelines.image.TrajectoryStep` of latents
+        (float32, CPU): the input, the (guided) predicted noise, x̂₀ and the output."""
         guided = guidance_scale > 1.0
         for t in tqdm(timesteps, desc="denoising", disable=not progress, leave=False):
             inp = torch.cat([latents, latents]) if guided else latents
@@ -96,7 +100,11 @@ class TextToImage:
             if guided:
                 eps_uncond, eps_cond = eps.chunk(2)
                 eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-            latents = self.scheduler.step(eps, t, latents, generator=generator).prev_sample
+            res = self.scheduler.step(eps, t, latents, generator=generator)
+            if trajectory is not None:
+                trajectory.append(TrajectoryStep(int(t), *(v.float().cpu() for v in (
+                    latents, eps, res.pred_original_sample, res.prev_sample))))
+            latents = res.prev_sample
         return latents
 
     @torch.inference_mode()
@@ -110,12 +118,13 @@ class TextToImage:
                  guidance_scale: float = 7.5, negative_prompt: str | list[str] | None = None,
                  height: int | None = None, width: int | None = None,
                  generator: torch.Generator | None = None, progress: bool = False,
-                 latents: Tensor | None = None) -> Tensor:
+                 latents: Tensor | None = None, trajectory: list | None = None) -> Tensor:
         """Images ``(B, 3, H, W)`` in [0, 1] (float32, CPU) for ``prompts``.
 
         ``height``/``width`` default to the U-Net's training size (SD v1: 512) and must be
         multiples of 8. ``latents`` (B, 4, H/8, W/8) replaces the initial noise (before the
-        ``init_noise_sigma`` scaling), e.g. to reuse a starting point.
+        ``init_noise_sigma`` scaling), e.g. to reuse a starting point. A ``trajectory`` list
+        receives every step's latents (see :meth:`denoise`; :meth:`decode` shows them).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         f = self.vae_scale_factor
@@ -133,7 +142,7 @@ class TextToImage:
             raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {shape}")
         latents = latents.to(self.device, self.dtype) * self.scheduler.init_noise_sigma
         latents = self.denoise(latents, self.scheduler.timesteps, context, guidance_scale,
-                               generator, progress)
+                               generator, progress, trajectory)
         return self.decode(latents)
 
     @torch.inference_mode()
