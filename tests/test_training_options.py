@@ -128,3 +128,15 @@ def test_auto_precision_trains_in_what_the_cpu_supports(monkeypatch, has_bf16):
         assert res.precision == ("bf16" if has_bf16 else "no")
         losses[mp] = [h["loss"] for h in res.history]
     assert losses["auto"] == losses["bf16" if has_bf16 else "no"]
+
+
+def test_fp16_on_a_cpu_says_it_trains_in_float32():
+    if torch.cuda.is_available():
+        pytest.skip("fp16 autocast runs on a GPU")
+    digits = load_dataset("digits")
+    torch.manual_seed(0)
+    task = DiffusionObjective(UNet2DModel(UNetConfig(**TINY)), DiffusionConfig())
+    cfg = TrainConfig(batch_size=8, max_steps=1, mixed_precision="fp16", progress=False)
+    with pytest.warns(UserWarning, match="fp16 autocast needs a CUDA GPU"):
+        res = train(task, digits.images[:16], digits.labels[:16], cfg)
+    assert res.precision == "no"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +141,9 @@ def train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Trai
     AcceleratorState._reset_state()  # each run may ask for its own precision (process group kept)
     precision = resolve_mixed_precision(cfg.mixed_precision,
                                         "cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.mixed_precision == "fp16" and precision == "no":
+        warnings.warn("fp16 autocast needs a CUDA GPU: training in float32 (bf16 autocast "
+                      "works on CPUs)", stacklevel=2)
     acc = Accelerator(mixed_precision=precision, cpu=_multi_cpu())
     dev = acc.device
     world, rank = acc.num_processes, acc.process_index
