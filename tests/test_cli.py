@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from difflab.cli import main
 
@@ -54,6 +55,9 @@ def test_dry_run_prints_config_and_trains_nothing(tmp_path, capsys):
                "--dry-run") == 0
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["train"]["max_steps"] == 3 and not (tmp_path / "r").exists()
+    assert cfg["train"]["mixed_precision"] == "auto"  # the recipe: bf16 where it pays
+    assert run("train", "ddpm", "--data", "digits", "--mixed-precision", "no", "--dry-run") == 0
+    assert json.loads(capsys.readouterr().out)["train"]["mixed_precision"] == "no"
 
 
 def test_train_then_sample(tmp_path, capsys):
@@ -63,6 +67,10 @@ def test_train_then_sample(tmp_path, capsys):
     for f in ("model/config.json", "model/model.safetensors", "model/scheduler_config.json",
               "report.html", "samples.png", "metrics.json", "checkpoint/state.json"):
         assert (out / f).is_file(), f
+    from difflab.perf import resolve_mixed_precision
+
+    ran = json.loads((out / "metrics.json").read_text())["mixed_precision"]
+    assert ran == resolve_mixed_precision("auto", "cuda" if torch.cuda.is_available() else "cpu")
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     for p in (a, b):
         assert run("sample", "--ckpt", str(out), "--scheduler", "ddim", "--steps", "3", "--n",
