@@ -89,9 +89,19 @@ def test_lazy_guard_stops_after_too_many_nonfinite():
         _flaky_run(set(range(1, 200)), 100, max_nonfinite=3)
 
 
-def test_cpu_bf16_trains_nchw_and_follows_fp32():
-    """Under CPU bf16 the loop keeps the model NCHW (channels_last bf16 GroupNorm is slow on
-    CPU) and the run follows the fp32 one: same data, same seed, close losses."""
+@pytest.mark.parametrize("kernel", [True, False])
+def test_cpu_bf16_layout_follows_the_group_norm_kernel_and_fp32(monkeypatch, kernel):
+    """Under CPU bf16 the loop trains channels-last when difflab's GroupNorm kernel is there,
+    NCHW when it is not (PyTorch's channels-last bf16 GroupNorm is slow on CPU), and either
+    run follows the fp32 one: same data, same seed, close losses."""
+    import difflab.nn.fused as fused
+    import difflab.training.loop as loop
+
+    if kernel and not fused.fused_group_norm_available():
+        pytest.skip(f"no C++ toolchain here: {fused._state.get('reason')}")
+    monkeypatch.setattr(loop, "fused_group_norm_available", lambda: kernel)
+    if not kernel:
+        monkeypatch.setitem(fused._state, "module", None)
     digits = load_dataset("digits")
     runs = {}
     for mp in ("no", "bf16"):
@@ -103,7 +113,8 @@ def test_cpu_bf16_trains_nchw_and_follows_fp32():
     w32 = runs["no"].raw_model.unet.down_blocks[0].resnets[0].conv1.weight
     w16 = runs["bf16"].raw_model.unet.down_blocks[0].resnets[0].conv1.weight
     assert w32.is_contiguous(memory_format=torch.channels_last) and not w32.is_contiguous()
-    assert w16.is_contiguous() and w16.dtype == torch.float32  # fp32 master weights
+    assert w16.is_contiguous(memory_format=torch.channels_last) is kernel
+    assert w16.dtype == torch.float32  # fp32 master weights
     tail = {mp: sum(h["loss"] for h in r.history[-20:]) / 20 for mp, r in runs.items()}
     first = runs["no"].history[0]["loss"]
     assert tail["no"] < 0.7 * first and tail["bf16"] < 0.7 * first  # both learn

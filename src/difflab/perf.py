@@ -29,23 +29,27 @@ def keep_freed_memory() -> bool:
     return mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1 and ok
 
 
-def cpu_has_bf16_dot_products(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX): only there does bf16
-    autocast pay on CPU (oneDNN emulates it elsewhere, slower than float32). Reads the Linux
-    ``/proc/cpuinfo`` flags (or the given text); False where they cannot be read."""
+def cpu_flags(cpuinfo: str | None = None) -> list[str]:
+    """The CPU's feature flags from Linux's ``/proc/cpuinfo`` (or the given text), in their
+    listed order; empty where they cannot be read."""
     if cpuinfo is None:
         try:
             with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
                 cpuinfo = f.read()
         except OSError:
-            return False
-    flags: set[str] = set()
+            return []
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
         if key.strip() == "flags":
-            flags.update(value.split())
-            break  # every core lists the same flags
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+            return value.split()  # every core lists the same flags
+    return []
+
+
+def cpu_has_bf16_dot_products(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX): only there does bf16
+    autocast pay on CPU (oneDNN emulates it elsewhere, slower than float32). Reads the Linux
+    ``/proc/cpuinfo`` flags (or the given text); False where they cannot be read."""
+    return bool(set(cpu_flags(cpuinfo)) & {"avx512_bf16", "amx_bf16"})
 
 
 def resolve_mixed_precision(requested: str, device_type: str) -> str:

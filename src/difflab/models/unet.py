@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from difflab.config import Config, check_positive
@@ -29,6 +28,7 @@ from difflab.nn import (
     Upsample,
     timestep_embedding,
 )
+from difflab.nn.fused import group_norm_silu
 
 
 @dataclass(kw_only=True)
@@ -206,7 +206,7 @@ class UNet2DModel(ModelMixin):
             if hasattr(block, "upsamplers"):
                 h = block.upsamplers[0](h, size=skips[-1].shape[-2:])
 
-        return UNetOutput(self.conv_out(F.silu(self.conv_norm_out(h))))
+        return UNetOutput(self.conv_out(group_norm_silu(self.conv_norm_out, h)))
 
 
 def unet_from_preset(name: str, **overrides: object) -> UNet2DModel:

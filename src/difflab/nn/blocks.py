@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from difflab.nn.fused import group_norm_silu
+
 
 class ResnetBlock(nn.Module):
     """GroupNorm → SiLU → conv → (+ time embedding) → GroupNorm → SiLU → dropout → conv, + skip.
@@ -35,20 +37,15 @@ class ResnetBlock(nn.Module):
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         # The adds go into the fresh conv outputs (a convolution's backward does not read its
         # output): no new activation buffers, ~5% faster fp32 training steps on CPU.
-        h = self.conv1(_silu(self.norm1(x)))
+        h = self.conv1(group_norm_silu(self.norm1, x))
         if self.time_emb_proj is not None and temb is not None:
             h = _add_into(h, self.time_emb_proj(F.silu(temb))[:, :, None, None])
-        h = self.conv2(self.dropout(_silu(self.norm2(h))))
+        h = self.conv2(self.dropout(group_norm_silu(self.norm2, h)))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         out = _add_into(h, skip)
         if self.output_scale_factor != 1.0:
             out = out / self.output_scale_factor
         return out
-
-
-def _silu(fresh: torch.Tensor) -> torch.Tensor:
-    """SiLU of a fresh buffer, in place when no gradient will be asked of it (sampling)."""
-    return F.silu(fresh, inplace=not fresh.requires_grad)
 
 
 def _add_into(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -86,7 +83,7 @@ class SelfAttention(nn.Module):
         # on a channels_last map read the tokens in place. Same weights, same names.
         wqkv = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])[:, :, None, None]
         bqkv = torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias])
-        qkv = F.conv2d(self.group_norm(x), wqkv, bqkv)  # (B, 3C, H, W)
+        qkv = F.conv2d(group_norm_silu(self.group_norm, x, silu=False), wqkv, bqkv)  # (B, 3C, H, W)
         qkv = qkv.contiguous(memory_format=torch.channels_last)  # tokens with unit-stride rows
         q, k, v = qkv.flatten(2).transpose(1, 2).unflatten(-1, (3, self.heads, -1)) \
             .permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, HW, d)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from difflab.nn.fused import group_norm_silu
+
 
 class Attention(nn.Module):
     """Multi-head attention of x (B, N, C) over ``context`` (B, M, D), or over x itself.
@@ -129,7 +131,7 @@ class Transformer2D(nn.Module):
 
     def forward(self, h: Tensor, context: Tensor) -> Tensor:
         b, c, height, width = h.shape
-        x = self.norm(h)
+        x = group_norm_silu(self.norm, h, silu=False)
         if not self.use_linear_projection:
             x = self.proj_in(x)
         x = x.permute(0, 2, 3, 1).reshape(b, height * width, c)  # (B, HW, C)

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from difflab.config import Config, check_choice, check_positive
 from difflab.errors import ConfigError, DifflabError
+from difflab.nn.fused import fused_group_norm_available
 from difflab.perf import resolve_mixed_precision
 from difflab.rng import BatchShard, ShardedGenerator
 from difflab.training.checkpoint import (
@@ -59,8 +60,8 @@ class TrainConfig(Config):
     seed: int = 0  # seeds data order, noise and initialisation
     checkpoint_every: int = 0  # steps between training checkpoints (0: only at the end)
     max_nonfinite: int = 20  # consecutive non-finite losses/gradients before the run stops
-    # NHWC memory format: faster convolutions on CPU and GPU. Not applied on CPU under bf16,
-    # where PyTorch's channels_last bf16 GroupNorm is ~7× slower than NCHW (benchmarks/RESULTS.md)
+    # NHWC memory format: faster convolutions on CPU and GPU. On CPU under bf16 only with
+    # difflab's channels-last GroupNorm kernel (difflab.nn.fused; else NCHW, benchmarks/RESULTS.md)
     channels_last: bool = True
     compile: str = "no"  # no | default | reduce-overhead | max-autotune: torch.compile the nets
     lazy_guard: bool | None = None  # non-finite guard without a host sync per step (None: on GPU)
@@ -164,7 +165,10 @@ def train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Trai
     data_gen = torch.Generator().manual_seed(cfg.seed)
 
     task = task.to(dev)
-    channels_last = cfg.channels_last and not (dev.type == "cpu" and precision == "bf16")
+    # CPU bf16 stays NCHW unless difflab's channels-last GroupNorm kernel is there: PyTorch's
+    # own is ~20× slower on channels-last bf16 tensors than on NCHW ones (difflab.nn.fused)
+    channels_last = cfg.channels_last and not (
+        dev.type == "cpu" and precision == "bf16" and not fused_group_norm_available())
     if channels_last:
         task = task.to(memory_format=torch.channels_last)
     params = [p for p in task.parameters() if p.requires_grad]

@@ -1,0 +1,105 @@
+"""difflab.nn.fused: the channels-last GroupNorm (+ SiLU) kernel against float64 PyTorch, its
+fallback, and the blocks that use it."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from difflab.nn import fused
+from difflab.nn.fused import _GroupNormSiLU, group_norm_silu
+
+needs_kernel = pytest.mark.skipif(not fused.fused_group_norm_available(),
+                                  reason=f"no C++ toolchain: {fused._state.get('reason')}")
+
+
+def reference(x, w, b, groups, eps, silu):
+    y = F.group_norm(x.double(), groups, w.double(), b.double(), eps)
+    return F.silu(y) if silu else y
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.bfloat16, 1.2e-2)])
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("shape, groups", [((3, 16, 5, 7), 4), ((2, 64, 8, 8), 32),
+                                           ((4, 6, 3, 2), 3)])
+def test_kernel_matches_float64_values_and_gradients(dtype, tol, silu, shape, groups):
+    g = torch.Generator().manual_seed(0)
+    x64 = torch.randn(*shape, generator=g, dtype=torch.float64) * 2 + 0.7
+    w = torch.randn(shape[1], generator=g) * 0.5 + 1
+    b = torch.randn(shape[1], generator=g)
+    dy = torch.randn(*shape, generator=g, dtype=torch.float64)
+    x = x64.to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+    wq, bq = w.clone().requires_grad_(), b.clone().requires_grad_()
+    y = _GroupNormSiLU.apply(x, wq, bq, groups, 1e-5, silu)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    dx, dw, db = torch.autograd.grad(y, (x, wq, bq), dy.to(dtype))
+
+    xr = x.detach().double().requires_grad_()  # the same (rounded) input, in float64
+    wr, br = w.double().requires_grad_(), b.double().requires_grad_()
+    yr = reference(xr, wr, br, groups, 1e-5, silu)
+    ref = torch.autograd.grad(yr, (xr, wr, br), dy)
+    for got, want in zip((y, dx, dw, db), (yr, *ref)):
+        err = (got.double() - want).abs().max() / want.abs().max()
+        assert err < tol
+
+
+@needs_kernel
+def test_blocks_use_the_kernel_for_channels_last_bf16_and_agree_with_nchw():
+    norm = nn.GroupNorm(4, 16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 16, 6, 6).bfloat16()
+    xr = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = group_norm_silu(norm, xr)
+    assert "GroupNormSiLU" in type(y.grad_fn).__name__ and y.dtype == torch.bfloat16
+    nchw = group_norm_silu(norm, x.requires_grad_())  # PyTorch's ops
+    assert "GroupNormSiLU" not in type(nchw.grad_fn).__name__
+    torch.testing.assert_close(y.float(), nchw.float(), rtol=2e-2, atol=2e-2)
+    plain = group_norm_silu(norm, xr, silu=False)
+    torch.testing.assert_close(plain.float(), norm(x).float(), rtol=2e-2, atol=2e-2)
+    x32 = x.float().contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert "GroupNormSiLU" not in type(group_norm_silu(norm, x32).grad_fn).__name__  # fp32
+    a = group_norm_silu(norm, xr.detach())
+    assert torch.equal(a, group_norm_silu(norm, xr.detach()))  # deterministic
+
+
+@needs_kernel
+def test_unet_gives_the_same_output_and_gradients_in_both_layouts_under_bf16():
+    from difflab.models.unet import UNet2DModel, UNetConfig
+
+    torch.manual_seed(0)
+    cfg = UNetConfig(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
+                     layers_per_block=1, attention_levels=(False, True), norm_num_groups=4,
+                     attention_head_dim=8)
+    unet = UNet2DModel(cfg)
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([1, 500, 999])
+    outs, grads = [], []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        unet = unet.to(memory_format=layout)
+        unet.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = unet(x.contiguous(memory_format=layout), t).sample
+        out.float().square().mean().backward()
+        outs.append(out.float())
+        grads.append(unet.conv_in.weight.grad.clone())
+    torch.testing.assert_close(outs[1], outs[0], rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(grads[1], grads[0], rtol=5e-2, atol=5e-3)
+
+
+def test_without_the_kernel_everything_falls_back():
+    code = ("import torch; from torch import nn; from difflab.nn import fused;"
+            "n = nn.GroupNorm(2, 4); x = torch.randn(1, 4, 3, 3).contiguous("
+            "memory_format=torch.channels_last);"
+            "y = fused.group_norm_silu(n, x);"
+            "print(fused.fused_group_norm_available(),"
+            " bool(torch.allclose(y, torch.nn.functional.silu(n(x)))))")
+    env = {**os.environ, "DIFFLAB_NO_CPP_EXTENSION": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["False", "True"]
