@@ -19,6 +19,9 @@ def test_demo_writes_the_full_report(tmp_path):
     assert any("VAE" in p for p in parts) and any("DDPM" in p for p in parts)
     for sub in ("ae", "vae", "ddpm/model"):
         assert (out / sub / "model.safetensors").is_file()
+    for png in ("ddpm_samples.png", "ddpm_trajectory.png", "vae_latent.png"):
+        assert (out / png).stat().st_size > 1000, png
+    assert "guidance scale 2" in html and "g = 0, 1, 2, 3, 7" in html
 
 
 def test_demo_dry_run(capsys):

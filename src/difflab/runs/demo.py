@@ -30,7 +30,7 @@ from difflab.runs.autoencoders import (
 from difflab.runs.diffusion import sample_images, train_diffusion, trajectory_figure
 from difflab.training import TrainConfig, train
 from difflab.training.objectives import DiffusionConfig
-from difflab.viz import Report, make_grid, plot_latent_scatter, plot_loss_curves
+from difflab.viz import Report, make_grid, plot_latent_scatter, plot_loss_curves, save_image
 
 
 @dataclass(kw_only=True)
@@ -51,6 +51,9 @@ def _fit(model: torch.nn.Module, data: ImageDataset, minutes: float, cfg: DemoCo
     tcfg = TrainConfig(minutes=minutes, seed=cfg.seed, progress=cfg.progress,
                        channels_last=False, **train_kw)
     return train(model, data.images, data.labels, tcfg, desc=desc)
+
+
+SWEEP = (0.0, 1.0, 2.0, 3.0, 7.0)  # guidance scales of the report's sweep
 
 
 def run_demo(cfg: DemoConfig) -> Path:
@@ -155,7 +158,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     sample_s = time.perf_counter() - t0
     sweep = [sample_images(run.bundle, k, scheduler="dpm++", steps=25, seed=cfg.seed + 1,
                            class_labels=torch.arange(k), guidance_scale=gs).images
-             for gs in (0.0, 1.0, 3.0, 7.0)]
+             for gs in SWEEP]
     precision = "bf16 autocast" if run.precision == "bf16" else "float32"
     timings.append({"part": f"DDPM U-Net (class-conditional, {precision})", "steps": run.steps,
                     "seconds": train_s})
@@ -171,12 +174,14 @@ def run_demo(cfg: DemoConfig) -> Path:
     plot_loss_curves({"loss": [(r["step"], r["loss"]) for r in run.history]},
                      out / "ddpm_loss.png", title="DDPM training loss")
     rep.image(out / "ddpm_loss.png", "training loss")
-    rep.image(make_grid(res.images * 2 - 1, k, scale=max(1, 56 // h)),
+    rep.image(save_image(make_grid(res.images * 2 - 1, k, scale=max(1, 56 // h)),
+                         out / "ddpm_samples.png"),
               f"DDPM samples, one class per column ({', '.join(data.class_names)}), "
               f"guidance scale {cfg.guidance:g}")
     rep.image(make_grid(torch.cat(sweep) * 2 - 1, k, scale=max(1, 40 // h)),
-              "Guidance sweep, same noise: rows g = 0 (unconditional), 1 (conditional), 3, 7")
-    rep.image(trajectory_figure(res.trajectory),
+              "Guidance sweep, same noise: rows g = " + ", ".join(f"{g:g}" for g in SWEEP) +
+              " (0: unconditional, 1: conditional)")
+    rep.image(save_image(trajectory_figure(res.trajectory), out / "ddpm_trajectory.png"),
               "Denoising trajectory. Rows: x_t; the network's prediction of the WHOLE noise ε; "
               "the implied clean image x̂₀; x_{t−1} — the scheduler removes only part of the "
               "noise at each step.")
