@@ -63,7 +63,8 @@ def _build() -> Any | None:
         return load("difflab_group_norm_nhwc", [str(_SOURCE)], build_directory=str(cache),
                     extra_cflags=["-O3", "-march=native", "-ffast-math"], verbose=False)
     except Exception as e:  # no compiler, no ninja, a failed build: fall back, say why once
-        _state["reason"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1:]}"
+        last_line = (str(e).strip().splitlines() or [""])[-1]
+        _state["reason"] = f"{type(e).__name__}: {last_line}"
         warnings.warn("difflab: the channels-last GroupNorm kernel could not be built "
                       f"({_state['reason']}); using PyTorch's GroupNorm", stacklevel=3)
         return None
