@@ -97,4 +97,7 @@ def run_clip(out: str, batch_size: int = CLIP_CFG["batch_size"]) -> None:
 
 
 if __name__ == "__main__":
+    from difflab.training import close_process_group
+
     {"unet": run, "clip": run_clip}[sys.argv[2] if len(sys.argv) > 2 else "unet"](sys.argv[1])
+    close_process_group()

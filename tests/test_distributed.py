@@ -107,3 +107,35 @@ def test_clip_contrasts_the_whole_global_batch_across_processes(tmp_path):
     _assert_same_weights((raw1, ema1), (raw2, ema2))
     assert log1["losses"] == pytest.approx(log2["losses"], rel=1e-5)
 
+
+
+def test_the_readme_torchrun_command_trains_once_and_exits_cleanly(tmp_path):
+    """``torchrun --nproc_per_node 2 -m difflab.cli train ddpm …`` (the README's command, CPU):
+    both processes exit 0 (the process group is torn down, not left to abort in gloo's
+    destructors), only the main process prints and writes the run folder, and the run
+    records that 2 processes shared each batch."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", "-m", "difflab.cli", "train", "ddpm",
+                           "--data", "digits", "--steps", "4", "--batch-size", "8",
+                           "--out", str(out), "--no-progress", "--mixed-precision", "no"],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("trained 4 steps") == 1, proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["steps"] == 4
+    assert (out / "model").is_dir() and (out / "samples.png").is_file()
+
+
+def test_close_process_group_tears_down_only_what_is_up(tmp_path):
+    import torch.distributed as dist
+
+    from difflab.training import close_process_group
+
+    close_process_group()  # nothing up: a no-op
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    assert dist.is_initialized()
+    close_process_group()
+    assert not dist.is_initialized()

@@ -297,6 +297,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("difflab: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "torch.distributed" in sys.modules:  # a multi-process launch: leave it cleanly
+            from difflab.training import close_process_group
+            close_process_group()
 
 
 if __name__ == "__main__":

@@ -147,7 +147,7 @@ def train_diffusion(data: ImageDataset, *, out_dir: str | Path, train_cfg: Train
     run = DiffusionRun(bundle, result.seconds, result.steps, result.history, out_dir,
                        result.precision)
     metrics = {"train_seconds": result.seconds, "steps": result.steps,
-               "mixed_precision": result.precision,
+               "mixed_precision": result.precision, "processes": result.processes,
                "final_loss": _tail_mean(result.history, "loss"),
                "skipped_nonfinite": result.skipped_nonfinite,
                "unet_parameters": final_unet.num_parameters}

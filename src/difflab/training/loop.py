@@ -100,6 +100,7 @@ class TrainResult:
     skipped_nonfinite: int = 0
     is_main_process: bool = True  # False on the other processes of a multi-process run
     precision: str = "no"  # the mixed precision it trained in: no | bf16 | fp16 ("auto" resolved)
+    processes: int = 1  # data-parallel processes that shared each global batch
 
 
 COMPILE_MODES = ("no", "default", "reduce-overhead", "max-autotune")
@@ -356,7 +357,8 @@ def train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Trai
     final.eval()
     return TrainResult(model=final, raw_model=acc.unwrap_model(model).task, steps=step,
                        seconds=seconds, history=history, skipped_nonfinite=skipped,
-                       is_main_process=acc.is_main_process, precision=precision)
+                       is_main_process=acc.is_main_process, precision=precision,
+                       processes=world)
 
 
 def _nonfinite_error(consecutive: int, step: int, out_dir: Path | None) -> DifflabError:
@@ -387,6 +389,18 @@ def is_main_process() -> bool:
     from accelerate import PartialState
 
     return PartialState(cpu=_multi_cpu()).is_main_process
+
+
+def close_process_group() -> None:
+    """Tear down the process group of a multi-process launch, if one is up (a no-op
+    otherwise). A process that exits with gloo's threads still running can abort in their
+    destructors ("terminate called without an active exception", seen on the non-main process
+    that finishes first), which the launcher reports as a failed run. No barrier: the main
+    process may still be writing samples and the report, and nothing collective follows."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _is_oom(e: BaseException) -> bool:
