@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, print_table, write_json  # noqa: E402
@@ -32,10 +33,12 @@ from difflab.runs.diffusion import load_bundle, sample_images  # noqa: E402
 def sample_many(bundle, n: int, scheduler: str, steps: int, seed: int, batch: int,
                 overrides: dict | None = None):
     chunks = []
-    for i, start in enumerate(range(0, n, batch)):
-        k = min(batch, n - start)
-        chunks.append(sample_images(bundle, k, scheduler=scheduler, steps=steps,
-                                    seed=seed + i, overrides=overrides).images)
+    with tqdm(total=n, desc=f"{scheduler}@{steps}", unit="img", file=sys.stderr) as bar:
+        for i, start in enumerate(range(0, n, batch)):
+            k = min(batch, n - start)
+            chunks.append(sample_images(bundle, k, scheduler=scheduler, steps=steps,
+                                        seed=seed + i, overrides=overrides).images)
+            bar.update(k)
     return torch.cat(chunks)
 
 
