@@ -9,12 +9,16 @@
 #  3. profile_step.py: the bf16 step's top CUDA operators;
 #  4. train_loop.py: difflab's whole training loop (EMA, clipping, guard) on the same preset;
 #  5. the training tests, whose loop then runs on CUDA.  PARTS=sampling,loop,... picks parts.
+#  6. (not in the default PARTS; a call of its own, ~6 min) the quality race replayed: each
+#     contestant trains the steps its 20-minute CPU budget reached, then 5,000 samples each are
+#     scored (quality_race.py --replay-steps; RACE_STEPS overrides the step counts).
 # Carried (git-ignored) folders: .whl (diffusers wheels), .gpu/ckpt (a `difflab train ddpm`
 # run's model folder), .gpu/data/fashion-mnist (t10k IDX files), .gpu/cache (the feature
 # classifier). Wheels are made with
 #   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux2014_x86_64 --platform any -d .whl \
 #     diffusers==0.42.1 importlib_metadata
+#   (part 6 also: denoising-diffusion-pytorch==2.3.4 ema-pytorch==0.8.3 pytorch-fid==0.3.0)
 # and the call is  run(command="bash benchmarks/gpu.sh", carry=[".whl", ".gpu"], timeout_s=590)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -70,5 +74,13 @@ if want tests; then  # the training tests with the loop on CUDA (sync-free guard
 echo "== 5. training tests on the GPU ($(left) s left)"
 timeout "$(( $(left) - 3 ))" python3 -m pytest -q -p no:cacheprovider \
   tests/test_training_options.py tests/test_training.py 2>&1 | tail -25 | tee "$OUT/tests.txt"
+fi
+if want race; then  # 6. equal-budget quality race, CPU budget replayed on the GPU
+echo "== 6. quality race replayed: ${RACE_STEPS:=difflab=4841,diffusers=712,ddpm-pytorch=390} ($(left) s left)"
+timeout "$(( $(left) - 5 ))" python3 benchmarks/quality_race.py --replay-steps "$RACE_STEPS" \
+  --device cuda --n "${RACE_N:-5000}" --batch 500 --probe 8 --threads 4 \
+  --peer-python "$(command -v python3)" --out-dir /tmp/race 2>&1 | tee "$OUT/quality_race.txt"
+cp benchmarks/out/quality_race.json "$OUT/" 2>/dev/null
+cp /tmp/race/*-samples.png "$OUT/" 2>/dev/null
 fi
 echo "done in $(( $(date +%s) - T0 )) s"

@@ -32,6 +32,13 @@ rows score *real* images the same way at each n used: the first n train images a
 Gaussian-blurred with σ = 0.5 and 1.0 px. FID is biased upwards at small n: compare FIDs only at
 equal n (the reference rows give the floor at each n).
 
+**Replaying a budget on a GPU** (``--replay-steps difflab=4841,diffusers=712,ddpm-pytorch=390
+--device cuda``): each contestant trains for exactly the steps its CPU budget reached (same
+recipe, same batch, same data order and noise draws, which are taken on the CPU) and samples
+on the device, so the 5,000 samples per peer that would take the CPU hours take minutes. The
+models are the CPU budget's models up to float rounding; the table's time columns are then the
+device's, not the budget's.
+
 Before sampling, each contestant draws ``--probe`` images to measure seconds per image, and the
 estimated total for its n is printed (``--estimate-only`` stops there). Writes the table and
 everything measured to benchmarks/out/quality_race.json; checkpoints, logs and samples stay in
@@ -90,9 +97,10 @@ def run_logged(cmd: list[str], log: Path, threads: int) -> dict:
     return json.loads(found[-1]) if found else {}
 
 
-def difflab_cli() -> str:
-    exe = Path(sys.executable).parent / "difflab"
-    return str(exe) if exe.exists() else "difflab"
+def difflab_cli() -> list[str]:
+    """``difflab`` as this interpreter runs it (also where difflab is on PYTHONPATH only, not
+    installed, as on the GPU machine)."""
+    return [sys.executable, "-m", "difflab.cli"]
 
 
 # ---------------------------------------------------------------------------------- training
@@ -119,30 +127,38 @@ def export_pngs(folder: Path) -> Path:
     return folder
 
 
+def budget_args(name: str, args: argparse.Namespace) -> list[str]:
+    """The training budget on a contestant's command line: minutes, or replayed steps."""
+    if name in args.replay:
+        return ["--steps", str(args.replay[name])]
+    return ["--minutes", str(args.minutes)]
+
+
 def train_contestant(name: str, args: argparse.Namespace) -> dict:
     out = args.out_dir / name
     if name == "difflab":
         from difflab.cli import DEFAULT_DDPM_TRAIN
 
         if not args.skip_train:
-            run_logged([difflab_cli(), "train", "ddpm", "--data", DATA, "--minutes",
-                        str(args.minutes), "--out", str(out), "--seed", str(args.seed),
+            run_logged([*difflab_cli(), "train", "ddpm", "--data", DATA,
+                        *budget_args(name, args), "--out", str(out), "--seed", str(args.seed),
                         "--mixed-precision", args.difflab_precision, "--no-progress"],
                        out.parent / f"{name}-train.log", args.threads)
         m = json.loads((out / "metrics.json").read_text())
         bs = int(DEFAULT_DDPM_TRAIN["batch_size"])
         return {"steps": m["steps"], "train_seconds": m["train_seconds"], "batch_size": bs,
-                "precision": m.get("mixed_precision", args.difflab_precision),
+                "mixed_precision": m.get("mixed_precision", args.difflab_precision),
                 "img_per_s": m["steps"] * bs / m["train_seconds"], "final_loss": m["final_loss"],
                 "parameters": m["unet_parameters"]}
     if not args.skip_train:
         if name == "diffusers":
-            cmd = [sys.executable, str(HERE / "race_diffusers.py"), "train"]
+            cmd = [sys.executable, str(HERE / "race_diffusers.py"), "train",
+                   "--device", args.device]
         else:
             png = export_pngs(args.out_dir / "fashion-mnist-train-png32")
             cmd = [str(args.peer_python), str(HERE / "race_ddpm_pytorch.py"), "train",
                    "--png-dir", str(png)]
-        run_logged(cmd + ["--minutes", str(args.minutes), "--out", str(out), "--seed",
+        run_logged(cmd + [*budget_args(name, args), "--out", str(out), "--seed",
                           str(args.seed)], out.parent / f"{name}-train.log", args.threads)
     res = json.loads((out / "train.json").read_text())
     keep = ("steps", "train_seconds", "batch_size", "img_per_s", "final_loss", "parameters")
@@ -159,7 +175,7 @@ def sample_contestant(name: str, n: int, args: argparse.Namespace, batch: int) -
         from difflab.runs.diffusion import load_bundle
 
         torch.set_num_threads(args.threads)
-        bundle = load_bundle(out)
+        bundle = load_bundle(out, device=args.device)
         sched, steps = DIFFLAB_SAMPLER
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -175,7 +191,7 @@ def sample_contestant(name: str, n: int, args: argparse.Namespace, batch: int) -
     else:
         cmd = [str(args.peer_python), str(HERE / "race_ddpm_pytorch.py"), "sample"]
     res = run_logged(cmd + ["--out", str(out), "--n", str(n), "--batch", str(batch),
-                            "--seed", str(args.seed)],
+                            "--seed", str(args.seed), "--device", args.device],
                      out.parent / f"{name}-sample-{n}.log", args.threads)
     u8 = load_file(str(out / "samples.safetensors"))["images"]
     return u8, res["sampling_seconds"], res["sampler"]
@@ -238,6 +254,14 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--estimate-only", action="store_true",
                     help="stop after printing the sampling cost estimate")
     ap.add_argument("--batch", type=int, default=250, help="sampling batch size")
+    ap.add_argument("--replay-steps", default="",
+                    help="train each named contestant for exactly these steps instead of "
+                         "--minutes, e.g. difflab=4841,diffusers=712,ddpm-pytorch=390 (the steps "
+                         "a CPU budget reached), to replay that budget on a faster device")
+    ap.add_argument("--device", default="cpu",
+                    help="where contestants sample (and the diffusers contestant trains); "
+                         "difflab's and denoising-diffusion-pytorch's trainers take a GPU "
+                         "when there is one")
     ap.add_argument("--peer-python", type=Path, default=Path("/work/peervenv/bin/python"),
                     help="python of the denoising-diffusion-pytorch venv")
     ap.add_argument("--setup-peer-venv", action="store_true",
@@ -252,6 +276,13 @@ def parse_args() -> argparse.Namespace:
         if v is not None and v <= 0:
             ap.error(f"--{opt.replace('_', '-')} must be > 0, got {v}")
     args.names = names
+    args.replay = {}
+    for item in filter(None, (x.strip() for x in args.replay_steps.split(","))):
+        name, _, steps = item.partition("=")
+        if name not in CONTESTANTS or not steps.isdigit() or int(steps) <= 0:
+            ap.error(f"--replay-steps: bad item {item!r}; want NAME=STEPS with NAME in "
+                     f"{','.join(CONTESTANTS)} and STEPS > 0")
+        args.replay[name] = int(steps)
     args.n_peer = args.n_peer or args.n
     if args.setup_peer_venv:
         subprocess.run(["bash", str(HERE / "setup_peers.sh"),
@@ -310,7 +341,9 @@ def main() -> None:
     cols = ("contestant", "steps", "train_seconds", "batch_size", "img_per_s", "final_loss",
             "n", "sampler",
             "s/image", "FID", "KID", "precision", "recall")
-    print(f"\nquality race: {args.minutes} min training per contestant, {args.threads} threads")
+    budget = (f"replayed steps {args.replay} on {args.device}" if args.replay
+              else f"{args.minutes} min training per contestant, {args.threads} threads")
+    print(f"\nquality race: {budget}")
     print_table([{c: r.get(c) for c in cols} for r in rows + refs])
     peers = [r for r in rows if r["contestant"] != "difflab"]
     goal = None
@@ -326,6 +359,7 @@ def main() -> None:
               f"(goal ≤ 0.75){'' if same_n else ' — different n: compare KID instead'}")
     path = write_json("quality_race", {
         "machine": machine(), "argv": sys.argv, "minutes": args.minutes, "threads": args.threads,
+        "replay_steps": args.replay, "device": args.device,
         "seed": args.seed, "data": DATA, "feature_extractor": scorer.extractor.info(),
         "sampling_estimate": est, "rows": rows, "references": refs, "goal": goal})
     print(f"wrote {path}")

@@ -14,6 +14,10 @@ calls it with the peer venv's python:
     python race_ddpm_pytorch.py train --png-dir DIR --minutes 20 --out /tmp/race/ddpm-pytorch
     python race_ddpm_pytorch.py sample --out /tmp/race/ddpm-pytorch --n 5000
 
+``train --steps S`` replays a budget: exactly the S optimiser steps the budget reached on the
+CPU (the Trainer's ``train_num_steps``); the Trainer (Accelerate) trains on a GPU when there is
+one, and ``sample --device cuda`` samples there.
+
 The recipe is the README's "Trainer" example, unchanged except where noted:
 ``Unet(dim=64, dim_mults=(1, 2, 4, 8), flash_attn=False)`` (the README's ``flash_attn=True``
 needs CUDA), ``channels=1`` (Fashion-MNIST is grey; the Trainer then reads PNGs as "L");
@@ -65,7 +69,9 @@ def _diffusion():
     return GaussianDiffusion(Unet(**UNET), **DIFFUSION)
 
 
-def train(png_dir: Path, out: Path, minutes: float, seed: int) -> dict:
+def train(png_dir: Path, out: Path, minutes: float | None, seed: int,
+          steps: int | None = None) -> dict:
+    """Train until ``minutes`` of loop have passed, or for exactly ``steps`` steps."""
     from denoising_diffusion_pytorch import Trainer
     from safetensors.torch import save_file
 
@@ -73,12 +79,12 @@ def train(png_dir: Path, out: Path, minutes: float, seed: int) -> dict:
     torch.manual_seed(seed)
     diffusion = _diffusion()
     out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(diffusion, str(png_dir), train_num_steps=NEVER,
+    trainer = Trainer(diffusion, str(png_dir), train_num_steps=steps or NEVER,
                       save_and_sample_every=NEVER, results_folder=str(out / "results"),
                       **TRAINER)
     losses: list[float] = []  # per micro-batch (before the 1/accumulate scaling)
     diffusion.register_forward_hook(lambda m, inp, loss: losses.append(float(loss.detach())))
-    budget = minutes * 60
+    budget = minutes * 60 if minutes is not None else float("inf")
     ema_update = trainer.ema.update
     t0 = time.perf_counter()
 
@@ -104,19 +110,20 @@ def train(png_dir: Path, out: Path, minutes: float, seed: int) -> dict:
            "parameters": sum(p.numel() for p in diffusion.model.parameters()),
            "recipe": {"unet": UNET, "diffusion": DIFFUSION, "trainer": TRAINER,
                       "objective": diffusion.objective},
-           "threads": torch.get_num_threads(), "torch": torch.__version__}
+           "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "device": str(trainer.device)}
     (out / "train.json").write_text(json.dumps(res, indent=2) + "\n")
     return res
 
 
 @torch.inference_mode()
-def sample(out: Path, n: int, seed: int, batch: int) -> dict:
+def sample(out: Path, n: int, seed: int, batch: int, device: str = "cpu") -> dict:
     from safetensors.torch import load_file
 
     _threads()
     diffusion = _diffusion()
     diffusion.load_state_dict(load_file(str(out / "ema.safetensors")), strict=True)
-    diffusion.eval()
+    diffusion.eval().to(device)
 
     def draw(b: int, i: int) -> torch.Tensor:
         torch.manual_seed(seed * 1_000_003 + i)  # the library samples from the global RNG
@@ -131,18 +138,21 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train")
     t.add_argument("--png-dir", type=Path, required=True)
-    t.add_argument("--minutes", type=float, required=True)
+    budget = t.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--minutes", type=float, help="wall-clock budget of the loop")
+    budget.add_argument("--steps", type=int, help="exact step count (a replayed budget)")
     s = sub.add_parser("sample")
     s.add_argument("--n", type=int, required=True)
     s.add_argument("--batch", type=int, default=250)
+    s.add_argument("--device", default="cpu")
     for p in (t, s):
         p.add_argument("--out", type=Path, required=True)
         p.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     if a.cmd == "train":
-        print(json.dumps(train(a.png_dir, a.out, a.minutes, a.seed)))
+        print(json.dumps(train(a.png_dir, a.out, a.minutes, a.seed, a.steps)))
     else:
-        print(json.dumps(sample(a.out, a.n, a.seed, a.batch)))
+        print(json.dumps(sample(a.out, a.n, a.seed, a.batch, a.device)))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ has diffusers):
     python benchmarks/race_diffusers.py train --minutes 20 --out /tmp/race/diffusers
     python benchmarks/race_diffusers.py sample --out /tmp/race/diffusers --n 5000
 
+``train --steps S --device cuda`` replays a budget on a GPU: the S steps that the budget reached
+on the CPU, same recipe (quality_race.py ``--replay-steps``).
+
 What is the script's, unchanged:
 - ``UNet2DModel(layers_per_block=2, block_out_channels=(128, 128, 256, 256, 512, 512),
   down (Down×4, AttnDown, Down), up (Up, AttnUp, Up×4))``;
@@ -69,7 +72,9 @@ def _threads() -> None:
     torch.set_num_threads(int(os.environ.get("RACE_THREADS", "2")))
 
 
-def train(out: Path, minutes: float, seed: int, data: str) -> dict:
+def train(out: Path, minutes: float | None, seed: int, data: str, steps: int | None = None,
+          device: str = "cpu") -> dict:
+    """Train until ``minutes`` of loop have passed, or for exactly ``steps`` steps."""
     from diffusers import DDPMScheduler, UNet2DModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
@@ -82,7 +87,8 @@ def train(out: Path, minutes: float, seed: int, data: str) -> dict:
     images = load_dataset(data, "train").images  # (N, 1, 28, 28) in [-1, 1]
     images = F.pad(images, (PAD,) * 4, value=-1.0)  # (N, 1, 32, 32), black border
     n, c, h, _ = images.shape
-    model = UNet2DModel(sample_size=h, in_channels=c, out_channels=c, **UNET_KW)
+    model = UNet2DModel(sample_size=h, in_channels=c, out_channels=c, **UNET_KW).to(device)
+    images = images.to(device)
     noise_scheduler = DDPMScheduler(num_train_timesteps=r["ddpm_num_steps"],
                                     beta_schedule=r["ddpm_beta_schedule"],
                                     prediction_type=r["prediction_type"])
@@ -98,19 +104,21 @@ def train(out: Path, minutes: float, seed: int, data: str) -> dict:
                    model_cls=UNet2DModel, model_config=model.config)
     g = torch.Generator().manual_seed(seed)
     losses: list[float] = []
-    step, budget = 0, minutes * 60
+    step, budget = 0, (minutes * 60 if minutes is not None else math.inf)
+    max_steps = steps if steps is not None else math.inf
     model.train()
     t0 = time.perf_counter()
     done = False
     while not done:
         perm = torch.randperm(n, generator=g)  # DataLoader(shuffle=True): last batch ragged
         for i in range(0, n, r["batch_size"]):
-            clean = images[perm[i:i + r["batch_size"]]]
+            clean = images[perm[i:i + r["batch_size"]].to(device)]
             flip = torch.rand(len(clean), generator=g) < 0.5  # RandomHorizontalFlip
+            flip = flip.to(device)
             clean = torch.where(flip[:, None, None, None], clean.flip(-1), clean)
-            noise = torch.randn(clean.shape, generator=g)
+            noise = torch.randn(clean.shape, generator=g).to(device)
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps,
-                                      (len(clean),), generator=g).long()
+                                      (len(clean),), generator=g).long().to(device)
             noisy = noise_scheduler.add_noise(clean, noise, timesteps)
             pred = model(noisy, timesteps).sample
             loss = F.mse_loss(pred.float(), noise.float())
@@ -122,7 +130,7 @@ def train(out: Path, minutes: float, seed: int, data: str) -> dict:
             optimizer.zero_grad()
             step += 1
             losses.append(loss.item())
-            if time.perf_counter() - t0 >= budget:
+            if time.perf_counter() - t0 >= budget or step >= max_steps:
                 done = True
                 break
     seconds = time.perf_counter() - t0
@@ -136,16 +144,16 @@ def train(out: Path, minutes: float, seed: int, data: str) -> dict:
            "final_loss": sum(tail) / len(tail), "final_lr": lr_scheduler.get_last_lr()[0],
            "ema_decay": ema.cur_decay_value if hasattr(ema, "cur_decay_value") else None,
            "parameters": sum(p.numel() for p in model.parameters()), "recipe": r,
-           "threads": torch.get_num_threads()}
+           "threads": torch.get_num_threads(), "device": device}
     (out / "train.json").write_text(json.dumps(res, indent=2) + "\n")
     return res
 
 
 @torch.inference_mode()
-def sample(out: Path, n: int, seed: int, steps: int, batch: int) -> dict:
+def sample(out: Path, n: int, seed: int, steps: int, batch: int, device: str = "cpu") -> dict:
     from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
     _threads()
-    unet = UNet2DModel.from_pretrained(out / "unet").eval()
+    unet = UNet2DModel.from_pretrained(out / "unet").eval().to(device)
     ddpm = DDPMScheduler.from_pretrained(out / "scheduler")
     pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(ddpm.config))
     pipe.set_progress_bar_config(disable=True)
@@ -154,7 +162,7 @@ def sample(out: Path, n: int, seed: int, steps: int, batch: int) -> dict:
         g = torch.Generator().manual_seed(seed * 1_000_003 + i)
         x = pipe(batch_size=b, generator=g, eta=0.0, num_inference_steps=steps,
                  output_type="np").images  # (B, H, W, C) float in [0, 1]
-        return torch.from_numpy(x).permute(0, 3, 1, 2)
+        return torch.from_numpy(x).permute(0, 3, 1, 2)  # (B, C, H, W)
 
     return sample_to_file(draw, out, n, batch, "diffusers",
                           f"DDIM eta=0, {steps} steps (EMA weights)")
@@ -164,7 +172,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train")
-    t.add_argument("--minutes", type=float, required=True)
+    budget = t.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--minutes", type=float, help="wall-clock budget of the loop")
+    budget.add_argument("--steps", type=int, help="exact step count (a replayed budget)")
     t.add_argument("--data", default="fashion-mnist")
     s = sub.add_parser("sample")
     s.add_argument("--n", type=int, required=True)
@@ -173,11 +183,12 @@ def main() -> None:
     for p in (t, s):
         p.add_argument("--out", type=Path, required=True)
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default="cpu")
     a = ap.parse_args()
     if a.cmd == "train":
-        print(json.dumps(train(a.out, a.minutes, a.seed, a.data)))
+        print(json.dumps(train(a.out, a.minutes, a.seed, a.data, a.steps, a.device)))
     else:
-        print(json.dumps(sample(a.out, a.n, a.seed, a.steps, a.batch)))
+        print(json.dumps(sample(a.out, a.n, a.seed, a.steps, a.batch, a.device)))
 
 
 if __name__ == "__main__":
