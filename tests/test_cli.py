@@ -76,6 +76,10 @@ def test_train_then_sample(tmp_path, capsys):
         assert run("sample", "--ckpt", str(out), "--scheduler", "ddim", "--steps", "3", "--n",
                    "4", "--seed", "7", "--class", "3", "--guidance", "2", "--out", str(p)) == 0
     assert a.read_bytes() == b.read_bytes()  # same seed ⇒ same samples
+    for p in (a, b):  # the U-Net in bf16 autocast: deterministic too
+        assert run("sample", "--ckpt", str(out), "--steps", "3", "--n", "4", "--mixed-precision",
+                   "bf16", "--out", str(p)) == 0
+    assert a.read_bytes() == b.read_bytes()
     assert run("sample", "--ckpt", str(out), "--steps", "2", "--n", "2", "--trajectory",
                "--out", str(tmp_path / "c.png")) == 0
     assert (tmp_path / "c-trajectory.png").is_file()

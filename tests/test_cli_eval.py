@@ -65,6 +65,17 @@ def test_eval_sample_metrics_write_json(ckpt, tmp_path, capsys):
                  "--no-progress", "--out", str(out2)]) == 0
     assert json.loads(out2.read_text())["fid"] == res["fid"]
 
+    from difflab.cli_args import DEFAULT_SAMPLE_PRECISION
+    from difflab.perf import resolve_mixed_precision
+
+    assert res["mixed_precision"] == resolve_mixed_precision(DEFAULT_SAMPLE_PRECISION, "cpu")
+    out3 = tmp_path / "m3.json"  # the U-Net in bf16 autocast: recorded, and a finite score
+    assert main(["eval", "--ckpt", str(ckpt), "--metric", "fid", "--n", "40", "--steps", "2",
+                 "--feature-steps", "20", "--batch-size", "16", "--no-progress",
+                 "--mixed-precision", "bf16", "--out", str(out3)]) == 0
+    bf16 = json.loads(out3.read_text())
+    assert bf16["mixed_precision"] == "bf16" and math.isfinite(bf16["fid"])
+
 
 def test_eval_nll_of_diffusion_checkpoint(ckpt, tmp_path, capsys):
     out = tmp_path / "nll.json"

@@ -69,6 +69,9 @@ def test_sample_cli_same_seed_same_image(run, tmp_path, capsys):
     assert main([*argv, "--out", str(b)]) == 0
     assert main([*argv, "--seed", "1", "--out", str(c)]) == 0
     assert a.read_bytes() == b.read_bytes() != c.read_bytes()
+    assert main([*argv, "--mixed-precision", "bf16", "--out", str(b)]) == 0
+    assert main([*argv, "--mixed-precision", "bf16", "--out", str(c)]) == 0
+    assert b.read_bytes() == c.read_bytes()  # bf16 autocast: deterministic too
     assert main(["sample", "--ckpt", str(run.pipeline), "--class", "3", "--steps", "2",
                  "--n", "2", "--scheduler", "ddim", "--out", str(c)]) == 0
     assert "'a three'" in capsys.readouterr().out

@@ -200,3 +200,20 @@ def test_trajectory_records_every_step_and_ends_at_the_image(pipes):
     x0 = (s.x_t - (1 - ab) ** 0.5 * s.model_output) / ab**0.5  # DDIM's x̂₀ from ε̂
     torch.testing.assert_close(s.pred_x0, x0.clamp(-1, 1) if ours.scheduler.config.get(
         "clip_sample") else x0, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_unet_gives_the_float32_noise_to_bf16_rounding(pipes):
+    """``mixed_precision="bf16"`` autocasts the U-Net only: the first step's noise prediction
+    from the same start is the float32 one up to bf16 rounding, in float32, and the result is
+    deterministic. (Unguided: guidance 7.5 would multiply the rounding of ε_c − ε_u.)"""
+    _, ours = pipes
+    ref: list = []
+    low: list = []
+    kw = dict(seed=3, num_inference_steps=1, guidance_scale=1.0)
+    difflab_images(ours, "ddim", trajectory=ref, **kw)
+    a = difflab_images(ours, "ddim", trajectory=low, mixed_precision="bf16", **kw)
+    b = difflab_images(ours, "ddim", mixed_precision="bf16", **kw)
+    assert torch.equal(a, b)
+    assert torch.equal(ref[0].x_t, low[0].x_t) and low[0].model_output.dtype == torch.float32
+    rel = (low[0].model_output - ref[0].model_output).norm() / ref[0].model_output.norm()
+    assert 1e-4 < rel < 3e-2

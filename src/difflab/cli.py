@@ -11,7 +11,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from difflab import __version__
-from difflab.cli_args import finite_float, nonneg_int, positive_float, positive_int, unit_float
+from difflab.cli_args import (
+    add_sample_precision_argument,
+    finite_float,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    unit_float,
+)
 from difflab.errors import DifflabError
 from difflab.perf import keep_freed_memory
 
@@ -154,7 +161,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     guidance = 1.0 if args.guidance is None else args.guidance
     res = sample_images(bundle, args.n, scheduler=args.scheduler, steps=args.steps,
                         seed=args.seed, class_labels=labels, guidance_scale=guidance,
-                        return_trajectory=args.trajectory, progress=True, eta=args.eta)
+                        return_trajectory=args.trajectory, progress=True, eta=args.eta,
+                        mixed_precision=args.mixed_precision)
     save_grid(res.images * 2 - 1, args.out, nrow=args.nrow)
     print(f"wrote {args.out}")
     if args.trajectory:
@@ -249,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eta", type=unit_float, help="DDIM η (0 = deterministic)")
     s.add_argument("--trajectory", action="store_true",
                    help="also write the x_t / predicted noise / x̂₀ / x_{t−1} figure")
+    add_sample_precision_argument(s)
     s.add_argument("--out", type=Path, default=Path("samples.png"))
     add_sample_arguments(s)
     s.set_defaults(func=cmd_sample)

@@ -1,4 +1,4 @@
-"""argparse value types that reject bad numbers with a one-line message."""
+"""argparse value types that reject bad numbers with a one-line message; shared flags."""
 
 from __future__ import annotations
 
@@ -48,3 +48,16 @@ def unit_float(s: str) -> float:
     if not 0.0 <= v <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {s!r}")
     return v
+
+
+# Autocast of the U-Net while sampling (`sample`, `eval`): see benchmarks/RESULTS.md for the
+# measured speed and FID in each precision.
+DEFAULT_SAMPLE_PRECISION = "no"
+
+
+def add_sample_precision_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16", "auto"],
+                   default=DEFAULT_SAMPLE_PRECISION,
+                   help="autocast of the U-Net's forward passes while sampling (auto = bf16 on "
+                        "GPUs and on CPUs with bf16 dot products); the sampler's update stays "
+                        f"float32 (default {DEFAULT_SAMPLE_PRECISION})")

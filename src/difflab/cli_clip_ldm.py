@@ -89,6 +89,7 @@ def sample_ldm(args: argparse.Namespace) -> int:
     """``difflab sample`` for a latent diffusion folder: text → image (or image → image)."""
     import torch
 
+    from difflab.perf import resolve_mixed_precision
     from difflab.runs.ldm import check_prompt, load_ldm
     from difflab.viz import save_grid
 
@@ -115,6 +116,7 @@ def sample_ldm(args: argparse.Namespace) -> int:
     if args.negative_prompt is not None:
         check_prompt(args.negative_prompt, captioner, pipe)
     guidance = LDM_GUIDANCE if args.guidance is None else args.guidance
+    precision = resolve_mixed_precision(args.mixed_precision, pipe.device.type)
     g = torch.Generator().manual_seed(args.seed)
     prompts = [prompt] * args.n
     if args.init_image is not None:
@@ -124,10 +126,12 @@ def sample_ldm(args: argparse.Namespace) -> int:
         image = _read_image(args.init_image, pipe)
         images = pipe.img2img(prompts, image.expand(args.n, -1, -1, -1), strength=args.strength,
                               num_inference_steps=args.steps, guidance_scale=guidance,
-                              negative_prompt=args.negative_prompt, generator=g, progress=True)
+                              negative_prompt=args.negative_prompt, generator=g, progress=True,
+                              mixed_precision=precision)
     else:
         images = pipe(prompts, num_inference_steps=args.steps, guidance_scale=guidance,
-                      negative_prompt=args.negative_prompt, generator=g, progress=True)
+                      negative_prompt=args.negative_prompt, generator=g, progress=True,
+                      mixed_precision=precision)
     save_grid(images * 2 - 1, args.out, nrow=args.nrow)
     print(f"wrote {args.out} ({args.n} × {prompt!r}, guidance {guidance})")
     return 0

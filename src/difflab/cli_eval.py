@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from difflab.cli_args import finite_float, nonneg_int, positive_int
+from difflab.cli_args import add_sample_precision_argument, finite_float, nonneg_int, positive_int
 from difflab.errors import DifflabError
 
 METRICS = ("fid", "kid", "pr", "nll")
@@ -40,7 +40,7 @@ def is_diffusion_checkpoint(folder: str | Path) -> bool:
 
 def sample_many(bundle: Any, n: int, *, scheduler: str = "dpm++", steps: int = 25,
                 seed: int = 0, guidance_scale: float = 1.0, batch_size: int = 500,
-                progress: bool = True) -> Any:
+                progress: bool = True, mixed_precision: str = "no") -> Any:
     """``n`` samples (N, C, H, W) in [0, 1], drawn ``batch_size`` at a time.
 
     Chunk i uses seed ``seed · 1_000_003 + i``, so a given (seed, batch_size) always gives the
@@ -61,7 +61,7 @@ def sample_many(bundle: Any, n: int, *, scheduler: str = "dpm++", steps: int = 2
         labels = (torch.arange(start, start + b) % num_classes) if num_classes else None
         res = sample_images(bundle, b, scheduler=scheduler, steps=steps,
                             seed=seed * 1_000_003 + i, class_labels=labels,
-                            guidance_scale=guidance_scale)
+                            guidance_scale=guidance_scale, mixed_precision=mixed_precision)
         out.append(res.images.float().cpu())
         bar.update(b)
     bar.close()
@@ -76,7 +76,8 @@ def evaluate_diffusion_checkpoint(folder: str | Path, metrics: list[str], *, n: 
                                   nll_variance: str = "fixed_large",
                                   feature_steps: int | None = None,
                                   inception_weights: str | Path | None = None, k: int = 3,
-                                  progress: bool = True) -> dict[str, Any]:
+                                  progress: bool = True,
+                                  mixed_precision: str = "no") -> dict[str, Any]:
     """The metrics of a trained diffusion model as one JSON-ready dict (see module doc).
 
     n: samples for fid/kid/pr (default 10000); for nll the first n images of ``split``
@@ -108,7 +109,7 @@ def evaluate_diffusion_checkpoint(folder: str | Path, metrics: list[str], *, n: 
                                       guidance_scale=guidance_scale, batch_size=batch_size,
                                       feature_steps=feature_steps,
                                       inception_weights=inception_weights, k=k,
-                                      progress=progress))
+                                      progress=progress, mixed_precision=mixed_precision))
     if "nll" in metrics:
         from difflab.metrics.diffusion_nll import bundle_nll
 
@@ -130,22 +131,25 @@ def _sample_metrics(bundle: Any, ref: Any, spec: str, metrics: list[str], *, n: 
                     scheduler: str, steps: int, seed: int, guidance_scale: float,
                     batch_size: int, feature_steps: int | None,
                     inception_weights: str | Path | None, k: int,
-                    progress: bool) -> dict[str, Any]:
+                    progress: bool, mixed_precision: str) -> dict[str, Any]:
     import torch
 
     from difflab.metrics.features import get_feature_extractor
     from difflab.metrics.fid import fid_from_features, kid, quantize_8bit
     from difflab.metrics.precision_recall import precision_recall
+    from difflab.perf import resolve_mixed_precision
 
     c, h, _ = ref.image_shape
+    precision = resolve_mixed_precision(mixed_precision,
+                                        next(bundle.unet.parameters()).device.type)
     extractor = get_feature_extractor(spec, image_size=h, channels=c, steps=feature_steps,
                                       progress=progress)
     t0 = time.perf_counter()
     samples = quantize_8bit(sample_many(bundle, n, scheduler=scheduler, steps=steps, seed=seed,
                                         guidance_scale=guidance_scale, batch_size=batch_size,
-                                        progress=progress))
+                                        progress=progress, mixed_precision=precision))
     out: dict[str, Any] = {"n": n, "n_ref": len(ref), "scheduler": scheduler, "steps": steps,
-                           "guidance_scale": guidance_scale,
+                           "guidance_scale": guidance_scale, "mixed_precision": precision,
                            "sampling_seconds": time.perf_counter() - t0,
                            "feature_extractor": extractor.info()}
     spaces = [("", extractor, samples * 2 - 1, ref.images)]
@@ -185,7 +189,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, nll_timesteps=args.nll_timesteps,
             nll_variance=args.nll_variance,
             feature_steps=args.feature_steps, inception_weights=args.inception_weights,
-            k=args.pr_k, progress=not args.no_progress)
+            k=args.pr_k, progress=not args.no_progress, mixed_precision=args.mixed_precision)
     else:
         if metrics != ["nll"]:
             raise DifflabError(f"{ckpt}: not a diffusion checkpoint (no diffusion_config.json); "
@@ -265,6 +269,7 @@ def register(sub: argparse._SubParsersAction, _train: argparse._SubParsersAction
     e.add_argument("--steps", type=positive_int, default=25, help="sampling steps")
     e.add_argument("--guidance", type=finite_float, default=1.0,
                    help="classifier-free guidance scale (class-conditional models)")
+    add_sample_precision_argument(e)
     e.add_argument("--data", help="reference data set (default: the one the model trained on)")
     e.add_argument("--split", default="test", choices=["train", "test"])
     e.add_argument("--inception-weights", type=Path, metavar="PATH",

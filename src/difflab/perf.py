@@ -66,3 +66,17 @@ def resolve_mixed_precision(requested: str, device_type: str) -> str:
     if requested == "fp16" and device_type != "cuda":
         return "no"
     return requested
+
+
+AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def autocast(device_type: str, precision: str) -> object:
+    """The autocast context of a resolved precision (``"no"``, ``"bf16"``, ``"fp16"``, as
+    :func:`resolve_mixed_precision` returns it): float32 ops stay float32 with ``"no"``."""
+    import torch
+
+    if precision not in ("no", *AUTOCAST_DTYPES):
+        raise ValueError(f"precision must be one of no, bf16, fp16; got {precision!r}")
+    dtype = getattr(torch, AUTOCAST_DTYPES.get(precision, "bfloat16"))
+    return torch.autocast(device_type, dtype=dtype, enabled=precision != "no")

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from difflab.perf import autocast
+
 
 @dataclass
 class TrajectoryStep:
@@ -49,7 +51,10 @@ class ImagePipeline:
                  generator: torch.Generator | None = None,
                  class_labels: torch.Tensor | None = None, guidance_scale: float = 1.0,
                  image_size: int | None = None, return_trajectory: bool = False,
-                 progress: bool = False, eta: float | None = None) -> SampleOutput:
+                 progress: bool = False, eta: float | None = None,
+                 mixed_precision: str = "no") -> SampleOutput:
+        """``mixed_precision`` ("no" | "bf16" | "fp16"): autocast for the network's forward
+        only; guidance and the scheduler's update stay in the sample's dtype (float32)."""
         unet, sched = self.unet, self.scheduler
         cfg = unet.config
         size = image_size or cfg.sample_size
@@ -78,12 +83,13 @@ class ImagePipeline:
         trajectory = []
         for t in tqdm(sched.timesteps, desc="sampling", disable=not progress, leave=False):
             inp = sched.scale_model_input(x, t)
+            with autocast(dev.type, mixed_precision):
+                out = unet(torch.cat([inp, inp]) if guided else inp, t,
+                           class_labels=labels_in).sample
+            out = out.to(x.dtype)
             if guided:
-                out = unet(torch.cat([inp, inp]), t, class_labels=labels_in).sample
                 out_u, out_c = out.chunk(2)
                 out = out_u + guidance_scale * (out_c - out_u)
-            else:
-                out = unet(inp, t, class_labels=labels_in).sample
             res = sched.step(out, t, x, **step_kw)
             if return_trajectory:
                 trajectory.append(TrajectoryStep(int(t), x.float().cpu(), out.float().cpu(),

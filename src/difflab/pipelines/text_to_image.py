@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from difflab.perf import autocast
 from difflab.pipelines.image import TrajectoryStep
 
 
@@ -87,16 +88,20 @@ class TextToImage:
     @torch.inference_mode()
     def denoise(self, latents: Tensor, timesteps: Tensor, context: Tensor,
                 guidance_scale: float, generator: torch.Generator | None = None,
-                progress: bool = False, trajectory: list | None = None) -> Tensor:
+                progress: bool = False, trajectory: list | None = None,
+                mixed_precision: str = "no") -> Tensor:
         """Run the scheduler from ``latents`` over ``timesteps``; ``context`` is [∅; c] when
         ``guidance_scale > 1`` (classifier-free guidance), else c. With a ``trajectory`` list,
         each step appends a :class:`~difflab.pipelines.image.TrajectoryStep` of latents
-        (float32, CPU): the input, the (guided) predicted noise, x̂₀ and the output."""
+        (float32, CPU): the input, the (guided) predicted noise, x̂₀ and the output.
+        ``mixed_precision`` ("no" | "bf16" | "fp16") autocasts the U-Net's forward only."""
         guided = guidance_scale > 1.0
         for t in tqdm(timesteps, desc="denoising", disable=not progress, leave=False):
             inp = torch.cat([latents, latents]) if guided else latents
             inp = self.scheduler.scale_model_input(inp, t)
-            eps = self.unet(inp, t, encoder_hidden_states=context).sample
+            with autocast(self.device.type, mixed_precision):
+                eps = self.unet(inp, t, encoder_hidden_states=context).sample
+            eps = eps.to(latents.dtype)
             if guided:
                 eps_uncond, eps_cond = eps.chunk(2)
                 eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
@@ -118,13 +123,15 @@ class TextToImage:
                  guidance_scale: float = 7.5, negative_prompt: str | list[str] | None = None,
                  height: int | None = None, width: int | None = None,
                  generator: torch.Generator | None = None, progress: bool = False,
-                 latents: Tensor | None = None, trajectory: list | None = None) -> Tensor:
+                 latents: Tensor | None = None, trajectory: list | None = None,
+                 mixed_precision: str = "no") -> Tensor:
         """Images ``(B, 3, H, W)`` in [0, 1] (float32, CPU) for ``prompts``.
 
         ``height``/``width`` default to the U-Net's training size (SD v1: 512) and must be
         multiples of 8. ``latents`` (B, 4, H/8, W/8) replaces the initial noise (before the
         ``init_noise_sigma`` scaling), e.g. to reuse a starting point. A ``trajectory`` list
         receives every step's latents (see :meth:`denoise`; :meth:`decode` shows them).
+        ``mixed_precision`` autocasts the U-Net (see :meth:`denoise`).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         f = self.vae_scale_factor
@@ -142,14 +149,15 @@ class TextToImage:
             raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {shape}")
         latents = latents.to(self.device, self.dtype) * self.scheduler.init_noise_sigma
         latents = self.denoise(latents, self.scheduler.timesteps, context, guidance_scale,
-                               generator, progress, trajectory)
+                               generator, progress, trajectory, mixed_precision)
         return self.decode(latents)
 
     @torch.inference_mode()
     def img2img(self, prompts: str | list[str], image: Tensor, strength: float = 0.8,
                 num_inference_steps: int = 50, guidance_scale: float = 7.5,
                 negative_prompt: str | list[str] | None = None,
-                generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
+                generator: torch.Generator | None = None, progress: bool = False,
+                mixed_precision: str = "no") -> Tensor:
         """Redraw ``image`` (B, 3, H, W) in [0, 1] following ``prompts``.
 
         ``strength`` ∈ (0, 1] is the fraction of the schedule that is run: the encoded image is
@@ -178,5 +186,6 @@ class TextToImage:
         z0 = self.vae.encode(x).latent_dist.sample(generator) * self.vae.config.scaling_factor
         noise = self._randn(tuple(z0.shape), generator)
         latents = sched.add_noise(z0, noise, timesteps[:1].repeat(len(prompts)))
-        latents = self.denoise(latents, timesteps, context, guidance_scale, generator, progress)
+        latents = self.denoise(latents, timesteps, context, guidance_scale, generator, progress,
+                               mixed_precision=mixed_precision)
         return self.decode(latents)

@@ -16,13 +16,16 @@ from typing import Any
 
 import torch
 
+from difflab.config import check_choice
 from difflab.data import ImageDataset
 from difflab.errors import CheckpointError, ConfigError
 from difflab.io import atomic_write_json, read_json
 from difflab.models.unet import PRESETS, UNet2DModel, UNetConfig
+from difflab.perf import resolve_mixed_precision
 from difflab.pipelines import ImagePipeline
 from difflab.schedulers import SCHEDULERS
 from difflab.training import TrainConfig, train
+from difflab.training.loop import MIXED_PRECISIONS
 from difflab.training.objectives import DiffusionConfig, DiffusionObjective
 from difflab.viz import Report, make_grid, plot_loss_curves, save_grid
 
@@ -166,16 +169,21 @@ def sample_images(bundle: DiffusionModelBundle, n: int, *, scheduler: str = "dpm
                   steps: int = 25, seed: int = 0, class_labels: torch.Tensor | None = None,
                   guidance_scale: float = 1.0, return_trajectory: bool = False,
                   progress: bool = False, eta: float | None = None,
-                  overrides: dict[str, Any] | None = None) -> Any:
+                  overrides: dict[str, Any] | None = None, mixed_precision: str = "no") -> Any:
     """Draw ``n`` samples (deterministic given ``seed``); images in [0, 1]. ``overrides``
-    change the scheduler's config (e.g. ``{"timestep_spacing": "trailing"}``)."""
+    change the scheduler's config (e.g. ``{"timestep_spacing": "trailing"}``);
+    ``mixed_precision`` is the network's autocast ("no", "bf16", "fp16" or "auto", resolved
+    for the model's device by :func:`difflab.perf.resolve_mixed_precision`)."""
     if scheduler not in SCHEDULERS:
         raise ConfigError(f"unknown scheduler {scheduler!r}; choose one of {sorted(SCHEDULERS)}")
+    check_choice("sample_images", "mixed_precision", mixed_precision, MIXED_PRECISIONS)
     g = torch.Generator().manual_seed(seed)
     pipe = bundle.pipeline(scheduler, **(overrides or {}))
+    device_type = next(bundle.unet.parameters()).device.type
     return pipe(n, num_inference_steps=steps, generator=g, class_labels=class_labels,
                 guidance_scale=guidance_scale, return_trajectory=return_trajectory,
-                progress=progress, eta=eta)
+                progress=progress, eta=eta,
+                mixed_precision=resolve_mixed_precision(mixed_precision, device_type))
 
 
 def trajectory_figure(traj: list, n_show: int = 8, sample_index: int = 0) -> Any:
