@@ -8,7 +8,8 @@ counts) and run under ``torch.inference_mode`` in float32: difflab channels_last
 sampler runs it; diffusers NCHW, as ``DDPMPipeline`` runs it. ``--allocators`` repeats the
 measurement in a child process per glibc setting: ``default``, or ``keep`` (what the difflab
 CLI sets, ``difflab.perf.keep_freed_memory``). Peers are interleaved, medians reported.
-Writes benchmarks/out/unet_infer.json.
+``--precisions no,bf16`` also times both under bf16 autocast (``difflab sample
+--mixed-precision bf16``). Writes benchmarks/out/unet_infer.json.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from _common import machine, median, print_table, time_fn, write_json  # noqa: E
 from unet_train import diffusers_unet  # noqa: E402
 
 from difflab.models.unet import PRESETS, UNet2DModel, UNetConfig  # noqa: E402
-from difflab.perf import keep_freed_memory  # noqa: E402
+from difflab.perf import autocast, keep_freed_memory  # noqa: E402
 
 
 def measure(args: argparse.Namespace) -> list[dict]:
@@ -46,18 +47,20 @@ def measure(args: argparse.Namespace) -> list[dict]:
         t = torch.full((b,), 500)
         inputs = {p: (x.contiguous(memory_format=torch.channels_last) if p == "difflab" else x)
                   for p in models}
-        times = {p: [] for p in models}
+        runs = [(p, prec) for prec in args.precisions.split(",") for p in models]
+        times = {r: [] for r in runs}
         with torch.inference_mode():
             for _ in range(args.rounds):
-                for p, m in models.items():
-                    def call(m=m, x=inputs[p], t=t):
-                        return m(x, t)
-                    times[p].append(time_fn(call, torch.device("cpu"), iters=args.iters,
-                                            warmup=1))
-        for p in models:
-            sec = median(times[p])
-            rows.append({"allocator": args.allocator, "batch": b, "model": p,
-                         "img/s": b / sec, "ms per image": 1e3 * sec / b})
+                for p, prec in runs:
+                    def call(m=models[p], x=inputs[p], t=t, prec=prec):
+                        with autocast("cpu", prec):
+                            return m(x, t)
+                    times[p, prec].append(time_fn(call, torch.device("cpu"), iters=args.iters,
+                                                  warmup=1))
+        for p, prec in runs:
+            sec = median(times[p, prec])
+            rows.append({"allocator": args.allocator, "precision": prec, "batch": b,
+                         "model": p, "img/s": b / sec, "ms per image": 1e3 * sec / b})
     return rows
 
 
@@ -68,6 +71,7 @@ def main() -> None:
     ap.add_argument("--batches", default="64,250")
     ap.add_argument("--peers", default="difflab,diffusers")
     ap.add_argument("--allocators", default="default,keep")
+    ap.add_argument("--precisions", default="no", help="autocast precisions: no,bf16")
     ap.add_argument("--allocator", help=argparse.SUPPRESS)  # child process: one setting
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
@@ -79,15 +83,16 @@ def main() -> None:
     for alloc in args.allocators.split(","):
         cmd = [sys.executable, __file__, "--allocator", alloc] + [
             f"--{k}={getattr(args, k)}" for k in
-            ("preset", "size", "batches", "peers", "iters", "rounds")]
+            ("preset", "size", "batches", "peers", "iters", "rounds", "precisions")]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows += json.loads(out.strip().splitlines()[-1])
-    base = {(r["batch"]): r["img/s"] for r in rows
+    base = {(r["batch"], r["precision"]): r["img/s"] for r in rows
             if r["model"] == "diffusers" and r["allocator"] == "default"}
     for r in rows:
-        r["vs diffusers (default allocator)"] = r["img/s"] / base[r["batch"]] \
-            if r["batch"] in base else None
-    print(f"preset {args.preset} {args.size}×{args.size}, float32, inference_mode, "
+        key = (r["batch"], r["precision"])
+        r["vs diffusers (default allocator, same precision)"] = r["img/s"] / base[key] \
+            if key in base else None
+    print(f"preset {args.preset} {args.size}×{args.size}, inference_mode, "
           f"{torch.get_num_threads()} threads")
     print_table(rows)
     path = write_json("unet_infer", {"machine": machine(), "preset": args.preset,
