@@ -86,11 +86,11 @@ def main() -> None:
             ("preset", "size", "batches", "peers", "iters", "rounds", "precisions")]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows += json.loads(out.strip().splitlines()[-1])
-    base = {(r["batch"], r["precision"]): r["img/s"] for r in rows
-            if r["model"] == "diffusers" and r["allocator"] == "default"}
+    base = {(r["batch"], r["precision"], r["allocator"]): r["img/s"] for r in rows
+            if r["model"] == "diffusers"}
     for r in rows:
-        key = (r["batch"], r["precision"])
-        r["vs diffusers (default allocator, same precision)"] = r["img/s"] / base[key] \
+        key = (r["batch"], r["precision"], r["allocator"])
+        r["vs diffusers (same allocator, precision)"] = r["img/s"] / base[key] \
             if key in base else None
     print(f"preset {args.preset} {args.size}×{args.size}, inference_mode, "
           f"{torch.get_num_threads()} threads")
