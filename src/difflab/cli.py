@@ -307,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("difflab: interrupted", file=sys.stderr)
         return 130
     finally:
-        if "torch.distributed" in sys.modules:  # a multi-process launch: leave it cleanly
+        if "torch.distributed" in sys.modules:  # torch was loaded: leave a launch's group cleanly
             from difflab.training import close_process_group
             close_process_group()
 

@@ -68,15 +68,12 @@ def resolve_mixed_precision(requested: str, device_type: str) -> str:
     return requested
 
 
-AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
-
-
 def autocast(device_type: str, precision: str) -> object:
     """The autocast context of a resolved precision (``"no"``, ``"bf16"``, ``"fp16"``, as
     :func:`resolve_mixed_precision` returns it): float32 ops stay float32 with ``"no"``."""
     import torch
 
-    if precision not in ("no", *AUTOCAST_DTYPES):
+    dtypes = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in dtypes:
         raise ValueError(f"precision must be one of no, bf16, fp16; got {precision!r}")
-    dtype = getattr(torch, AUTOCAST_DTYPES.get(precision, "bfloat16"))
-    return torch.autocast(device_type, dtype=dtype, enabled=precision != "no")
+    return torch.autocast(device_type, dtype=dtypes[precision], enabled=precision != "no")
