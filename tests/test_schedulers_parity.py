@@ -127,6 +127,13 @@ FEATURE_CASES = [
                    "timestep_spacing": "leading"}, 25),
     Case("dpm++", {"beta_schedule": "squaredcos_cap_v2", "lambda_min_clipped": -5.1,
                    "timestep_spacing": "trailing"}, 25),
+    Case("dpm++", {"algorithm_type": "sde-dpmsolver++"}, 20),
+    Case("dpm++", {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun"}, 10),
+    Case("dpm++", {"algorithm_type": "sde-dpmsolver++", "solver_order": 1}, 10),
+    Case("dpm++", {"algorithm_type": "sde-dpmsolver++", "thresholding": True,
+                   "sample_max_value": 1.0, "timestep_spacing": "trailing",
+                   "beta_schedule": "squaredcos_cap_v2"}, 20),
+    Case("dpm++", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}, 10),
 ]
 GRID = grid()
 

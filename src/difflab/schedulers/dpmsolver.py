@@ -9,6 +9,14 @@ x̂₀ the model's data prediction (converted from ε / v / x₀ and optionally 
     2nd order (2M):    the same with x̂₀_{i−1} replaced by
                        D_i = (1 + 1/(2r_i)) x̂₀_{i−1} − 1/(2r_i) x̂₀_{i−2}      ("midpoint")
 
+``algorithm_type="sde-dpmsolver++"`` integrates the reverse SDE instead (Lu et al. 2022, the
+SDE-DPM-Solver++ of the same paper's follow-up code; e^{−2h} is the part of the variance kept):
+
+    1st order:  x_{t_i} = (σ_{t_i}/σ_{t_{i−1}}) e^{−h_i} x_{t_{i−1}} + α_{t_i}(1 − e^{−2h_i}) x̂₀_{i−1}
+                          + σ_{t_i} √(1 − e^{−2h_i}) z,       z ~ N(0, I) fresh at every step
+    2nd order:  the same with D_i (midpoint) — the stochastic counterpart of 2M, which corrects
+                part of the model's error with fresh noise the way ancestral DDPM does.
+
 The first step (no history) and, by default, the final step to σ = 0 are first order. The
 grid is kept as VE noise levels σ̃ = σ/α, so e^{−h} = σ̃_{t_i}/σ̃_{t_{i−1}}.
 It reuses the σ̃ tables of :class:`SigmaScheduler`, but its state is the VP sample x_t itself:
@@ -27,7 +35,7 @@ from torch import Tensor
 
 from difflab.config import check_choice
 from difflab.schedulers import schedules
-from difflab.schedulers._common import Generator, append_dims
+from difflab.schedulers._common import Generator, append_dims, randn
 from difflab.schedulers.base import SchedulerOutput
 from difflab.schedulers.sigma_base import SigmaScheduler, SigmaSchedulerConfig
 
@@ -35,7 +43,8 @@ from difflab.schedulers.sigma_base import SigmaScheduler, SigmaSchedulerConfig
 @dataclass(kw_only=True)
 class DPMSolverConfig(SigmaSchedulerConfig):
     solver_order: int = 2  # 2 = DPM-Solver++(2M); 1 = DDIM in λ-space
-    algorithm_type: str = "dpmsolver++"  # data-prediction solver (the only one implemented)
+    # "dpmsolver++": the probability-flow ODE; "sde-dpmsolver++": the reverse SDE (stochastic)
+    algorithm_type: str = "dpmsolver++"
     solver_type: str = "midpoint"  # 2nd-order correction: "midpoint" (Alg. 2) or "heun"
     lower_order_final: bool = True  # first order at the last step when n < 15 (stabler)
     euler_at_final: bool = False  # always first order at the last step
@@ -53,13 +62,16 @@ class DPMSolverConfig(SigmaSchedulerConfig):
         super().validate()
         owner = type(self).__name__
         check_choice(owner, "solver_order", self.solver_order, (1, 2))
-        check_choice(owner, "algorithm_type", self.algorithm_type, ("dpmsolver++",))
+        check_choice(owner, "algorithm_type", self.algorithm_type,
+                     ("dpmsolver++", "sde-dpmsolver++"))
         check_choice(owner, "solver_type", self.solver_type, ("midpoint", "heun"))
         check_choice(owner, "final_sigmas_type", self.final_sigmas_type, ("zero", "sigma_min"))
 
 
 class DPMSolverMultistepScheduler(SigmaScheduler):
-    """Deterministic DPM-Solver++ (2M by default, ``use_karras_sigmas`` for the EDM grid)."""
+    """DPM-Solver++ (2M by default, ``use_karras_sigmas`` for the EDM grid); deterministic,
+    or stochastic with ``algorithm_type="sde-dpmsolver++"`` (then ``step`` takes a
+    ``generator`` or ``variance_noise``)."""
 
     config_class = DPMSolverConfig
     unsupported = {"use_exponential_sigmas": False, "use_beta_sigmas": False,
@@ -124,12 +136,20 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         return alpha * x + sigma * noise
 
     def step(self, model_output: Tensor, timestep: int | Tensor, sample: Tensor, *,
-             generator: Generator = None, return_dict: bool = True) -> Any:
-        """One solver step t_{i−1} → t_i. ``model_output, sample: (B, C, H, W)``."""
+             generator: Generator = None, variance_noise: Tensor | None = None,
+             return_dict: bool = True) -> Any:
+        """One solver step t_{i−1} → t_i. ``model_output, sample: (B, C, H, W)``.
+
+        The SDE variant draws z from ``generator`` (float32, as diffusers) unless
+        ``variance_noise`` supplies it."""
         self._require_timesteps()
         if self._step_index is None:
             self._init_step_index(timestep)
         cfg, i, n = self.cfg, self._step_index, len(self.timesteps)
+        sde = cfg.algorithm_type == "sde-dpmsolver++"
+        if variance_noise is not None and (generator is not None or not sde):
+            raise ValueError("variance_noise is for algorithm_type='sde-dpmsolver++' only, "
+                             "and not together with a generator")
         s0, s_next = float(self.sigmas[i]), float(self.sigmas[i + 1])  # σ̃_{t_{i−1}}, σ̃_{t_i}
         alpha_s0 = 1.0 / math.sqrt(s0**2 + 1.0)
         alpha_t = 1.0 / math.sqrt(s_next**2 + 1.0)
@@ -142,25 +162,33 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
                                       or (cfg.lower_order_final and n < 15))
         x = sample.to(torch.promote_types(sample.dtype, torch.float32))
         ratio = s_next / s0  # e^{−h}
-        # x_t = (σ_t/σ_s) x − α_t (e^{−h} − 1) D, with σ_t/σ_s = (σ̃_t α_t)/(σ̃_s α_s)
-        coef_x = ratio * alpha_t / alpha_s0
-        coef_d = alpha_t * (1.0 - ratio)
         h = h_prev = 0.0
         if i > 0 and s_next > 0.0:  # σ̃ = 0 (the final step) is always first order
             h, h_prev = math.log(s0 / s_next), math.log(float(self.sigmas[i - 1]) / s0)
         # A grid that repeats a timestep (λ-clipped grids at ~1000 steps round to the same t)
         # has h = 0 there: the step is a no-op and there is no interval to difference over, so
         # those steps are first order (diffusers divides by zero and returns NaN).
-        if cfg.solver_order == 1 or len(self._x0_history) < 2 or first_order_final \
-                or h <= 0.0 or h_prev <= 0.0:
-            prev_sample = coef_x * x + coef_d * x0
-        else:
-            m0, m1 = self._x0_history[-1], self._x0_history[-2]
-            d1 = (m0 - m1) * (h / h_prev)  # (m0 − m1)/r
+        second = not (cfg.solver_order == 1 or len(self._x0_history) < 2 or first_order_final
+                      or h <= 0.0 or h_prev <= 0.0)
+        # e^{−h} for the ODE, e^{−2h} for the SDE (which also shrinks x by a further e^{−h})
+        keep = ratio * ratio if sde else ratio
+        coef_x = keep * alpha_t / alpha_s0  # σ_t/σ_s = (σ̃_t α_t)/(σ̃_s α_s)
+        coef_d = alpha_t * (1.0 - keep)
+        prev_sample = coef_x * x + coef_d * x0
+        if second:  # 2M: D = x̂₀_{i−1} + c·(x̂₀_{i−1} − x̂₀_{i−2})/r
+            d1 = (self._x0_history[-1] - self._x0_history[-2]) * (h / h_prev)
             if cfg.solver_type == "midpoint":
-                prev_sample = coef_x * x + coef_d * m0 + 0.5 * coef_d * d1
-            else:  # "heun": α_t((e^{−h} − 1)/h + 1) D1
-                prev_sample = coef_x * x + coef_d * m0 + alpha_t * ((ratio - 1.0) / h + 1.0) * d1
+                coef_d1 = 0.5 * coef_d
+            else:  # "heun": α_t((e^{−h} − 1)/h + 1), or α_t((1 − e^{−2h})/(−2h) + 1) for the SDE
+                coef_d1 = alpha_t * ((keep - 1.0) / (h * (2.0 if sde else 1.0)) + 1.0)
+            prev_sample = prev_sample + coef_d1 * d1
+        if sde:
+            if variance_noise is None:
+                variance_noise = randn(model_output.shape, generator=generator,
+                                       device=model_output.device, dtype=torch.float32)
+            sigma_t = s_next * alpha_t
+            prev_sample = prev_sample + sigma_t * math.sqrt(1.0 - ratio * ratio) * \
+                variance_noise.to(prev_sample.device, prev_sample.dtype)
         prev_sample = prev_sample.to(model_output.dtype)
 
         self._step_index = i + 1
