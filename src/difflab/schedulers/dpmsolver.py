@@ -9,13 +9,16 @@ x̂₀ the model's data prediction (converted from ε / v / x₀ and optionally 
     2nd order (2M):    the same with x̂₀_{i−1} replaced by
                        D_i = (1 + 1/(2r_i)) x̂₀_{i−1} − 1/(2r_i) x̂₀_{i−2}      ("midpoint")
 
-``algorithm_type="sde-dpmsolver++"`` integrates the reverse SDE instead (Lu et al. 2022, the
-SDE-DPM-Solver++ of the same paper's follow-up code; e^{−2h} is the part of the variance kept):
+``algorithm_type="sde-dpmsolver++"`` integrates the reverse SDE instead (the stochastic form of
+DPM-Solver++ in its authors' reference code and diffusers; e^{−2h} is the share of x kept):
 
-    1st order:  x_{t_i} = (σ_{t_i}/σ_{t_{i−1}}) e^{−h_i} x_{t_{i−1}} + α_{t_i}(1 − e^{−2h_i}) x̂₀_{i−1}
-                          + σ_{t_i} √(1 − e^{−2h_i}) z,       z ~ N(0, I) fresh at every step
-    2nd order:  the same with D_i (midpoint) — the stochastic counterpart of 2M, which corrects
-                part of the model's error with fresh noise the way ancestral DDPM does.
+    1st order:  x_{t_i} = (σ_{t_i}/σ_{t_{i−1}}) e^{−h_i} x_{t_{i−1}}
+                          + α_{t_i}(1 − e^{−2h_i}) x̂₀_{i−1} + σ_{t_i} √(1 − e^{−2h_i}) z
+    2nd order:  the same with D_i (midpoint) in place of x̂₀_{i−1}.
+
+z ~ N(0, I) is fresh at every step. The first-order SDE step is exactly ancestral DDPM (the
+posterior q(x_{t_i} | x_{t_{i−1}}, x̂₀) written in λ; tested); like DDPM, the fresh noise washes
+out part of the model's earlier errors, which the ODE solver carries to the end.
 
 The first step (no history) and, by default, the final step to σ = 0 are first order. The
 grid is kept as VE noise levels σ̃ = σ/α, so e^{−h} = σ̃_{t_i}/σ̃_{t_{i−1}}.
