@@ -35,3 +35,17 @@ def test_clipping_samplers_start_at_T_and_keep_x0_in_the_data_range():
 def test_overrides_win_over_the_defaults():
     s = _bundle().scheduler("ddim", timestep_spacing="leading", clip_sample=False)
     assert s.cfg.timestep_spacing == "leading" and s.cfg.clip_sample is False
+
+
+def test_pixel_dpm_solver_default_is_the_sde_form_and_seeded():
+    """dpm++ on a pixel model samples the reverse SDE (fresh noise each step): the same seed
+    gives the same images, another seed other images, and the ODE form stays one override
+    away (it differs from the SDE with the same start)."""
+    b = _bundle()
+    assert b.scheduler("dpm++").cfg.algorithm_type == "sde-dpmsolver++"
+    one = sample_images(b, 2, scheduler="dpm++", steps=5, seed=0).images
+    assert torch.equal(one, sample_images(b, 2, scheduler="dpm++", steps=5, seed=0).images)
+    assert not torch.equal(one, sample_images(b, 2, scheduler="dpm++", steps=5, seed=1).images)
+    ode = sample_images(b, 2, scheduler="dpm++", steps=5, seed=0,
+                        overrides={"algorithm_type": "dpmsolver++"}).images
+    assert not torch.equal(one, ode)
