@@ -15,7 +15,7 @@ data preparation are outside the budget, for all three):
 - ``difflab``: ``difflab train ddpm --data fashion-mnist --minutes M`` — the default recipe,
   unchanged (its precision is ``auto``: bf16 autocast on a CPU with bf16 dot products;
   ``--difflab-precision no`` forces float32) — sampled like
-  ``difflab sample``'s defaults (DPM-Solver++, 25 steps, EMA weights).
+  ``difflab sample``'s defaults (DPM-Solver++ 2M SDE, 25 steps, EMA weights).
 - ``diffusers``: diffusers' ``train_unconditional.py`` recipe transcribed with diffusers objects
   (``benchmarks/race_diffusers.py``; its docstring lists what follows the script and what
   differs: 32×32×1 padded images, DDIM 50 steps for sampling).
@@ -183,7 +183,7 @@ def sample_contestant(name: str, n: int, args: argparse.Namespace, batch: int) -
                             batch_size=batch, progress=False)
         sec = time.perf_counter() - t0
         u8 = torch.round(x.clamp(0, 1) * 255).to(torch.uint8)
-        return u8, sec, f"DPM-Solver++ {steps} steps (EMA)"
+        return u8, sec, f"DPM-Solver++ 2M SDE {steps} steps (EMA)"
     from safetensors.torch import load_file
 
     if name == "diffusers":

@@ -42,7 +42,8 @@ def test_pixel_dpm_solver_default_is_the_sde_form_and_seeded():
     gives the same images, another seed other images, and the ODE form stays one override
     away (it differs from the SDE with the same start)."""
     b = _bundle()
-    assert b.scheduler("dpm++").cfg.algorithm_type == "sde-dpmsolver++"
+    cfg = b.scheduler("dpm++").cfg
+    assert (cfg.algorithm_type, cfg.solver_type) == ("sde-dpmsolver++", "heun")
     one = sample_images(b, 2, scheduler="dpm++", steps=5, seed=0).images
     assert torch.equal(one, sample_images(b, 2, scheduler="dpm++", steps=5, seed=0).images)
     assert not torch.equal(one, sample_images(b, 2, scheduler="dpm++", steps=5, seed=1).images)
