@@ -217,3 +217,23 @@ def test_bf16_unet_gives_the_float32_noise_to_bf16_rounding(pipes):
     assert torch.equal(ref[0].x_t, low[0].x_t) and low[0].model_output.dtype == torch.float32
     rel = (low[0].model_output - ref[0].model_output).norm() / ref[0].model_output.norm()
     assert 1e-4 < rel < 3e-2
+
+
+def test_sde_dpm_solver_images_match_diffusers(pipes):
+    """The stochastic DPM-Solver++ draws its per-step noise from the pipeline's generator in
+    diffusers' order, so the whole guided text-to-image run matches the peer."""
+    import diffusers
+
+    from difflab.schedulers import DPMSolverMultistepScheduler
+
+    pipe, ours = pipes
+    cfg = {**SCHEDULER, "algorithm_type": "sde-dpmsolver++"}
+    pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(cfg)
+    ours.scheduler = DPMSolverMultistepScheduler.from_config(cfg)
+    kw = dict(height=SIZE, width=SIZE, num_inference_steps=4, guidance_scale=7.5)
+    ref = pipe(PROMPTS, generator=torch.Generator().manual_seed(0), output_type="pt", **kw).images
+    got = ours(PROMPTS, generator=torch.Generator().manual_seed(0), **kw)
+    assert (ref - got).abs().max() <= TOL
+    ours.scheduler = DPMSolverMultistepScheduler.from_config(SCHEDULER)  # the ODE, same start
+    ode = ours(PROMPTS, generator=torch.Generator().manual_seed(0), **kw)
+    assert (got - ode).abs().max() > 10 * TOL  # the per-step noise is really there
