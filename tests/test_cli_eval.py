@@ -55,6 +55,9 @@ def test_eval_sample_metrics_write_json(ckpt, tmp_path, capsys):
         assert isinstance(res[key], float) and math.isfinite(res[key]), key
     assert res["n"] == 40 and res["n_ref"] == 360 and res["data"] == "digits"
     assert 0.0 <= res["feature_extractor"]["test_accuracy"] <= 1.0
+    assert res["scheduler"] == "dpm++"  # recorded with the config that actually sampled
+    assert res["scheduler_config"]["algorithm_type"] == "sde-dpmsolver++"
+    assert res["scheduler_config"]["timestep_spacing"] == "trailing"
     printed = capsys.readouterr().out
     assert "fid:" in printed and "test accuracy" in printed and "precision:" in printed
 

@@ -148,8 +148,12 @@ def _sample_metrics(bundle: Any, ref: Any, spec: str, metrics: list[str], *, n: 
     samples = quantize_8bit(sample_many(bundle, n, scheduler=scheduler, steps=steps, seed=seed,
                                         guidance_scale=guidance_scale, batch_size=batch_size,
                                         progress=progress, mixed_precision=precision))
+    # the whole sampler config (the registry name's defaults change as they are measured)
+    sampler_config = {k: v for k, v in bundle.scheduler(scheduler).config.items()
+                      if not k.startswith("_")}
     out: dict[str, Any] = {"n": n, "n_ref": len(ref), "scheduler": scheduler, "steps": steps,
-                           "guidance_scale": guidance_scale, "mixed_precision": precision,
+                           "scheduler_config": sampler_config, "guidance_scale": guidance_scale,
+                           "mixed_precision": precision,
                            "sampling_seconds": time.perf_counter() - t0,
                            "feature_extractor": extractor.info()}
     spaces = [("", extractor, samples * 2 - 1, ref.images)]
