@@ -246,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="sample a trained diffusion model into a PNG grid")
     s.add_argument("--ckpt", type=Path, required=True,
                    help="run or model folder (pixel diffusion or latent diffusion)")
-    s.add_argument("--scheduler", default="dpm++", choices=sorted(SCHEDULERS))
+    s.add_argument("--scheduler", default="dpm++", choices=sorted(SCHEDULERS),
+                   help="dpm++ on a pixel model: the SDE form of DPM-Solver++ (stochastic, "
+                        "seeded); latent diffusion: the ODE form")
     s.add_argument("--steps", type=positive_int, default=25)
     s.add_argument("--n", type=positive_int, default=64)
     s.add_argument("--nrow", type=positive_int, default=8)
