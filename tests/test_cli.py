@@ -84,6 +84,12 @@ def test_train_then_sample(tmp_path, capsys):
                "--out", str(tmp_path / "c.png")) == 0
     assert (tmp_path / "c-trajectory.png").is_file()
     assert run("sample", "--ckpt", str(out), "--class", "99", "--out", str(a)) == 2
+    capsys.readouterr()
+    # η belongs to DDIM: with another scheduler it is a one-line error, not a traceback
+    assert run("sample", "--ckpt", str(out), "--scheduler", "dpm++", "--eta", "0.5",
+               "--out", str(a)) == 2
+    err = capsys.readouterr().err
+    assert "eta is a DDIM option" in err and err.count("\n") == 1
 
 
 def test_sample_missing_checkpoint(tmp_path, capsys):

@@ -13,12 +13,14 @@ The loop, top to bottom (the diffusers "15 lines", for images instead of latents
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from difflab.errors import ConfigError
 from difflab.perf import autocast
 
 
@@ -78,6 +80,9 @@ class ImagePipeline:
             else class_labels
         step_kw = {"generator": generator}
         if eta is not None:
+            if "eta" not in inspect.signature(sched.step).parameters:
+                raise ConfigError(f"eta is a DDIM option; {type(sched).__name__} has none "
+                                  "(sample with the ddim scheduler to set it)")
             step_kw["eta"] = eta
 
         trajectory = []
