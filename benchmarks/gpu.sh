@@ -41,7 +41,8 @@ if want sampling && [ -d .gpu/ckpt ]; then
   echo "== 1. sampling: FID-style vs NFE ($(left) s left)"
   TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 timeout "${SAMPLING_S:-230}" python3 benchmarks/sampling.py \
     --ckpt .gpu/ckpt --device cuda --n "${SAMPLING_N:-2000}" --batch 2000 \
-    --schedulers ddpm,ddim,dpm++,euler --steps 10,20,50,100,1000 \
+    --schedulers 'ddpm;ddim;dpm++;dpm++:{"algorithm_type": "dpmsolver++", "solver_type": "midpoint"};euler' \
+    --steps 10,20,50,100,1000 \
     --max-minutes "$(awk "BEGIN{print ${SAMPLING_S:-230} / 60 - 0.25}")" \
     2>&1 | tee "$OUT/sampling.txt"
   cp benchmarks/out/sampling.json "$OUT/" 2>/dev/null
