@@ -10,11 +10,12 @@ x̂₀ the model's data prediction (converted from ε / v / x₀ and optionally 
                        D_i = (1 + 1/(2r_i)) x̂₀_{i−1} − 1/(2r_i) x̂₀_{i−2}      ("midpoint")
 
 ``algorithm_type="sde-dpmsolver++"`` integrates the reverse SDE instead (the stochastic form of
-DPM-Solver++ in its authors' reference code and diffusers; e^{−2h} is the share of x kept):
+DPM-Solver++, diffusers' ``sde-dpmsolver++``; e^{−2h} is the share of x/α kept per step):
 
     1st order:  x_{t_i} = (σ_{t_i}/σ_{t_{i−1}}) e^{−h_i} x_{t_{i−1}}
                           + α_{t_i}(1 − e^{−2h_i}) x̂₀_{i−1} + σ_{t_i} √(1 − e^{−2h_i}) z
-    2nd order:  the same with D_i (midpoint) in place of x̂₀_{i−1}.
+    2nd order:  the same with D_i in place of x̂₀_{i−1} ("midpoint"; "heun" weighs
+                (x̂₀_{i−1} − x̂₀_{i−2})/r_i by α_{t_i}((1 − e^{−2h_i})/(−2h_i) + 1) instead).
 
 z ~ N(0, I) is fresh at every step. The first-order SDE step is exactly ancestral DDPM (the
 posterior q(x_{t_i} | x_{t_{i−1}}, x̂₀) written in λ; tested); like DDPM, the fresh noise washes
