@@ -46,6 +46,12 @@ def test_run_writes_a_pipeline_folder_that_load_pipeline_reads(run):
     assert m["stages"]["autoencoder"]["latent_shape"] == [4, 4, 4]  # 8×8 digits: f = 2
     pipe = load_pipeline(out / "pipeline")
     assert isinstance(pipe, TextToImage)
+    # its sampler is the SDE DPM-Solver++ (heun), written in diffusers' own config keys
+    sc = json.loads((out / "pipeline/scheduler/scheduler_config.json").read_text())
+    assert (sc["_class_name"], sc["algorithm_type"], sc["solver_type"]) == \
+        ("DPMSolverMultistepScheduler", "sde-dpmsolver++", "heun")
+    assert (pipe.scheduler.config["algorithm_type"], pipe.scheduler.config["solver_type"]) == \
+        ("sde-dpmsolver++", "heun")
     assert pipe.vae.config.scaling_factor == pytest.approx(
         m["stages"]["autoencoder"]["scaling_factor"])
     assert pipe.tokenizer.model_max_length == pipe.text_encoder.config.max_position_embeddings

@@ -247,8 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ckpt", type=Path, required=True,
                    help="run or model folder (pixel diffusion or latent diffusion)")
     s.add_argument("--scheduler", default="dpm++", choices=sorted(SCHEDULERS),
-                   help="dpm++ on a pixel model: the SDE form of DPM-Solver++ (stochastic, "
-                        "seeded); latent diffusion: the ODE form")
+                   help="dpm++ = DPM-Solver++; pixel models and LDMs trained by difflab "
+                        "use its SDE form (stochastic, seeded), other pipeline folders the "
+                        "form their scheduler config names (else the ODE)")
     s.add_argument("--steps", type=positive_int, default=25)
     s.add_argument("--n", type=positive_int, default=64)
     s.add_argument("--nrow", type=positive_int, default=8)

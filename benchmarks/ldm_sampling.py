@@ -1,0 +1,84 @@
+"""DPM-Solver++ as ODE vs SDE on a text-to-image model trained with ``difflab train ldm``.
+
+    difflab train ldm --data mnist5k --minutes 10 --out runs/ldm10
+    python benchmarks/ldm_sampling.py --ckpt runs/ldm10 --steps 25 --guidance 4
+
+Prompts are the class captions without attributes ("a seven"), ``--n-per-class`` samples each,
+the same seeds for every sampler. Scores: FID-style against the data set's test split in its
+feature-classifier space (``difflab.metrics``), and the fraction of samples that a classifier
+trained on the train split (``difflab.runs.judge``, as in the LDM report) puts in the prompt's
+class. Prints a table and writes benchmarks/out/ldm_sampling.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, print_table, write_json  # noqa: E402
+
+from difflab.data import load_dataset  # noqa: E402
+from difflab.metrics.fid import fid_of_images  # noqa: E402
+from difflab.runs.judge import train_classifier  # noqa: E402
+from difflab.runs.ldm import load_ldm  # noqa: E402
+from difflab.schedulers import DPMSolverMultistepScheduler  # noqa: E402
+
+SAMPLERS = {
+    "ODE, midpoint": {"algorithm_type": "dpmsolver++", "solver_type": "midpoint"},
+    "SDE, heun": {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun"},
+    "SDE, midpoint": {"algorithm_type": "sde-dpmsolver++", "solver_type": "midpoint"},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ckpt", required=True, help="difflab train ldm run or pipeline folder")
+    ap.add_argument("--data", default="mnist5k", help="the data set the model was trained on")
+    ap.add_argument("--n-per-class", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--guidance", type=float, default=4.0)
+    ap.add_argument("--batch", type=int, default=250)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    pipe, captioner = load_ldm(args.ckpt, scheduler="dpm++")
+    if captioner is None:
+        sys.exit(f"{args.ckpt}: no captions.json — a `difflab train ldm` folder is needed")
+    base = dict(pipe.scheduler.config)
+    k = len(captioner.class_words)
+    prompts = [captioner.caption(c) for c in range(k) for _ in range(args.n_per_class)]
+    labels = torch.arange(k).repeat_interleave(args.n_per_class)
+    judge = train_classifier(load_dataset(args.data, "train"), seed=args.seed)
+    rows = []
+    for name, over in SAMPLERS.items():
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(base, **over)
+        t0 = time.perf_counter()
+        images = torch.cat([
+            pipe(prompts[i:i + args.batch], num_inference_steps=args.steps,
+                 guidance_scale=args.guidance,
+                 generator=torch.Generator().manual_seed(args.seed + i))
+            for i in range(0, len(prompts), args.batch)])  # (N, C, H, W) in [0, 1]
+        seconds = time.perf_counter() - t0
+        fid = fid_of_images(images, args.data)["fid"]
+        with torch.no_grad():
+            pred = torch.cat([judge(images[i:i + 500] * 2 - 1).argmax(1)
+                              for i in range(0, len(images), 500)])
+        rows.append({"sampler": name, "steps": args.steps, "guidance": args.guidance,
+                     "n": len(images), "FID": fid,
+                     "class accuracy": float((pred == labels).double().mean()),
+                     "s/image": seconds / len(images)})
+        print_table(rows[-1:])
+    print()
+    print_table(rows)
+    path = write_json("ldm_sampling", {"machine": machine(), "argv": sys.argv,
+                                       "ckpt": str(args.ckpt), "rows": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
