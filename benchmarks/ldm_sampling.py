@@ -23,9 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, print_table, write_json  # noqa: E402
 
 from difflab.data import load_dataset  # noqa: E402
+from difflab.data.captions import ATTRIBUTES  # noqa: E402
 from difflab.metrics.fid import fid_of_images  # noqa: E402
 from difflab.runs.judge import train_classifier  # noqa: E402
-from difflab.runs.ldm import load_ldm  # noqa: E402
+from difflab.runs.ldm import load_ldm, text_following  # noqa: E402
 from difflab.schedulers import DPMSolverMultistepScheduler  # noqa: E402
 
 SAMPLERS = {
@@ -52,7 +53,6 @@ def main() -> None:
     base = dict(pipe.scheduler.config)
     k = len(captioner.class_words)
     prompts = [captioner.caption(c) for c in range(k) for _ in range(args.n_per_class)]
-    labels = torch.arange(k).repeat_interleave(args.n_per_class)
     judge = train_classifier(load_dataset(args.data, "train"), seed=args.seed)
     rows = []
     for name, over in SAMPLERS.items():
@@ -65,12 +65,12 @@ def main() -> None:
             for i in range(0, len(prompts), args.batch)])  # (N, C, H, W) in [0, 1]
         seconds = time.perf_counter() - t0
         fid = fid_of_images(images, args.data)["fid"]
-        with torch.no_grad():
-            pred = torch.cat([judge(images[i:i + 500] * 2 - 1).argmax(1)
-                              for i in range(0, len(images), 500)])
+        # the report's scoring: one prompt row without attributes, K classes × n samples
+        follow = text_following(captioner, (images * 2 - 1).view(1, k, args.n_per_class,
+                                                                 *images.shape[1:]),
+                                torch.arange(k), ((0,) * len(ATTRIBUTES),), judge)
         rows.append({"sampler": name, "steps": args.steps, "guidance": args.guidance,
-                     "n": len(images), "FID": fid,
-                     "class accuracy": float((pred == labels).double().mean()),
+                     "n": len(images), "FID": fid, "class accuracy": follow["class_accuracy"],
                      "s/image": seconds / len(images)})
         print_table(rows[-1:])
     print()

@@ -296,11 +296,9 @@ def test_first_order_sde_dpm_solver_is_ddpm() -> None:
     (σ_t/σ_s)e^{−h} x + α_t(1 − e^{−2h}) x̂₀ and variance σ_t²(1 − e^{−2h}) are the posterior
     q(x_t | x_s, x̂₀) of DDPM eq. 7 written in λ = log(α/σ). (On the trailing grid, where
     both schedulers visit the same timesteps.)"""
-    spacing = "trailing"
-    kw = {"clip_sample": False, "timestep_spacing": spacing}
     sde = get_scheduler("dpm++", algorithm_type="sde-dpmsolver++", solver_order=1,
-                        timestep_spacing=spacing)
-    ddpm = DDPMScheduler(**kw)
+                        timestep_spacing="trailing")
+    ddpm = DDPMScheduler(clip_sample=False, timestep_spacing="trailing")
     sde.set_timesteps(20)
     ddpm.set_timesteps(20)
     torch.testing.assert_close(sde.timesteps, ddpm.timesteps)
@@ -318,16 +316,12 @@ def test_first_order_sde_dpm_solver_is_ddpm() -> None:
 def test_sde_dpm_solver_converges_to_the_gaussian_data(solver_type: str) -> None:
     """Driven by the exact denoiser, SDE-DPM-Solver++(2M) samples have the data's moments
     (Monte-Carlo error of 16,384 samples ≈ 0.01), and more steps do not make them worse."""
-    errs = {}
-    for n in (10, 100):
-        sched = get_scheduler("dpm++", algorithm_type="sde-dpmsolver++", solver_type=solver_type,
-                              clip_sample=False)
-        x_T = standard_noise((16384, len(MU)), seed=0)
-        x = run_sampler(sched, gaussian_model(MU, S, sched), x_T, n,
-                        generator=torch.Generator().manual_seed(1))
-        errs[n] = max(float((x.mean(0) - MU).abs().max()), float((x.std(0) - S).abs().max()))
-    assert errs[100] < 0.03, errs
-    assert errs[100] <= errs[10] + 1e-3, errs
+    rows = convergence_table(["dpm++"], steps=(10, 100), mu=MU.tolist(), s=S.tolist(),
+                             num_samples=16384, config={"algorithm_type": "sde-dpmsolver++",
+                                                        "solver_type": solver_type})
+    errs = {r["steps"]: r["error"] for r in rows}
+    assert errs[100] < 0.03, format_table(rows)
+    assert errs[100] <= errs[10] + 1e-3, format_table(rows)
 
 
 def test_sde_dpm_solver_noise_is_seeded_and_checked() -> None:

@@ -43,14 +43,16 @@ from difflab.viz import Report, make_grid, plot_loss_curves, save_grid
 # DPM-Solver++ samples the reverse SDE (sde-dpmsolver++, 2M with the "heun" correction): at
 # 20 steps (n = 2,000, seeds 0/1/2) 0.241/0.251/0.263 against 0.668 for the ODE form (seed 0)
 # and 0.253 for DDPM at 1000 steps (seed 0); the "midpoint" correction scores 0.250/0.264/0.279.
-# The fresh noise washes out errors that the ODE carries to the end.
-# ``algorithm_type="dpmsolver++"`` gives the ODE back.
+# The fresh noise washes out errors that the ODE carries to the end. Latent diffusion models
+# trained by difflab save the same sampler (runs/ldm.py). ``algorithm_type="dpmsolver++"``
+# gives the ODE back.
+DPM_SOLVER_SDE = {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun"}
 _CLIP_TRAILING = {"clip_sample": True, "clip_sample_range": 1.0, "timestep_spacing": "trailing"}
 PIXEL_SAMPLING_DEFAULTS: dict[str, dict[str, Any]] = {
     "ddpm": _CLIP_TRAILING,
     "ddim": _CLIP_TRAILING,
-    "dpm++": {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun", "thresholding": True,
-              "sample_max_value": 1.0, "timestep_spacing": "trailing"},
+    "dpm++": {**DPM_SOLVER_SDE, "thresholding": True, "sample_max_value": 1.0,
+              "timestep_spacing": "trailing"},
     "euler": _CLIP_TRAILING,
     "euler_a": _CLIP_TRAILING,
     "lms": _CLIP_TRAILING,

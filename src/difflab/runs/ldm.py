@@ -54,6 +54,7 @@ from difflab.runs.clip import (
     plot_image_table,
     train_clip,
 )
+from difflab.runs.diffusion import DPM_SOLVER_SDE
 from difflab.schedulers import SCHEDULERS
 from difflab.training import TrainConfig, is_main_process, train
 from difflab.training.objectives import PREDICTION_TYPES, DiffusionConfig, LatentDiffusionObjective
@@ -149,9 +150,6 @@ def build_unet(vae: AutoencoderKL, text_width: int, cfg: LDMConfig) -> UNet2DCon
 # The diffusers-layout pipeline folder
 # --------------------------------------------------------------------------------------------
 
-LDM_SAMPLER = {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun"}
-
-
 def save_ldm(folder: str | Path, *, unet: UNet2DConditionModel, vae: AutoencoderKL,
              clip: CLIPBundle, diffusion: DiffusionConfig, info: dict[str, Any]) -> Path:
     """Write the pipeline folder atomically (assembled beside it, then renamed into place)."""
@@ -175,7 +173,7 @@ def _write_ldm(tmp: Path, *, unet: UNet2DConditionModel, vae: AutoencoderKL, cli
     # mnist5k LDM (n = 1,000, FID-style; benchmarks/RESULTS.md) 1.30 vs 1.39 for the ODE at
     # 25 steps and guidance 4, 0.88 vs 1.05 at guidance 2. diffusers reads the same config.
     sched = dpm(**{k: v for k, v in diffusion.make_scheduler().config.items() if k in own},
-                **LDM_SAMPLER)
+                **DPM_SOLVER_SDE)
     write_pipeline_files(tmp, TextToImage(clip.tokenizer, clip.model.text_encoder, unet, vae,
                                           sched))
     atomic_write_json(tmp / "captions.json", clip.captioner.to_dict())

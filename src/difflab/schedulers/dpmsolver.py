@@ -190,8 +190,8 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
             if variance_noise is None:
                 variance_noise = randn(model_output.shape, generator=generator,
                                        device=model_output.device, dtype=torch.float32)
-            sigma_t = s_next * alpha_t
-            prev_sample = prev_sample + sigma_t * math.sqrt(1.0 - ratio * ratio) * \
+            sigma_t = s_next * alpha_t  # σ_t √(1 − e^{−2h}) z
+            prev_sample = prev_sample + sigma_t * math.sqrt(1.0 - keep) * \
                 variance_noise.to(prev_sample.device, prev_sample.dtype)
         prev_sample = prev_sample.to(model_output.dtype)
 
