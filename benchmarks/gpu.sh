@@ -6,9 +6,12 @@
 #  2. unet_train.py: DDPM-CIFAR-10 preset, batch 128: fp32, bf16 autocast, bf16 + channels_last
 #     + torch.compile, + CUDA graphs (reduce-overhead); difflab vs diffusers' UNet2DModel;
 #     img/s and % of the measured bf16 matmul rate;
-#  3. profile_step.py: the bf16 step's top CUDA operators;
+#  3. profile_step.py: the eager bf16 step's kernels by kind (convolutions, Triton, elementwise,
+#     copies...) and the convolutions' achieved TFLOP/s, cuDNN's algorithm search off and on
+#     (part "mfu" too: that is the part that says where the matmul-rate gap is);
 #  4. train_loop.py: difflab's whole training loop (EMA, clipping, guard) on the same preset;
-#  5. the training tests, whose loop then runs on CUDA.  PARTS=sampling,loop,... picks parts.
+#  5. the training tests, whose loop then runs on CUDA.  PARTS=sampling,loop,... picks parts;
+#     with the race in PARTS and TESTS_BESIDE_RACE=1 they run beside it (they time nothing).
 #  6. (not in the default PARTS; a call of its own, ~6 min) the quality race replayed: each
 #     contestant trains the steps its 20-minute CPU budget reached, then 5,000 samples each are
 #     scored (quality_race.py --replay-steps; RACE_STEPS overrides the step counts).
@@ -26,7 +29,8 @@ T0=$(date +%s); BUDGET=${GPU_BUDGET_S:-570}
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 PARTS=${PARTS:-sampling,unet,profile,loop,tests}  # a later call can rerun only some parts
 want() { [[ ",$PARTS," == *",$1,"* ]]; }
-OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
+OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT/extra"  # at most 8 files come back: JSON and
+# pictures go to extra/, packed into one extra.tgz at the end
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl
@@ -45,45 +49,52 @@ if want sampling && [ -d .gpu/ckpt ]; then
     --steps 10,20,50,100,1000 \
     --max-minutes "$(awk "BEGIN{print ${SAMPLING_S:-230} / 60 - 0.25}")" \
     2>&1 | tee "$OUT/sampling.txt"
-  cp benchmarks/out/sampling.json "$OUT/" 2>/dev/null
+  cp benchmarks/out/sampling.json "$OUT/extra/" 2>/dev/null
 fi
 
 if want unet; then
 echo "== 2. U-Net training step, DDPM-CIFAR-10 preset ($(left) s left)"
-timeout "$(( $(left) - 120 ))" python3 benchmarks/unet_train.py --preset ddpm-cifar10 \
+timeout "${UNET_S:-$(( $(left) - 120 ))}" python3 benchmarks/unet_train.py --preset ddpm-cifar10 \
   --batch 128 --device cuda --iters 15 --rounds 3 \
-  --modes fp32,bf16,bf16-cl-compile,bf16-cl-ro --peers difflab,difflab-fold,diffusers,diffusers-cl \
-  --compile-peers difflab,difflab-fold 2>&1 | tee "$OUT/unet_train.txt"
-cp benchmarks/out/unet_train.json "$OUT/" 2>/dev/null
+  --modes "${UNET_MODES:-fp32,bf16,bf16-cl-compile,bf16-cl-ro}" \
+  --peers "${UNET_PEERS:-difflab,difflab-fold,diffusers,diffusers-cl}" \
+  --compile-peers "${UNET_COMPILE_PEERS:-difflab,difflab-fold}" 2>&1 | tee "$OUT/unet_train.txt"
+cp benchmarks/out/unet_train.json "$OUT/extra/" 2>/dev/null
 fi
 
-if want profile; then
-echo "== 3. where the bf16 step goes: torch.profiler ($(left) s left)"
-timeout 60 python3 benchmarks/profile_step.py --preset ddpm-cifar10 --batch 128 --device cuda \
-  --mode bf16 --iters 3 2>&1 | tee "$OUT/profile_step.txt"
-cp benchmarks/out/profile_step.json "$OUT/" 2>/dev/null
+if want profile || want mfu; then
+echo "== 3. where the bf16 step goes: kernels by kind ($(left) s left)"
+timeout 90 python3 benchmarks/profile_step.py --preset ddpm-cifar10 --batch 128 --device cuda \
+  --mode bf16 --iters 3 --top 20 --cudnn-benchmark off,on 2>&1 | tee "$OUT/profile_step.txt"
+cp benchmarks/out/profile_step.json "$OUT/extra/" 2>/dev/null
 fi
 
 if want loop; then
 echo "== 4. difflab's whole training loop ($(left) s left)"
 timeout "$(( $(left) - 60 ))" python3 benchmarks/train_loop.py --preset ddpm-cifar10 \
   --batch 128 --steps 60 --configs ${LOOP_CONFIGS:-bf16-sync,bf16,bf16-ro-sync,bf16-ro} 2>&1 | tee "$OUT/train_loop.txt"
-cp benchmarks/out/train_loop.json "$OUT/" 2>/dev/null
+cp benchmarks/out/train_loop.json "$OUT/extra/" 2>/dev/null
 fi
 
-if want tests; then  # the training tests with the loop on CUDA (sync-free guard, precisions)
-echo "== 5. training tests on the GPU ($(left) s left)"
-timeout "$(( $(left) - 3 ))" python3 -m pytest -q -p no:cacheprovider \
-  tests/test_training_options.py tests/test_training.py 2>&1 | tee "$OUT/tests_full.txt" \
-  | tail -25  # the whole log comes back: last time only its tail did, and the resume failure
-              # (test_resume_is_bit_exact on CUDA, "RuntimeError: param…") could not be read
+TESTS_PID=
+if want tests; then  # the training tests with the loop on CUDA (sync-free guard, precisions,
+  # deterministic kernels, resume); the whole log comes back, the tail is printed
+  run_tests() {
+    timeout "$(( $(left) - 3 ))" python3 -m pytest -q -p no:cacheprovider -rf \
+      tests/test_training_options.py tests/test_training.py >"$OUT/tests_full.txt" 2>&1
+    echo "== 5. training tests on the GPU: done ($(left) s left)"; tail -25 "$OUT/tests_full.txt"
+  }
+  echo "== 5. training tests on the GPU ($(left) s left)"
+  if want race && [ -n "${TESTS_BESIDE_RACE:-}" ]; then run_tests & TESTS_PID=$!; else run_tests; fi
 fi
 if want race; then  # 6. equal-budget quality race, CPU budget replayed on the GPU
 echo "== 6. quality race replayed: ${RACE_STEPS:=difflab=4841,diffusers=712,ddpm-pytorch=390} ($(left) s left)"
 timeout "$(( $(left) - 5 ))" python3 benchmarks/quality_race.py --replay-steps "$RACE_STEPS" \
   --device cuda --n "${RACE_N:-5000}" --batch 500 --probe 8 --threads 4 \
   --peer-python "$(command -v python3)" --out-dir /tmp/race 2>&1 | tee "$OUT/quality_race.txt"
-cp benchmarks/out/quality_race.json "$OUT/" 2>/dev/null
-cp /tmp/race/*-samples.png "$OUT/" 2>/dev/null
+cp benchmarks/out/quality_race.json "$OUT/extra/" 2>/dev/null
+cp /tmp/race/*-samples.png "$OUT/extra/" 2>/dev/null
 fi
+[ -n "$TESTS_PID" ] && wait "$TESTS_PID"
+tar czf "$OUT/extra.tgz" -C "$OUT" extra && rm -rf "$OUT/extra"
 echo "done in $(( $(date +%s) - T0 )) s"

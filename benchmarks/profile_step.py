@@ -1,21 +1,33 @@
-"""Where a U-Net training step spends its time: torch.profiler's top operators.
+"""Where a U-Net training step spends its time: torch.profiler, kernels grouped by kind.
 
     python benchmarks/profile_step.py --preset ddpm-cifar10 --batch 128 --device cuda --mode bf16
+    python benchmarks/profile_step.py --device cuda --mode bf16-cl-compile --cudnn-benchmark on,off
     python benchmarks/profile_step.py                       # CPU, the small 28×28 preset
 
 One warm step, then ``--iters`` profiled steps of the same bare step ``unet_train.py`` times
-(AdamW, ε-MSE, channels_last). Prints the operators sorted by self time on the device and
-writes benchmarks/out/profile_step.json (top operators with their share of the step).
+(AdamW, ε-MSE, channels_last; ``--mode`` as there). On a GPU only the *kernels* are summed (the
+operators that launch them would count the same time twice), grouped by kind — convolutions
+(cuDNN), matrix products, attention, Triton (torch.compile's fused kernels), PyTorch's own
+elementwise / reduction / normalisation kernels, copies and layout changes, the optimizer — and
+the step's wall time is timed apart (device idle time = wall − kernel time: launch overhead).
+The FLOPs of the convolutions, matrix products and attention (FlopCounterMode) over their kernel
+time give the rate the math units reach, the number that bounds the whole step's rate.
+``--cudnn-benchmark on,off`` profiles each setting (eager modes need no recompilation).
+Writes benchmarks/out/profile_step.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
+import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, print_table, sync, write_json  # noqa: E402
@@ -23,44 +35,138 @@ from unet_train import make_step  # noqa: E402
 
 from difflab.models.unet import PRESETS, UNet2DModel, UNetConfig  # noqa: E402
 
+# (kind, substrings of the kernel name, lower-cased); the first match wins
+KINDS = [
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("attention", ("flash", "fmha", "attention", "efficient_attention", "cudnn_sdpa")),
+    ("convolution", ("conv", "xmma", "implicit_gemm", "dgrad", "wgrad", "fprop", "cudnn")),
+    ("layout/copy", ("nchwtonhwc", "nhwctonchw", "copy", "transpose", "cat")),
+    ("matmul", ("gemm", "nvjet", "cublas", "cutlass", "matmul")),
+    ("triton reduction", ("triton_red", "triton_per")),
+    ("triton pointwise", ("triton_poi", "triton_")),
+    ("group norm", ("group_norm", "groupnorm", "rowwisemoments", "computefusedparams")),
+    ("reduction", ("reduce_kernel", "reduce")),
+    ("elementwise", ("elementwise", "vectorized")),
+]
+MATH_OPS = {"convolution": ("convolution",), "matmul": ("mm", "addmm", "bmm", "baddbmm"),
+            "attention": ("attention",)}
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "other"
+
+
+def math_flops(model: torch.nn.Module, cfg: UNetConfig, batch: int) -> dict[str, float]:
+    """FLOPs per step of convolutions / matrix products / attention (forward + backward)."""
+    with torch.device("meta"):
+        m = copy.deepcopy(model).to("meta")
+        x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        t = torch.randint(0, 1000, (batch,))
+        with FlopCounterMode(display=False) as fc:
+            m(x, t).sample.float().pow(2).mean().backward()
+    out: dict[str, float] = defaultdict(float)
+    for op, n in fc.get_flop_counts().get("Global", {}).items():
+        parts = str(op).split(".")  # "aten.convolution_backward" (.default)
+        name = parts[1] if len(parts) > 1 else parts[0]
+        for kind, keys in MATH_OPS.items():
+            if any(k == name or (k in name and kind != "matmul") for k in keys):
+                out[kind] += float(n)
+                break
+    return dict(out)
+
+
+def wall_ms(step, device: torch.device, iters: int) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    sync(device)
+    return (time.perf_counter() - t0) / iters * 1e3
+
+
+def profile_once(step, device: torch.device, iters: int, top: int, flops: dict[str, float]):
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(iters):
+            step()
+        sync(device)
+    if device.type == "cuda":  # kernels only: an operator's device time is its kernels' time
+        events = [e for e in prof.key_averages()
+                  if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0]
+        key = "self_device_time_total"
+    else:
+        events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+        key = "self_cpu_time_total"
+    total = sum(getattr(e, key) for e in events)
+    kinds: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for e in events:
+        k = kind_of(e.key) if device.type == "cuda" else "operator"
+        kinds[k][0] += getattr(e, key)
+        kinds[k][1] += e.count
+    by_kind = []
+    for k, (us, count) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):
+        ms = us / 1e3 / iters
+        row = {"kind": k, "kernels/step": count // iters, "ms/step": ms,
+               "% of kernel time": 100 * us / total}
+        if k in flops and ms > 0:
+            row["TFLOP/s"] = flops[k] / (ms / 1e3) / 1e12
+        by_kind.append(row)
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    top_rows = [{"kernel": e.key[:64], "kind": kind_of(e.key), "calls/step": e.count // iters,
+                 "ms/step": getattr(e, key) / 1e3 / iters,
+                 "% of kernel time": 100 * getattr(e, key) / total} for e in events[:top]]
+    return total / 1e3 / iters, by_kind, top_rows
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="small", choices=sorted(PRESETS))
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--mode", default="fp32", help="fp32 | bf16 (autocast)")
+    ap.add_argument("--mode", default="fp32",
+                    help="fp32 | bf16 (autocast) | bf16-cl-compile (as unet_train.py)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--layout", default="channels_last", choices=["channels_last", "nchw"])
+    ap.add_argument("--cudnn-benchmark", default="off",
+                    help="comma list of on/off: profile each (cuDNN picks algorithms by timing)")
     args = ap.parse_args()
     device = torch.device(args.device)
     cfg = UNetConfig(**PRESETS[args.preset])
     if args.device == "cpu" and args.preset == "small":
         cfg = UNetConfig(**{**PRESETS["small"], "sample_size": 28})
     torch.manual_seed(0)
-    step, _ = make_step(UNet2DModel(cfg), args.batch, cfg, device, args.mode,
+    model = UNet2DModel(cfg)
+    flops = math_flops(model, cfg, args.batch)
+    step, _ = make_step(model, args.batch, cfg, device, args.mode,
                         args.layout == "channels_last")
-    step()
-    sync(device)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        for _ in range(args.iters):
+    runs = []
+    for bench in args.cudnn_benchmark.split(","):
+        torch.backends.cudnn.benchmark = bench == "on"
+        for _ in range(3):  # warm: compilation, cuDNN's algorithm search, the allocator
             step()
-        sync(device)
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
-    total = sum(getattr(e, key) for e in events)
-    events.sort(key=lambda e: getattr(e, key), reverse=True)
-    rows = [{"operator": e.key[:48], "calls/step": e.count // args.iters,
-             "ms/step": getattr(e, key) / 1e3 / args.iters,
-             "% of step": 100 * getattr(e, key) / total} for e in events[:args.top]]
-    print(f"{args.preset} batch {args.batch} {args.mode} {args.layout} on {device}: "
-          f"{total / 1e3 / args.iters:.1f} ms of {'device' if device.type == 'cuda' else 'CPU'}"
-          " self time per step")
-    print_table(rows)
+        wall = min(wall_ms(step, device, max(5, args.iters)) for _ in range(3))
+        kernel_ms, by_kind, top_rows = profile_once(step, device, args.iters, args.top, flops)
+        what = "kernel" if device.type == "cuda" else "CPU operator"
+        print(f"\n{args.preset} batch {args.batch} {args.mode} {args.layout} on {device}, "
+              f"cudnn.benchmark {bench}: wall {wall:.2f} ms/step, {what} time "
+              f"{kernel_ms:.2f} ms/step"
+              + (f" (device idle {100 * max(0.0, 1 - kernel_ms / wall):.0f} %)"
+                 if device.type == "cuda" else ""))
+        print_table(by_kind)
+        print()
+        print_table(top_rows)
+        runs.append({"cudnn_benchmark": bench, "wall_ms": wall, "kernel_ms": kernel_ms,
+                     "by_kind": by_kind, "top": top_rows})
+    print("\nmath FLOPs per step (GFLOP): "
+          + ", ".join(f"{k} {v / 1e9:,.0f}" for k, v in flops.items()))
     path = write_json("profile_step", {"machine": machine(), "preset": args.preset,
-                                       "batch": args.batch, "mode": args.mode, "rows": rows})
+                                       "batch": args.batch, "mode": args.mode,
+                                       "math_flops": flops, "runs": runs})
     print(f"wrote {path}")
 
 

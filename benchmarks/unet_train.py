@@ -77,6 +77,15 @@ def make_step(model: torch.nn.Module, batch: int, cfg: UNetConfig, device: torch
     return step, model
 
 
+def with_cudnn_benchmark(step, on: bool):
+    """The step with ``torch.backends.cudnn.benchmark`` set its way on every call (the flag is
+    process-wide and read at each convolution; a captured CUDA graph keeps what it recorded)."""
+    def run() -> None:
+        torch.backends.cudnn.benchmark = on
+        step()
+    return run
+
+
 def flops_per_step(model: torch.nn.Module, cfg: UNetConfig, batch: int) -> float:
     """FLOPs of one training step of the *plain* architecture (forward + backward), counted on
     the meta device: the textbook count both peers are measured against, so a cheaper
@@ -100,7 +109,8 @@ def main() -> None:
     ap.add_argument("--modes", default="fp32", help="comma list: fp32, bf16, bf16-cl-compile")
     ap.add_argument("--peers", default="difflab,difflab-nchw,diffusers,diffusers-cl",
                     help="difflab runs channels_last, diffusers NCHW; -nchw / -cl switch layout; "
-                    "difflab-fold: folded upsampling on a GPU too (CPU always folds)")
+                    "difflab-fold: folded upsampling on a GPU too (CPU always folds); a -bench "
+                    "suffix (e.g. difflab-bench) sets torch.backends.cudnn.benchmark")
     ap.add_argument("--compile-peers", default="difflab,diffusers",
                     help="peers that also run the compiled modes (compiling costs minutes)")
     ap.add_argument("--allocator", default="keep", choices=["keep", "default"],
@@ -126,19 +136,21 @@ def main() -> None:
                     peer not in args.compile_peers.split(","):
                 continue
             torch.manual_seed(0)
-            if peer.startswith("difflab"):
-                model, cl = UNet2DModel(cfg), not peer.endswith("-nchw")
-                if peer.endswith("-fold"):  # folded upsampling on this device too
+            bench = peer.endswith("-bench")  # cuDNN picks its algorithms by timing them
+            name = peer.removesuffix("-bench")
+            if name.startswith("difflab"):
+                model, cl = UNet2DModel(cfg), not name.endswith("-nchw")
+                if name.endswith("-fold"):  # folded upsampling on this device too
                     for m in model.modules():
                         if isinstance(m, Upsample):
                             m.fold_on = frozenset({"cpu", device.type})
-            elif peer.startswith("diffusers"):
-                model, cl = diffusers_unet(cfg), peer.endswith("-cl")
+            elif name.startswith("diffusers"):
+                model, cl = diffusers_unet(cfg), name.endswith("-cl")
             else:
                 raise SystemExit(f"unknown peer {peer}")
             params = sum(p.numel() for p in model.parameters())
             step, _ = make_step(model, args.batch, cfg, device, mode, cl or "-cl" in mode)
-            steps[peer] = (step, params)
+            steps[peer] = (with_cudnn_benchmark(step, bench), params)
         times = {p: [] for p in steps}
         for _ in range(args.rounds):  # interleave so machine noise hits every peer alike
             for p, (step, _) in steps.items():

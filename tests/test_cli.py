@@ -56,8 +56,11 @@ def test_dry_run_prints_config_and_trains_nothing(tmp_path, capsys):
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["train"]["max_steps"] == 3 and not (tmp_path / "r").exists()
     assert cfg["train"]["mixed_precision"] == "auto"  # the recipe: bf16 where it pays
-    assert run("train", "ddpm", "--data", "digits", "--mixed-precision", "no", "--dry-run") == 0
-    assert json.loads(capsys.readouterr().out)["train"]["mixed_precision"] == "no"
+    assert cfg["train"]["deterministic"] is False
+    assert run("train", "ddpm", "--data", "digits", "--mixed-precision", "no", "--deterministic",
+               "--dry-run") == 0
+    cfg = json.loads(capsys.readouterr().out)["train"]
+    assert cfg["mixed_precision"] == "no" and cfg["deterministic"] is True
 
 
 def test_train_then_sample(tmp_path, capsys):

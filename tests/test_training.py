@@ -1,6 +1,7 @@
 """The training loop and the diffusion objective: closed forms, determinism, exact resume."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -88,17 +89,17 @@ def test_training_lowers_the_loss(digits):
     assert last < 0.7 * first
 
 
-def test_same_seed_same_weights(digits):
-    a = train(_task(), digits.images, digits.labels, _cfg(max_steps=5)).raw_model
-    b = train(_task(), digits.images, digits.labels, _cfg(max_steps=5)).raw_model
+def test_same_seed_same_weights(digits):  # deterministic: GPU kernels too (CPU is anyway)
+    a = train(_task(), digits.images, digits.labels, _cfg(max_steps=5, deterministic=True)).raw_model
+    b = train(_task(), digits.images, digits.labels, _cfg(max_steps=5, deterministic=True)).raw_model
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(va, vb), k
 
 
 @pytest.mark.parametrize("lazy", [False, True])  # True: fused AdamW + the GPU's sync-free guard
 def test_resume_is_bit_exact(digits, tmp_path, lazy):
-    full = train(_task(), digits.images, digits.labels, _cfg(max_steps=8, lazy_guard=lazy),
-                 out_dir=tmp_path / "a")
+    full = train(_task(), digits.images, digits.labels,
+                 _cfg(max_steps=8, lazy_guard=lazy, deterministic=True), out_dir=tmp_path / "a")
 
     class Kill(Exception):
         pass
@@ -109,10 +110,10 @@ def test_resume_is_bit_exact(digits, tmp_path, lazy):
 
     with pytest.raises(Kill):
         train(_task(), digits.images, digits.labels,
-              _cfg(max_steps=8, checkpoint_every=4, lazy_guard=lazy),
+              _cfg(max_steps=8, checkpoint_every=4, lazy_guard=lazy, deterministic=True),
               out_dir=tmp_path / "b", on_checkpoint=die)
     resumed = train(_task(seed=123), digits.images, digits.labels,
-                    _cfg(max_steps=8, checkpoint_every=4, lazy_guard=lazy),
+                    _cfg(max_steps=8, checkpoint_every=4, lazy_guard=lazy, deterministic=True),
                     out_dir=tmp_path / "b", resume=True)
     assert resumed.steps == 8
     for (k, va), vb in zip(full.raw_model.state_dict().items(),
@@ -120,6 +121,29 @@ def test_resume_is_bit_exact(digits, tmp_path, lazy):
         assert torch.equal(va, vb), k
     for va, vb in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(va, vb)  # the EMA too
+
+
+def test_deterministic_kernels_hold_during_training_only(digits, monkeypatch, tmp_path):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    torch.backends.cudnn.benchmark = True
+    seen = []
+
+    def look(model, step):
+        seen.append((torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled(),
+                     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+                     os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+    try:
+        train(_task(), digits.images, digits.labels, _cfg(max_steps=2, deterministic=True),
+              out_dir=tmp_path / "a", on_checkpoint=look)
+        inside = seen[-1]
+        look(None, 0)
+        train(_task(), digits.images, digits.labels, _cfg(max_steps=2), out_dir=tmp_path / "b",
+              on_checkpoint=look)
+    finally:
+        torch.backends.cudnn.benchmark = False
+    assert inside == (True, True, True, False, ":4096:8")
+    assert seen[-2] == seen[-1] == (False, False, False, True, None)  # restored; off by default
 
 
 def test_resume_without_checkpoint_is_a_clear_error(digits, tmp_path):

@@ -68,6 +68,8 @@ def _train_config(args: argparse.Namespace, **defaults: object):  # -> TrainConf
     if args.steps is not None:
         kw["max_steps"] = args.steps
     kw["progress"] = not args.no_progress
+    if getattr(args, "deterministic", False):
+        kw["deterministic"] = True
     return TrainConfig(**kw)
 
 
@@ -90,6 +92,9 @@ def _add_train_common(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the networks (pays on GPU; reduce-overhead = CUDA graphs)")
     p.add_argument("--checkpoint-every", type=nonneg_int, help="steps between checkpoints")
     p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--deterministic", action="store_true",
+                   help="bitwise-repeatable GPU training (deterministic kernels; slower there; "
+                        "CPU training is repeatable anyway)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

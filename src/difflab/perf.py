@@ -1,9 +1,13 @@
-"""Process-wide CPU settings that make PyTorch's eager execution faster (applied by the CLI)."""
+"""Process-wide settings: faster eager CPU execution (applied by the CLI), mixed precision,
+repeatable GPU kernels."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import os
 import sys
+from collections.abc import Iterator
 
 _M_TRIM_THRESHOLD = -1  # glibc mallopt parameters (malloc.h)
 _M_MMAP_THRESHOLD = -3
@@ -77,3 +81,37 @@ def autocast(device_type: str, precision: str) -> object:
     if precision not in dtypes:
         raise ValueError(f"precision must be one of no, bf16, fp16; got {precision!r}")
     return torch.autocast(device_type, dtype=dtypes[precision], enabled=precision != "no")
+
+
+@contextlib.contextmanager
+def deterministic_kernels(on: bool = True) -> Iterator[None]:
+    """Bitwise-repeatable kernels inside the block (``TrainConfig.deterministic``), then the
+    process's own settings back.
+
+    CPU training is repeatable anyway. On a GPU, cuDNN's fastest backward convolutions and the
+    atomic-add kernels (embedding and upsampling gradients, index_add) sum in an order that
+    changes from run to run, so the same seed gives weights that differ in the last bits after
+    one step and drift apart after many. This asks PyTorch for its deterministic variants
+    (``torch.use_deterministic_algorithms``, warning — not failing — on an operation that has
+    none), turns cuDNN's algorithm search off and sets cuBLAS's fixed workspace
+    (``CUBLAS_WORKSPACE_CONFIG``) unless the environment already names one. Slower on a GPU.
+    """
+    import torch
+
+    if not on:
+        yield
+        return
+    saved = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+             os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2:4]
+        if saved[4] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from difflab.config import Config, check_choice, check_positive
 from difflab.errors import ConfigError, DifflabError
 from difflab.nn.fused import fused_group_norm_available
-from difflab.perf import resolve_mixed_precision
+from difflab.perf import deterministic_kernels, resolve_mixed_precision
 from difflab.rng import BatchShard, ShardedGenerator
 from difflab.training.checkpoint import (
     load_training_state,
@@ -65,6 +65,9 @@ class TrainConfig(Config):
     channels_last: bool = True
     compile: str = "no"  # no | default | reduce-overhead | max-autotune: torch.compile the nets
     lazy_guard: bool | None = None  # non-finite guard without a host sync per step (None: on GPU)
+    # bitwise-repeatable GPU training (deterministic cuDNN / no atomics; slower there; CPU
+    # training is repeatable anyway): difflab.perf.deterministic_kernels
+    deterministic: bool = False
     progress: bool = True  # tqdm progress bar
 
     def validate(self) -> None:
@@ -132,8 +135,17 @@ def train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Trai
 
     images: (N, C, H, W) in [-1, 1]; labels: (N,). With ``out_dir`` a training checkpoint is
     written there (atomically) every ``cfg.checkpoint_every`` steps and at the end; with
-    ``resume`` the run continues bit-exactly from the last one.
+    ``resume`` the run continues bit-exactly from the last one (on a GPU with
+    ``cfg.deterministic``).
     """
+    with deterministic_kernels(cfg.deterministic):
+        return _train(task, images, labels, cfg, out_dir=out_dir, resume=resume, desc=desc,
+                      on_checkpoint=on_checkpoint)
+
+
+def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, *,
+           out_dir: str | Path | None, resume: bool, desc: str,
+           on_checkpoint: Callable[[nn.Module, int], None] | None) -> TrainResult:
     from accelerate import Accelerator  # heavy import, only when training
 
     if len(images) == 0:
