@@ -95,8 +95,9 @@ def profile_once(step, device: torch.device, iters: int, top: int, flops: dict[s
             step()
         sync(device)
     if device.type == "cuda":  # kernels only: an operator's device time is its kernels' time
+        cuda = torch.autograd.DeviceType.CUDA
         events = [e for e in prof.key_averages()
-                  if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0]
+                  if e.device_type == cuda and e.self_device_time_total > 0]
         key = "self_device_time_total"
     else:
         events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]

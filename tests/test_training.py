@@ -90,8 +90,9 @@ def test_training_lowers_the_loss(digits):
 
 
 def test_same_seed_same_weights(digits):  # deterministic: GPU kernels too (CPU is anyway)
-    a = train(_task(), digits.images, digits.labels, _cfg(max_steps=5, deterministic=True)).raw_model
-    b = train(_task(), digits.images, digits.labels, _cfg(max_steps=5, deterministic=True)).raw_model
+    cfg = _cfg(max_steps=5, deterministic=True)
+    a = train(_task(), digits.images, digits.labels, cfg).raw_model
+    b = train(_task(), digits.images, digits.labels, cfg).raw_model
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(va, vb), k
 
