@@ -89,6 +89,11 @@ def test_lazy_guard_stops_after_too_many_nonfinite():
         _flaky_run(set(range(1, 200)), 100, max_nonfinite=3)
 
 
+# these test the CPU's precision and layout choices: on a machine with a GPU the loop trains there
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="the loop trains on the GPU here")
+
+
+@cpu_only
 @pytest.mark.parametrize("kernel", [True, False])
 def test_cpu_bf16_layout_follows_the_group_norm_kernel_and_fp32(monkeypatch, kernel):
     """Under CPU bf16 the loop trains channels-last when difflab's GroupNorm kernel is there,
@@ -121,6 +126,7 @@ def test_cpu_bf16_layout_follows_the_group_norm_kernel_and_fp32(monkeypatch, ker
     assert abs(tail["bf16"] - tail["no"]) < 0.15 * tail["no"]
 
 
+@cpu_only
 @pytest.mark.parametrize("has_bf16", [True, False])
 def test_auto_precision_trains_in_what_the_cpu_supports(monkeypatch, has_bf16):
     """``mixed_precision="auto"`` resolves per machine, the result says which precision ran,
@@ -141,9 +147,8 @@ def test_auto_precision_trains_in_what_the_cpu_supports(monkeypatch, has_bf16):
     assert losses["auto"] == losses["bf16" if has_bf16 else "no"]
 
 
+@cpu_only
 def test_fp16_on_a_cpu_says_it_trains_in_float32():
-    if torch.cuda.is_available():
-        pytest.skip("fp16 autocast runs on a GPU")
     digits = load_dataset("digits")
     torch.manual_seed(0)
     task = DiffusionObjective(UNet2DModel(UNetConfig(**TINY)), DiffusionConfig())

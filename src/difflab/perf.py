@@ -92,9 +92,11 @@ def deterministic_kernels(on: bool = True) -> Iterator[None]:
     atomic-add kernels (embedding and upsampling gradients, index_add) sum in an order that
     changes from run to run, so the same seed gives weights that differ in the last bits after
     one step and drift apart after many. This asks PyTorch for its deterministic variants
-    (``torch.use_deterministic_algorithms``, warning — not failing — on an operation that has
-    none), turns cuDNN's algorithm search off and sets cuBLAS's fixed workspace
-    (``CUBLAS_WORKSPACE_CONFIG``) unless the environment already names one. Slower on a GPU.
+    (``torch.use_deterministic_algorithms``: an operation that has none raises a RuntimeError
+    naming it rather than running unrepeatably; in warn-only mode PyTorch would even keep the
+    non-deterministic memory-efficient attention backward), turns cuDNN's algorithm search off
+    and sets cuBLAS's fixed workspace (``CUBLAS_WORKSPACE_CONFIG``) unless the environment
+    already names one. Slower on a GPU.
     """
     import torch
 
@@ -106,7 +108,7 @@ def deterministic_kernels(on: bool = True) -> Iterator[None]:
              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
              os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     try:
         yield
