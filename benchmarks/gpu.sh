@@ -7,16 +7,18 @@
 #     + torch.compile, + CUDA graphs (reduce-overhead); difflab vs diffusers' UNet2DModel;
 #     img/s and % of the measured bf16 matmul rate;
 #  3. profile_step.py: the eager bf16 step's kernels by kind (convolutions, Triton, elementwise,
-#     copies...) and the convolutions' achieved TFLOP/s, cuDNN's algorithm search off and on
-#     (part "mfu" too: that is the part that says where the matmul-rate gap is);
+#     copies...) and the convolutions' achieved TFLOP/s, cuDNN's algorithm search off and on;
+#     part "mfu" (not in the default PARTS, ~8 min): the data-moving operators by input shape,
+#     eager and compiled, and the CUDA-graph step for channels_last vs NCHW (inductor's own
+#     layout choice) vs diffusers — the next measurements for the matmul-rate goal;
 #  4. train_loop.py: difflab's whole training loop (EMA, clipping, guard) on the same preset;
 #  5. the training tests, whose loop then runs on CUDA.  PARTS=sampling,loop,... picks parts;
 #     with the race in PARTS and TESTS_BESIDE_RACE=1 they run beside it (they time nothing).
-#  6. (not in the default PARTS; a call of its own, ~6 min) the quality race replayed: each
-#     contestant trains the steps its 20-minute CPU budget reached, then 5,000 samples each are
+#  6. (not in the default PARTS; ~6 min; ran in the seventh session) the quality race replayed:
+#     each contestant trains the steps its 20-minute CPU budget reached, then 5,000 samples each are
 #     scored (quality_race.py --replay-steps; RACE_STEPS overrides the step counts).
 # Carried (git-ignored) folders: .whl (diffusers wheels), .gpu/ckpt (a `difflab train ddpm`
-# run's model folder), .gpu/data/fashion-mnist (t10k IDX files), .gpu/cache (the feature
+# run's model folder), .gpu/data/fashion-mnist (IDX files), .gpu/cache (the feature
 # classifier). Wheels are made with
 #   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux2014_x86_64 --platform any -d .whl \
@@ -62,7 +64,19 @@ timeout "${UNET_S:-$(( $(left) - 120 ))}" python3 benchmarks/unet_train.py --pre
 cp benchmarks/out/unet_train.json "$OUT/extra/" 2>/dev/null
 fi
 
-if want profile || want mfu; then
+if want mfu; then  # where the matmul-rate gap is (issue 5): which copies, which layout
+echo "== 3m. MFU: data-moving operators eager and compiled, NCHW vs channels_last ($(left) s left)"
+timeout 70 python3 benchmarks/profile_step.py --preset ddpm-cifar10 --batch 128 --device cuda \
+  --mode bf16 --iters 3 --top 20 --copies 2>&1 | tee "$OUT/mfu_profile_eager.txt"
+timeout 160 python3 benchmarks/profile_step.py --preset ddpm-cifar10 --batch 128 --device cuda \
+  --mode bf16-cl-compile --iters 3 --top 30 --copies 2>&1 | tee "$OUT/mfu_profile_compiled.txt"
+timeout "${MFU_UNET_S:-240}" python3 benchmarks/unet_train.py --preset ddpm-cifar10 --batch 128 \
+  --device cuda --iters 15 --rounds 3 --modes bf16-ro --peers difflab,difflab-nchw,diffusers \
+  --compile-peers difflab,difflab-nchw,diffusers 2>&1 | tee "$OUT/mfu_unet.txt"
+cp benchmarks/out/unet_train.json "$OUT/extra/mfu_unet.json" 2>/dev/null
+fi
+
+if want profile; then
 echo "== 3. where the bf16 step goes: kernels by kind ($(left) s left)"
 timeout 90 python3 benchmarks/profile_step.py --preset ddpm-cifar10 --batch 128 --device cuda \
   --mode bf16 --iters 3 --top 20 --cudnn-benchmark off,on 2>&1 | tee "$OUT/profile_step.txt"

@@ -12,7 +12,8 @@ elementwise / reduction / normalisation kernels, copies and layout changes, the 
 the step's wall time is timed apart (device idle time = wall − kernel time: launch overhead).
 The FLOPs of the convolutions, matrix products and attention (FlopCounterMode) over their kernel
 time give the rate the math units reach, the number that bounds the whole step's rate.
-``--cudnn-benchmark on,off`` profiles each setting (eager modes need no recompilation).
+``--cudnn-benchmark on,off`` profiles each setting (eager modes need no recompilation);
+``--copies`` lists the data-moving operators by input shape (where the layout copies come from).
 Writes benchmarks/out/profile_step.json.
 """
 
@@ -35,19 +36,24 @@ from unet_train import make_step  # noqa: E402
 
 from difflab.models.unet import PRESETS, UNet2DModel, UNetConfig  # noqa: E402
 
-# (kind, substrings of the kernel name, lower-cased); the first match wins
+# (kind, substrings of the kernel name, lower-cased); the first match wins. Triton kernels come
+# first: torch.compile names them after every op they fuse ("..._clone_convolution_...").
 KINDS = [
-    ("optimizer", ("adam", "multi_tensor", "foreach")),
-    ("attention", ("flash", "fmha", "attention", "efficient_attention", "cudnn_sdpa")),
-    ("convolution", ("conv", "xmma", "implicit_gemm", "dgrad", "wgrad", "fprop", "cudnn")),
-    ("layout/copy", ("nchwtonhwc", "nhwctonchw", "copy", "transpose", "cat")),
-    ("matmul", ("gemm", "nvjet", "cublas", "cutlass", "matmul")),
     ("triton reduction", ("triton_red", "triton_per")),
     ("triton pointwise", ("triton_poi", "triton_")),
-    ("group norm", ("group_norm", "groupnorm", "rowwisemoments", "computefusedparams")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("attention", ("flash", "fmha", "attention", "cudnn_sdpa")),
+    ("layout/copy", ("nchwtonhwc", "nhwctonchw", "copy", "transpose")),
+    ("convolution", ("conv", "xmma", "implicit_gemm", "dgrad", "wgrad", "fprop", "cudnn")),
+    ("matmul", ("gemm", "nvjet", "cublas", "cutlass", "matmul")),
+    ("group norm", ("group_norm", "groupnorm", "rowwisemoments", "computefusedparams",
+                    "computeinternalgradients", "gammabetabackward")),
     ("reduction", ("reduce_kernel", "reduce")),
     ("elementwise", ("elementwise", "vectorized")),
 ]
+# operators whose kernels only move data: the --copies table says where they come from
+COPY_OPS = ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy", "aten::cat",
+            "aten::to")
 MATH_OPS = {"convolution": ("convolution",), "matmul": ("mm", "addmm", "bmm", "baddbmm"),
             "attention": ("attention",)}
 
@@ -88,20 +94,34 @@ def wall_ms(step, device: torch.device, iters: int) -> float:
     return (time.perf_counter() - t0) / iters * 1e3
 
 
-def profile_once(step, device: torch.device, iters: int, top: int, flops: dict[str, float]):
+def copy_table(prof, iters: int, top: int, key: str) -> list[dict]:
+    """The data-moving operators by input shape, with the (device) time of their kernels (the
+    shapes say which tensors: activations, weights; the strides are not recorded)."""
+    rows = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key in COPY_OPS and getattr(e, key) > 0:
+            rows.append({"operator": e.key, "input shapes": str(e.input_shapes)[:70],
+                         "calls/step": e.count // iters,
+                         "ms/step": getattr(e, key) / 1e3 / iters})
+    rows.sort(key=lambda r: -r["ms/step"])
+    return rows[:top]
+
+
+def profile_once(step, device: torch.device, iters: int, top: int, flops: dict[str, float],
+                 copies: bool = False):
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, record_shapes=copies) as prof:
         for _ in range(iters):
             step()
         sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    copy_rows = copy_table(prof, iters, top, key) if copies else []
     if device.type == "cuda":  # kernels only: an operator's device time is its kernels' time
         cuda = torch.autograd.DeviceType.CUDA
         events = [e for e in prof.key_averages()
                   if e.device_type == cuda and e.self_device_time_total > 0]
-        key = "self_device_time_total"
     else:
         events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
-        key = "self_cpu_time_total"
     total = sum(getattr(e, key) for e in events)
     kinds: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for e in events:
@@ -120,7 +140,7 @@ def profile_once(step, device: torch.device, iters: int, top: int, flops: dict[s
     top_rows = [{"kernel": e.key[:64], "kind": kind_of(e.key), "calls/step": e.count // iters,
                  "ms/step": getattr(e, key) / 1e3 / iters,
                  "% of kernel time": 100 * getattr(e, key) / total} for e in events[:top]]
-    return total / 1e3 / iters, by_kind, top_rows
+    return total / 1e3 / iters, by_kind, top_rows, copy_rows
 
 
 def main() -> None:
@@ -135,6 +155,9 @@ def main() -> None:
     ap.add_argument("--layout", default="channels_last", choices=["channels_last", "nchw"])
     ap.add_argument("--cudnn-benchmark", default="off",
                     help="comma list of on/off: profile each (cuDNN picks algorithms by timing)")
+    ap.add_argument("--copies", action="store_true",
+                    help="also list the data-moving operators (copy_, clone, _to_copy, cat...) "
+                         "by input shape, with their kernels' device time")
     args = ap.parse_args()
     device = torch.device(args.device)
     cfg = UNetConfig(**PRESETS[args.preset])
@@ -151,7 +174,8 @@ def main() -> None:
         for _ in range(3):  # warm: compilation, cuDNN's algorithm search, the allocator
             step()
         wall = min(wall_ms(step, device, max(5, args.iters)) for _ in range(3))
-        kernel_ms, by_kind, top_rows = profile_once(step, device, args.iters, args.top, flops)
+        kernel_ms, by_kind, top_rows, copy_rows = profile_once(step, device, args.iters,
+                                                               args.top, flops, args.copies)
         what = "kernel" if device.type == "cuda" else "CPU operator"
         print(f"\n{args.preset} batch {args.batch} {args.mode} {args.layout} on {device}, "
               f"cudnn.benchmark {bench}: wall {wall:.2f} ms/step, {what} time "
@@ -161,8 +185,11 @@ def main() -> None:
         print_table(by_kind)
         print()
         print_table(top_rows)
+        if copy_rows:
+            print("\ndata-moving operators by input shape:")
+            print_table(copy_rows)
         runs.append({"cudnn_benchmark": bench, "wall_ms": wall, "kernel_ms": kernel_ms,
-                     "by_kind": by_kind, "top": top_rows})
+                     "by_kind": by_kind, "top": top_rows, "copies": copy_rows})
     print("\nmath FLOPs per step (GFLOP): "
           + ", ".join(f"{k} {v / 1e9:,.0f}" for k, v in flops.items()))
     path = write_json("profile_step", {"machine": machine(), "preset": args.preset,
