@@ -147,6 +147,22 @@ def test_deterministic_kernels_hold_during_training_only(digits, monkeypatch, tm
     assert seen[-2] == seen[-1] == (False, False, False, True, None)  # restored; off by default
 
 
+def test_an_op_without_deterministic_variant_is_a_clear_error(digits):
+    class Alerting(torch.nn.Module):  # what PyTorch raises for such an op under the strict mode
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def training_loss(self, batch, generator=None):
+            raise RuntimeError("kthvalue CUDA does not have a deterministic implementation, but "
+                               "you set 'torch.use_deterministic_algorithms(True)'. You can ...")
+
+    with pytest.raises(DifflabError, match=r"^deterministic training: kthvalue CUDA has no "):
+        train(Alerting(), digits.images, digits.labels, _cfg(max_steps=1, deterministic=True))
+    with pytest.raises(RuntimeError, match="kthvalue"):  # not asked for: PyTorch's own error
+        train(Alerting(), digits.images, digits.labels, _cfg(max_steps=1))
+
+
 def test_resume_without_checkpoint_is_a_clear_error(digits, tmp_path):
     with pytest.raises(DifflabError, match="no training checkpoint"):
         train(_task(), digits.images, digits.labels, _cfg(max_steps=2), out_dir=tmp_path,

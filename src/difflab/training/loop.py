@@ -139,8 +139,18 @@ def train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Trai
     ``cfg.deterministic``).
     """
     with deterministic_kernels(cfg.deterministic):
-        return _train(task, images, labels, cfg, out_dir=out_dir, resume=resume, desc=desc,
-                      on_checkpoint=on_checkpoint)
+        try:
+            return _train(task, images, labels, cfg, out_dir=out_dir, resume=resume, desc=desc,
+                          on_checkpoint=on_checkpoint)
+        except RuntimeError as e:  # PyTorch's alert names the operation: one line of it
+            if not (cfg.deterministic and _NO_DETERMINISTIC in str(e)):
+                raise
+            op = str(e).split(_NO_DETERMINISTIC)[0].strip()
+            raise DifflabError(f"deterministic training: {op} has no deterministic variant on "
+                               "this device; train without --deterministic") from None
+
+
+_NO_DETERMINISTIC = "does not have a deterministic implementation"
 
 
 def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, *,
