@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from difflab.nn import fused
-from difflab.nn.fused import _GroupNormSiLU, group_norm_silu
+from difflab.nn.fused import fused_group_norm_silu, group_norm_silu
 
 needs_kernel = pytest.mark.skipif(not fused.fused_group_norm_available(),
                                   reason=f"no C++ toolchain: {fused._state.get('reason')}")
+KERNEL = "group_norm_silu_nhwc"  # in the name of its autograd node
 
 
 def reference(x, w, b, groups, eps, silu):
@@ -35,7 +36,7 @@ def test_kernel_matches_float64_values_and_gradients(dtype, tol, silu, shape, gr
     dy = torch.randn(*shape, generator=g, dtype=torch.float64)
     x = x64.to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
     wq, bq = w.clone().requires_grad_(), b.clone().requires_grad_()
-    y = _GroupNormSiLU.apply(x, wq, bq, groups, 1e-5, silu)
+    y = fused_group_norm_silu(x, wq, bq, groups, 1e-5, silu)
     assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
     dx, dw, db = torch.autograd.grad(y, (x, wq, bq), dy.to(dtype))
 
@@ -57,14 +58,14 @@ def test_blocks_use_the_kernel_for_channels_last_bf16_and_agree_with_nchw():
     x = torch.randn(2, 16, 6, 6).bfloat16()
     xr = x.contiguous(memory_format=torch.channels_last).requires_grad_()
     y = group_norm_silu(norm, xr)
-    assert "GroupNormSiLU" in type(y.grad_fn).__name__ and y.dtype == torch.bfloat16
+    assert KERNEL in y.grad_fn.name() and y.dtype == torch.bfloat16
     nchw = group_norm_silu(norm, x.requires_grad_())  # PyTorch's ops
-    assert "GroupNormSiLU" not in type(nchw.grad_fn).__name__
+    assert KERNEL not in nchw.grad_fn.name()
     torch.testing.assert_close(y.float(), nchw.float(), rtol=2e-2, atol=2e-2)
     plain = group_norm_silu(norm, xr, silu=False)
     torch.testing.assert_close(plain.float(), norm(x).float(), rtol=2e-2, atol=2e-2)
     x32 = x.float().contiguous(memory_format=torch.channels_last).requires_grad_()
-    assert "GroupNormSiLU" not in type(group_norm_silu(norm, x32).grad_fn).__name__  # fp32
+    assert KERNEL not in group_norm_silu(norm, x32).grad_fn.name()  # fp32
     a = group_norm_silu(norm, xr.detach())
     assert torch.equal(a, group_norm_silu(norm, xr.detach()))  # deterministic
 
@@ -90,6 +91,39 @@ def test_unet_gives_the_same_output_and_gradients_in_both_layouts_under_bf16():
         grads.append(unet.conv_in.weight.grad.clone())
     torch.testing.assert_close(outs[1], outs[0], rtol=3e-2, atol=3e-2)
     torch.testing.assert_close(grads[1], grads[0], rtol=5e-2, atol=5e-3)
+
+
+@needs_kernel
+def test_torch_compile_keeps_the_kernel_as_one_call():
+    """The kernel is a PyTorch operator with a fake (shape-only) version and an autograd
+    formula: a compiled block keeps it in one graph (fullgraph=True fails on any graph break;
+    it used to break at every block and hit dynamo's recompile limit) with the same numbers."""
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.GroupNorm(4, 16))
+    block = block.to(memory_format=torch.channels_last)
+
+    def f(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return group_norm_silu(block[1], block[0](x)).float().square().mean()
+
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    eager = f(x)
+    eager.backward()
+    grads = [p.grad.clone() for p in block.parameters()]
+    block.zero_grad()
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):  # keeps the traced graph, runs it as it is
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    compiled = torch.compile(f, backend=backend, fullgraph=True)(x)
+    compiled.backward()
+    assert len(graphs) == 1 and "difflab.group_norm_silu_nhwc" in graphs[0]
+    assert torch.equal(compiled, eager)
+    for p, g in zip(block.parameters(), grads):
+        assert torch.equal(p.grad, g)
 
 
 def test_without_the_kernel_everything_falls_back():

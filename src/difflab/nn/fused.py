@@ -85,30 +85,74 @@ def fused_group_norm_available() -> bool:
     return _extension() is not None
 
 
+def _kernel_ready() -> bool:
+    # torch.compile traces this: it must not build the kernel there (the loop asks for it
+    # before compiling, through fused_group_norm_available); a plain dict lookup it can guard on
+    if torch.compiler.is_compiling():
+        return _state.get("module") is not None
+    return _extension() is not None
+
+
 def _applies(x: torch.Tensor, norm: nn.GroupNorm) -> bool:
     return (x.device.type == "cpu" and x.dim() == 4 and norm.affine
             and x.dtype == torch.bfloat16  # float32: no faster than PyTorch's (RESULTS.md)
             and x.shape[2] * x.shape[3] > 1
             and x.is_contiguous(memory_format=torch.channels_last)
             and not x.is_contiguous()  # a truly NHWC buffer (PyTorch's NCHW kernel is fast)
-            and _extension() is not None)
+            and _kernel_ready())
 
 
-class _GroupNormSiLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
-                eps: float, silu: bool) -> torch.Tensor:
-        w, b = weight.float().contiguous(), bias.float().contiguous()
-        y, mean, rstd = _extension().forward(x, w, b, groups, eps, silu)
-        ctx.save_for_backward(x, mean, rstd, w, b)
-        ctx.groups, ctx.silu, ctx.param_dtype = groups, silu, weight.dtype
-        return y
+# The kernel as PyTorch operators (with shape-only "fake" versions and an autograd formula), so
+# that torch.compile keeps it as one opaque call instead of breaking the graph at every block.
+@torch.library.custom_op("difflab::group_norm_silu_nhwc", mutates_args=())
+def _forward_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
+                eps: float, silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, mean, rstd = _extension().forward(x, weight, bias, groups, eps, silu)
+    return y, mean, rstd
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, mean, rstd, w, b = ctx.saved_tensors
-        dx, dw, db = _extension().backward(grad, x, mean, rstd, w, b, ctx.groups, ctx.silu)
-        return dx, dw.to(ctx.param_dtype), db.to(ctx.param_dtype), None, None, None
+
+@_forward_op.register_fake
+def _(x, weight, bias, groups, eps, silu):
+    stats = x.new_empty((x.shape[0], groups), dtype=torch.float32)
+    return torch.empty_like(x, memory_format=torch.channels_last), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("difflab::group_norm_silu_nhwc_backward", mutates_args=())
+def _backward_op(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                 weight: torch.Tensor, bias: torch.Tensor, groups: int,
+                 silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dw, db = _extension().backward(grad, x, mean, rstd, weight, bias, groups, silu)
+    return dx, dw, db
+
+
+@_backward_op.register_fake
+def _(grad, x, mean, rstd, weight, bias, groups, silu):
+    return (torch.empty_like(x, memory_format=torch.channels_last), torch.empty_like(weight),
+            torch.empty_like(bias))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, groups, _, silu = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, mean, rstd, weight, bias)
+    ctx.groups, ctx.silu = groups, silu
+
+
+def _backward(ctx, grad, _grad_mean, _grad_rstd):
+    x, mean, rstd, w, b = ctx.saved_tensors
+    dx, dw, db = _backward_op(grad, x, mean, rstd, w, b, ctx.groups, ctx.silu)
+    return dx, dw, db, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fused_group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                          groups: int, eps: float, silu: bool) -> torch.Tensor:
+    """The kernel itself on a channels-last CPU tensor (float32 or bf16): ``silu(norm(x))`` or
+    ``norm(x)``, differentiable in x, weight and bias (kept float32 inside)."""
+    return _forward_op(x, weight.float().contiguous(), bias.float().contiguous(), groups, eps,
+                       silu)[0]
 
 
 def group_norm_silu(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = True) -> torch.Tensor:
@@ -116,6 +160,6 @@ def group_norm_silu(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = True) -> t
     channels-last CPU tensor when the kernel is available, else with PyTorch's ops. Under
     autocast the input keeps its dtype, as ``F.group_norm`` does on CPU."""
     if _applies(x, norm):
-        return _GroupNormSiLU.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu)
+        return fused_group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu)
     y = norm(x)
     return F.silu(y, inplace=not y.requires_grad) if silu else y
