@@ -13,7 +13,9 @@ The kernel is compiled with ``torch.utils.cpp_extension`` the first time it is n
 cached under ``~/.cache/torch_extensions``). Without a C++ compiler or ninja — or with
 ``DIFFLAB_NO_CPP_EXTENSION=1`` — :func:`group_norm_silu` falls back to PyTorch's ops (same
 numbers up to rounding) and :func:`fused_group_norm_available` is False, so the training loop
-keeps CPU bf16 in NCHW as before.
+keeps CPU bf16 in NCHW as before. The kernel is registered as two PyTorch operators
+(``difflab::group_norm_silu_nhwc`` and its backward) with shape-only versions, so
+``torch.compile`` keeps it as one call in the compiled graph.
 """
 
 from __future__ import annotations
