@@ -10,8 +10,9 @@
 #     copies...) and the convolutions' achieved TFLOP/s, cuDNN's algorithm search off and on;
 #     part "mfu" (not in the default PARTS, ~9 min): the data-moving operators by input shape,
 #     eager and compiled, and the CUDA-graph step for channels_last vs NCHW (inductor's own
-#     layout choice) vs diffusers, then with inductor's layout optimization forced on in the
-#     backward graph too — the next measurements for the matmul-rate goal;
+#     layout choice) vs difflab with GroupNorm kept in bf16 (-gn16) vs diffusers, then with
+#     inductor's layout optimization forced on in the backward graph too — the next
+#     measurements for the matmul-rate goal (call: PARTS=mfu, timeout_s=590);
 #  4. train_loop.py: difflab's whole training loop (EMA, clipping, guard) on the same preset;
 #  5. the training tests, whose loop then runs on CUDA.  PARTS=sampling,loop,... picks parts;
 #     with the race in PARTS and TESTS_BESIDE_RACE=1 they run beside it (they time nothing).
@@ -71,15 +72,17 @@ timeout 70 python3 benchmarks/profile_step.py --preset ddpm-cifar10 --batch 128 
   --mode bf16 --iters 3 --top 20 --copies 2>&1 | tee "$OUT/mfu_profile_eager.txt"
 timeout 160 python3 benchmarks/profile_step.py --preset ddpm-cifar10 --batch 128 --device cuda \
   --mode bf16-cl-compile --iters 3 --top 30 --copies 2>&1 | tee "$OUT/mfu_profile_compiled.txt"
-timeout "${MFU_UNET_S:-200}" python3 benchmarks/unet_train.py --preset ddpm-cifar10 --batch 128 \
-  --device cuda --iters 15 --rounds 3 --modes bf16-ro --peers difflab,difflab-nchw,diffusers \
-  --compile-peers difflab,difflab-nchw,diffusers 2>&1 | tee "$OUT/mfu_unet.txt"
+# -gn16: GroupNorm kept in bf16 under CUDA autocast (difflab.nn.fused.LOW_PRECISION_GPU_GROUP_NORM)
+timeout "${MFU_UNET_S:-230}" python3 benchmarks/unet_train.py --preset ddpm-cifar10 --batch 128 \
+  --device cuda --iters 15 --rounds 3 --modes bf16,bf16-ro \
+  --peers difflab,difflab-gn16,difflab-nchw,diffusers \
+  --compile-peers difflab,difflab-gn16,difflab-nchw 2>&1 | tee "$OUT/mfu_unet.txt"
 cp benchmarks/out/unet_train.json "$OUT/extra/mfu_unet.json" 2>/dev/null
 # inductor decides its channels-last layout per graph from the *forward* convolutions only, so
 # the backward graph runs without it (pytorch/pytorch#189239): forced on for every graph
-TORCHINDUCTOR_FORCE_LAYOUT_OPT=1 timeout "${MFU_UNET_S:-200}" python3 benchmarks/unet_train.py \
+TORCHINDUCTOR_FORCE_LAYOUT_OPT=1 timeout "${MFU_FORCED_S:-120}" python3 benchmarks/unet_train.py \
   --preset ddpm-cifar10 --batch 128 --device cuda --iters 15 --rounds 3 --modes bf16-ro \
-  --peers difflab,difflab-nchw --compile-peers difflab,difflab-nchw 2>&1 \
+  --peers difflab,difflab-gn16 --compile-peers difflab,difflab-gn16 2>&1 \
   | tee "$OUT/mfu_unet_forced_layout.txt"
 fi
 

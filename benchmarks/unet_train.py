@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, matmul_ceiling, median, print_table, time_fn, write_json  # noqa: E402
 
 from difflab.models.unet import PRESETS, UNet2DModel, UNetConfig  # noqa: E402
-from difflab.nn import Upsample  # noqa: E402
+from difflab.nn import Upsample, fused  # noqa: E402
 from difflab.perf import keep_freed_memory  # noqa: E402
 
 
@@ -77,11 +77,14 @@ def make_step(model: torch.nn.Module, batch: int, cfg: UNetConfig, device: torch
     return step, model
 
 
-def with_cudnn_benchmark(step, on: bool):
-    """The step with ``torch.backends.cudnn.benchmark`` set its way on every call (the flag is
-    process-wide and read at each convolution; a captured CUDA graph keeps what it recorded)."""
+def with_settings(step, cudnn_benchmark: bool, gn16: bool):
+    """The step with its process-wide switches set its way on every call:
+    ``torch.backends.cudnn.benchmark`` (read at each convolution; a captured CUDA graph keeps
+    what it recorded) and ``difflab.nn.fused.LOW_PRECISION_GPU_GROUP_NORM`` (read while
+    tracing: torch.compile guards on it and compiles each setting apart)."""
     def run() -> None:
-        torch.backends.cudnn.benchmark = on
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+        fused.LOW_PRECISION_GPU_GROUP_NORM = gn16
         step()
     return run
 
@@ -109,8 +112,10 @@ def main() -> None:
     ap.add_argument("--modes", default="fp32", help="comma list: fp32, bf16, bf16-cl-compile")
     ap.add_argument("--peers", default="difflab,difflab-nchw,diffusers,diffusers-cl",
                     help="difflab runs channels_last, diffusers NCHW; -nchw / -cl switch layout; "
-                    "difflab-fold: folded upsampling on a GPU too (CPU always folds); a -bench "
-                    "suffix (e.g. difflab-bench) sets torch.backends.cudnn.benchmark")
+                    "difflab-fold: folded upsampling on a GPU too (CPU always folds); suffixes: "
+                    "-gn16 difflab's GroupNorm in bf16 under CUDA autocast "
+                    "(fused.LOW_PRECISION_GPU_GROUP_NORM), -bench torch.backends.cudnn.benchmark "
+                    "(e.g. difflab-gn16-bench)")
     ap.add_argument("--compile-peers", default="difflab,diffusers",
                     help="peers that also run the compiled modes (compiling costs minutes)")
     ap.add_argument("--allocator", default="keep", choices=["keep", "default"],
@@ -136,8 +141,11 @@ def main() -> None:
                     peer not in args.compile_peers.split(","):
                 continue
             torch.manual_seed(0)
-            bench = peer.endswith("-bench")  # cuDNN picks its algorithms by timing them
-            name = peer.removesuffix("-bench")
+            name = peer
+            bench = name.endswith("-bench")  # cuDNN picks its algorithms by timing them
+            name = name.removesuffix("-bench")
+            gn16 = name.endswith("-gn16")  # difflab's GroupNorm in bf16 under CUDA autocast
+            name = name.removesuffix("-gn16")
             if name.startswith("difflab"):
                 model, cl = UNet2DModel(cfg), not name.endswith("-nchw")
                 if name.endswith("-fold"):  # folded upsampling on this device too
@@ -150,7 +158,7 @@ def main() -> None:
                 raise SystemExit(f"unknown peer {peer}")
             params = sum(p.numel() for p in model.parameters())
             step, _ = make_step(model, args.batch, cfg, device, mode, cl or "-cl" in mode)
-            steps[peer] = (with_cudnn_benchmark(step, bench), params)
+            steps[peer] = (with_settings(step, bench, gn16), params)
         times = {p: [] for p in steps}
         for _ in range(args.rounds):  # interleave so machine noise hits every peer alike
             for p, (step, _) in steps.items():

@@ -126,6 +126,36 @@ def test_torch_compile_keeps_the_kernel_as_one_call():
         assert torch.equal(p.grad, g)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_group_norm_matches_float32_and_reaches_the_weights(dtype):
+    """The GPU's opt-in half-precision GroupNorm (checked here on CPU tensors, same code): the
+    output keeps the input's dtype, equals float32 GroupNorm up to that dtype's rounding, and
+    the float32 affine parameters get the float32 gradients up to the same rounding."""
+    torch.manual_seed(0)
+    norm = nn.GroupNorm(4, 16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = (torch.randn(2, 16, 6, 6) * 3 + 1).to(dtype).requires_grad_()
+    y = fused.low_precision_group_norm(norm, x)
+    assert y.dtype == dtype
+    dy = torch.randn_like(y)
+    dx, dw = torch.autograd.grad(y, (x, norm.weight), dy)
+    assert dw.dtype == torch.float32
+    x32 = x.detach().float().requires_grad_()
+    y32 = norm(x32)
+    dx32, dw32 = torch.autograd.grad(y32, (x32, norm.weight), dy.float())
+    tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+    for got, want in ((y, y32), (dx, dx32), (dw, dw32)):
+        assert ((got.float() - want).abs().max() / want.abs().max()) < tol
+    # only for CUDA tensors under CUDA autocast, and only when switched on
+    fused.LOW_PRECISION_GPU_GROUP_NORM = True
+    try:
+        assert not fused._low_precision_applies(x, norm)  # a CPU tensor
+    finally:
+        fused.LOW_PRECISION_GPU_GROUP_NORM = False
+
+
 def test_without_the_kernel_everything_falls_back():
     code = ("import torch; from torch import nn; from difflab.nn import fused;"
             "n = nn.GroupNorm(2, 4); x = torch.randn(1, 4, 3, 3).contiguous("

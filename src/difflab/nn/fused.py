@@ -157,11 +157,35 @@ def fused_group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
                        silu)[0]
 
 
+# CUDA autocast runs group_norm in float32 (it is on autocast's float32 list): a bf16 activation
+# is widened, normalised and *written* in float32, goes through SiLU and dropout in float32 and
+# is cast back to bf16 by the next convolution — about twice the memory traffic of the bf16
+# path, in a step that is bound by memory traffic (benchmarks/RESULTS.md, "GPU"). With this
+# switch on, GroupNorm keeps the activation's half-precision dtype on a GPU, as autocast does on
+# a CPU; PyTorch's CUDA kernel still accumulates its statistics in float32. Off until measured
+# on a GPU (benchmarks/gpu.sh, part mfu: unet_train.py's "-gn16" peers).
+LOW_PRECISION_GPU_GROUP_NORM = False
+
+
+def _low_precision_applies(x: torch.Tensor, norm: nn.GroupNorm) -> bool:
+    return (LOW_PRECISION_GPU_GROUP_NORM and x.device.type == "cuda" and norm.affine
+            and x.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled("cuda"))
+
+
+def low_precision_group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` computed and returned in x's (half-precision) dtype, autocast or not; the
+    affine parameters are cast to it (differentiably: gradients reach the float32 weights)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.group_norm(x, norm.num_groups, norm.weight.to(x.dtype), norm.bias.to(x.dtype),
+                            norm.eps)
+
+
 def group_norm_silu(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = True) -> torch.Tensor:
     """``silu(norm(x))`` (or ``norm(x)`` with ``silu=False``), in one fused pass for a
     channels-last CPU tensor when the kernel is available, else with PyTorch's ops. Under
-    autocast the input keeps its dtype, as ``F.group_norm`` does on CPU."""
+    autocast the input keeps its dtype, as ``F.group_norm`` does on CPU (and on a GPU with
+    :data:`LOW_PRECISION_GPU_GROUP_NORM`)."""
     if _applies(x, norm):
         return fused_group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu)
-    y = norm(x)
+    y = low_precision_group_norm(norm, x) if _low_precision_applies(x, norm) else norm(x)
     return F.silu(y, inplace=not y.requires_grad) if silu else y
