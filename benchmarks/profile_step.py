@@ -20,7 +20,6 @@ Writes benchmarks/out/profile_step.json.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from collections import defaultdict
@@ -28,11 +27,10 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, print_table, sync, write_json  # noqa: E402
-from unet_train import make_step  # noqa: E402
+from unet_train import make_step, step_flop_counter  # noqa: E402
 
 from difflab.models.unet import PRESETS, UNet2DModel, UNetConfig  # noqa: E402
 
@@ -68,12 +66,7 @@ def kind_of(name: str) -> str:
 
 def math_flops(model: torch.nn.Module, cfg: UNetConfig, batch: int) -> dict[str, float]:
     """FLOPs per step of convolutions / matrix products / attention (forward + backward)."""
-    with torch.device("meta"):
-        m = copy.deepcopy(model).to("meta")
-        x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)
-        t = torch.randint(0, 1000, (batch,))
-        with FlopCounterMode(display=False) as fc:
-            m(x, t).sample.float().pow(2).mean().backward()
+    fc = step_flop_counter(model, cfg, batch)
     out: dict[str, float] = defaultdict(float)
     for op, n in fc.get_flop_counts().get("Global", {}).items():
         parts = str(op).split(".")  # "aten.convolution_backward" (.default)

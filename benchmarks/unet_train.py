@@ -89,17 +89,23 @@ def with_settings(step, cudnn_benchmark: bool, gn16: bool):
     return run
 
 
-def flops_per_step(model: torch.nn.Module, cfg: UNetConfig, batch: int) -> float:
-    """FLOPs of one training step of the *plain* architecture (forward + backward), counted on
-    the meta device: the textbook count both peers are measured against, so a cheaper
-    algorithm for the same function (difflab's folded upsampling) shows as a higher rate."""
+def step_flop_counter(model: torch.nn.Module, cfg: UNetConfig, batch: int) -> FlopCounterMode:
+    """One training step (forward + backward) of the model, run on the meta device under a
+    FlopCounterMode, which is returned (per-operator counts in ``get_flop_counts()``)."""
     with torch.device("meta"):
         model = copy.deepcopy(model).to("meta")
         x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)
         t = torch.randint(0, 1000, (batch,))
         with FlopCounterMode(display=False) as fc:
             model(x, t).sample.float().pow(2).mean().backward()
-    return float(fc.get_total_flops())
+    return fc
+
+
+def flops_per_step(model: torch.nn.Module, cfg: UNetConfig, batch: int) -> float:
+    """FLOPs of one training step of the *plain* architecture (forward + backward), counted on
+    the meta device: the textbook count both peers are measured against, so a cheaper
+    algorithm for the same function (difflab's folded upsampling) shows as a higher rate."""
+    return float(step_flop_counter(model, cfg, batch).get_total_flops())
 
 
 def main() -> None:
