@@ -136,6 +136,10 @@ def test_stage_budgets():
     assert only["unet"].minutes == pytest.approx(3.0)
     steps = stage_train_configs(TrainConfig(max_steps=7), cfg, ["vae", "clip", "unet"])
     assert {c.max_steps for c in steps.values()} == {7}
+    assert not any(c.deterministic for c in steps.values())
+    det = stage_train_configs(TrainConfig(max_steps=7, deterministic=True), cfg,
+                              ["vae", "clip", "unet"])
+    assert all(c.deterministic for c in det.values())  # --deterministic: every stage
 
 
 def test_ldm_config_round_trip_and_validation():
