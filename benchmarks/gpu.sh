@@ -105,7 +105,8 @@ if want tests; then  # the training tests with the loop on CUDA (sync-free guard
   # deterministic kernels, resume); the whole log comes back, the tail is printed
   run_tests() {
     timeout "$(( $(left) - 3 ))" python3 -m pytest -q -p no:cacheprovider -rf \
-      tests/test_training_options.py tests/test_training.py >"$OUT/tests_full.txt" 2>&1
+      tests/test_training_options.py tests/test_training.py tests/test_cuda.py \
+      >"$OUT/tests_full.txt" 2>&1
     echo "== 5. training tests on the GPU: done ($(left) s left)"; tail -25 "$OUT/tests_full.txt"
   }
   echo "== 5. training tests on the GPU ($(left) s left)"

@@ -1,0 +1,59 @@
+"""Checks that need a CUDA GPU (skipped elsewhere; benchmarks/gpu.sh runs them on a lent one):
+the opt-in half-precision GroupNorm under CUDA autocast against float32, and a same-seed
+deterministic training run of a U-Net with attention and upsampling, bit for bit."""
+
+import pytest
+import torch
+from torch import nn
+
+from difflab.data import load_dataset
+from difflab.models.unet import UNet2DModel, UNetConfig
+from difflab.nn import fused
+from difflab.training import TrainConfig, train
+from difflab.training.objectives import DiffusionConfig, DiffusionObjective
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def low_precision_group_norm():
+    fused.LOW_PRECISION_GPU_GROUP_NORM = True
+    yield
+    fused.LOW_PRECISION_GPU_GROUP_NORM = False
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_bf16_group_norm_under_autocast_matches_float32(low_precision_group_norm, layout):
+    torch.manual_seed(0)
+    norm = nn.GroupNorm(32, 128).cuda()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = (torch.randn(8, 128, 16, 16, device="cuda") * 2 + 0.5).contiguous(memory_format=layout)
+    xb = x.bfloat16().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = fused.group_norm_silu(norm, xb)
+    assert y.dtype == torch.bfloat16  # autocast alone would give float32
+    dy = torch.randn_like(y)
+    dx, dw = torch.autograd.grad(y, (xb, norm.weight), dy)
+    x32 = xb.detach().float().requires_grad_()
+    y32 = torch.nn.functional.silu(norm(x32))
+    dx32, dw32 = torch.autograd.grad(y32, (x32, norm.weight), dy.float())
+    for got, want in ((y, y32), (dx, dx32), (dw, dw32)):
+        assert ((got.float() - want).abs().max() / want.abs().max()) < 2e-2
+
+
+def test_deterministic_bf16_training_is_bitwise_repeatable():
+    digits = load_dataset("digits")
+    cfg_unet = UNetConfig(block_out_channels=(32, 64), layers_per_block=1,
+                          attention_levels=(False, True), norm_num_groups=8,
+                          attention_head_dim=16, sample_size=8)
+    weights = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        task = DiffusionObjective(UNet2DModel(cfg_unet), DiffusionConfig())
+        cfg = TrainConfig(batch_size=64, max_steps=6, warmup_steps=2, seed=0, progress=False,
+                          mixed_precision="bf16", deterministic=True)
+        weights.append(train(task, digits.images, digits.labels, cfg).raw_model.state_dict())
+    for k, v in weights[0].items():
+        assert torch.equal(v, weights[1][k]), k
