@@ -43,6 +43,7 @@ def run(cfg: UNetConfig, batch: int, steps: int, config: str, device: str) -> di
     compile_mode = "default" if "compile" in parts else "reduce-overhead" if "ro" in parts \
         else "no"
     lazy = False if "sync" in parts else None  # -sync: the per-step host-synced guard
+    deterministic = "det" in parts  # -det: --deterministic (repeatable kernels)
     torch.manual_seed(0)
     task = _Timed(UNet2DModel(cfg), DiffusionConfig())
     task.stamps = []
@@ -50,7 +51,8 @@ def run(cfg: UNetConfig, batch: int, steps: int, config: str, device: str) -> di
     images = torch.rand(n, cfg.in_channels, cfg.sample_size, cfg.sample_size) * 2 - 1
     labels = torch.zeros(n, dtype=torch.long)
     tc = TrainConfig(batch_size=batch, lr=2e-4, max_steps=steps, mixed_precision=mp,
-                     compile=compile_mode, progress=False, warmup_steps=10, lazy_guard=lazy)
+                     compile=compile_mode, progress=False, warmup_steps=10, lazy_guard=lazy,
+                     deterministic=deterministic)
     t0 = time.perf_counter()
     train(task, images, labels, tc)
     total = time.perf_counter() - t0
@@ -69,7 +71,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--configs", default="fp32", help="comma list: fp32, bf16, bf16-compile, "
                     "bf16-ro (reduce-overhead: CUDA graphs); a -sync suffix uses the guard "
-                    "that syncs with the host every step (the CPU default)")
+                    "that syncs with the host every step (the CPU default), -det trains "
+                    "with --deterministic (e.g. bf16-det, bf16-ro-det)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     cfg = UNetConfig(**PRESETS[args.preset])
