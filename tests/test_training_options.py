@@ -88,7 +88,6 @@ def test_lazy_guard_trains_exactly_like_the_synced_guard():
     """The GPU's default guard (fused AdamW's found_inf, EMA weight, losses read back in
     batches) is the CPU's synced guard step for step when every step is finite: same losses,
     same weights, same EMA."""
-
     digits = load_dataset("digits")
     runs = []
     for lazy in (False, True):
