@@ -61,15 +61,13 @@ def _train_config(args: argparse.Namespace, **defaults: object):  # -> TrainConf
 
     kw = dict(defaults)
     for name in ("batch_size", "lr", "seed", "minutes", "epochs", "checkpoint_every",
-                 "mixed_precision", "ema_decay", "warmup_steps", "compile"):
+                 "mixed_precision", "ema_decay", "warmup_steps", "compile", "deterministic"):
         v = getattr(args, name, None)
         if v is not None:
             kw[name] = v
     if args.steps is not None:
         kw["max_steps"] = args.steps
     kw["progress"] = not args.no_progress
-    if getattr(args, "deterministic", False):
-        kw["deterministic"] = True
     return TrainConfig(**kw)
 
 
