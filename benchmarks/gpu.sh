@@ -8,11 +8,11 @@
 #     img/s and % of the measured bf16 matmul rate;
 #  3. profile_step.py: the eager bf16 step's kernels by kind (convolutions, Triton, elementwise,
 #     copies...) and the convolutions' achieved TFLOP/s, cuDNN's algorithm search off and on;
-#     part "mfu" (not in the default PARTS, ~9 min): the data-moving operators by input shape,
-#     eager and compiled, and the CUDA-graph step for channels_last vs NCHW (inductor's own
-#     layout choice) vs difflab with GroupNorm kept in bf16 (-gn16) vs diffusers, then with
-#     inductor's layout optimization forced on in the backward graph too — the next
-#     measurements for the matmul-rate goal (call: PARTS=mfu, timeout_s=590);
+#     part "mfu" (not in the default PARTS, ~9 min): the convolution backwards' gradient
+#     layouts, the data-moving operators by input shape, eager and compiled, and the CUDA-graph
+#     step for difflab vs its folded upsampling (-fold) vs GroupNorm kept in bf16 (-gn16), eager
+#     NCHW vs channels_last, and diffusers — the next measurements for the matmul-rate goal
+#     (call: PARTS=mfu, timeout_s=590);
 #  4. train_loop.py: difflab's whole training loop (EMA, clipping, guard) on the same preset,
 #     with and without --deterministic (what repeatable kernels cost);
 #  5. the training tests, whose loop then runs on CUDA.  PARTS=sampling,loop,... picks parts;
@@ -68,23 +68,23 @@ cp benchmarks/out/unet_train.json "$OUT/extra/" 2>/dev/null
 fi
 
 if want mfu; then  # where the matmul-rate gap is (issue 5): which copies, which layout
-echo "== 3m. MFU: data-moving operators eager and compiled, NCHW vs channels_last ($(left) s left)"
+echo "== 3m. MFU: gradient layouts, data-moving operators eager and compiled ($(left) s left)"
+# every convolution backward should get its gradient in its input's layout (0 in the last
+# column for difflab; the eighth session fixed 25 of 77 that were not, traced on a CPU)
+timeout 60 python3 benchmarks/layout_check.py --device cuda 2>&1 | tee "$OUT/mfu_layout.txt"
 timeout 70 python3 benchmarks/profile_step.py --preset ddpm-cifar10 --batch 128 --device cuda \
   --mode bf16 --iters 3 --top 20 --copies 2>&1 | tee "$OUT/mfu_profile_eager.txt"
 timeout 160 python3 benchmarks/profile_step.py --preset ddpm-cifar10 --batch 128 --device cuda \
   --mode bf16-cl-compile --iters 3 --top 30 --copies 2>&1 | tee "$OUT/mfu_profile_compiled.txt"
-# -gn16: GroupNorm kept in bf16 under CUDA autocast (difflab.nn.fused.LOW_PRECISION_GPU_GROUP_NORM)
-timeout "${MFU_UNET_S:-230}" python3 benchmarks/unet_train.py --preset ddpm-cifar10 --batch 128 \
+# -gn16: GroupNorm kept in bf16 under CUDA autocast (difflab.nn.fused.LOW_PRECISION_GPU_GROUP_NORM);
+# -fold: the upsamplers as one transposed convolution (the CPU's form; same function, fewer
+# FLOPs, so its MFU column understates it: compare img/s); -nchw in eager mode (the default
+# loop's GPU path runs eager: which layout should it use there)
+timeout "${MFU_UNET_S:-300}" python3 benchmarks/unet_train.py --preset ddpm-cifar10 --batch 128 \
   --device cuda --iters 15 --rounds 3 --modes bf16,bf16-ro \
-  --peers difflab,difflab-gn16,difflab-nchw,diffusers \
-  --compile-peers difflab,difflab-gn16,difflab-nchw 2>&1 | tee "$OUT/mfu_unet.txt"
+  --peers difflab,difflab-fold,difflab-gn16,difflab-nchw,diffusers \
+  --compile-peers difflab,difflab-fold,difflab-gn16 2>&1 | tee "$OUT/mfu_unet.txt"
 cp benchmarks/out/unet_train.json "$OUT/extra/mfu_unet.json" 2>/dev/null
-# inductor decides its channels-last layout per graph from the *forward* convolutions only, so
-# the backward graph runs without it (pytorch/pytorch#189239): forced on for every graph
-TORCHINDUCTOR_FORCE_LAYOUT_OPT=1 timeout "${MFU_FORCED_S:-120}" python3 benchmarks/unet_train.py \
-  --preset ddpm-cifar10 --batch 128 --device cuda --iters 15 --rounds 3 --modes bf16-ro \
-  --peers difflab,difflab-gn16 --compile-peers difflab,difflab-gn16 2>&1 \
-  | tee "$OUT/mfu_unet_forced_layout.txt"
 fi
 
 if want profile; then

@@ -26,6 +26,7 @@ from difflab.nn import (
     SelfAttention,
     TimestepEmbedding,
     Upsample,
+    dense_gradient,
     timestep_embedding,
 )
 from difflab.nn.fused import group_norm_silu
@@ -200,7 +201,7 @@ class UNet2DModel(ModelMixin):
 
         for block in self.up_blocks:
             for j, resnet in enumerate(block.resnets):
-                h = resnet(torch.cat([h, skips.pop()], dim=1), temb)
+                h = resnet(torch.cat([dense_gradient(h), skips.pop()], dim=1), temb)
                 if block.attentions is not None:
                     h = block.attentions[j](h)
             if hasattr(block, "upsamplers"):

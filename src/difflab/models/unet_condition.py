@@ -29,7 +29,14 @@ from torch import Tensor, nn
 from difflab.config import Config, check_choice, check_positive
 from difflab.errors import ConfigError
 from difflab.models.base import ModelMixin
-from difflab.nn import Downsample, ResnetBlock, TimestepEmbedding, Upsample, timestep_embedding
+from difflab.nn import (
+    Downsample,
+    ResnetBlock,
+    TimestepEmbedding,
+    Upsample,
+    dense_gradient,
+    timestep_embedding,
+)
 from difflab.nn.transformer import Transformer2D
 
 DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -201,7 +208,7 @@ class UpBlock(nn.Module):
 
     def forward(self, h: Tensor, skips: list[Tensor], temb: Tensor, context: Tensor) -> Tensor:
         for j, resnet in enumerate(self.resnets):
-            h = resnet(torch.cat([h, skips.pop()], dim=1), temb)
+            h = resnet(torch.cat([dense_gradient(h), skips.pop()], dim=1), temb)
             if self.attentions is not None:
                 h = self.attentions[j](h, context)
         if self.upsamplers is not None:

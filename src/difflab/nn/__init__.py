@@ -1,7 +1,14 @@
 """Shared building blocks of difflab's networks."""
 
-from difflab.nn.blocks import Downsample, ResnetBlock, SelfAttention, Upsample
+from difflab.nn.blocks import (
+    Downsample,
+    ResnetBlock,
+    SelfAttention,
+    Upsample,
+    dense_gradient,
+    upsample_nearest2x,
+)
 from difflab.nn.embeddings import TimestepEmbedding, timestep_embedding
 
 __all__ = ["Downsample", "ResnetBlock", "SelfAttention", "TimestepEmbedding", "Upsample",
-           "timestep_embedding"]
+           "dense_gradient", "timestep_embedding", "upsample_nearest2x"]

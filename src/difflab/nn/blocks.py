@@ -142,11 +142,66 @@ class Upsample(nn.Module):
         if doubled and x.device.type in self.fold_on:
             return F.conv_transpose2d(x, folded_upsample_kernel(self.conv.weight),
                                       self.conv.bias, stride=2, padding=1)
-        if size is None:
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        if doubled:
+            x = upsample_nearest2x(x)
         else:
             x = F.interpolate(x, size=size, mode="nearest")
         return self.conv(x)
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return (torch.channels_last if x.dim() == 4 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
+
+
+# Gradients in the layout of the activations. A convolution's backward (cuDNN's, oneDNN's) needs
+# its incoming gradient dense and in its input's memory format; where it is not, PyTorch copies
+# it inside the convolution backward, once per convolution that reads it. Two places of a U-Net
+# hand out such gradients: the skip concatenation (its backward slices channels out of a
+# channels-last gradient: strided, not dense) and nearest upsampling (its backward is a scatter
+# into a fresh NCHW buffer). Under torch.compile the traced strides decide the layouts inductor
+# gives the convolution backward's inputs, so a dense channels-last gradient traced here is
+# written by the fused kernel that produces it, with no copy at all (benchmarks/RESULTS.md).
+class _DenseGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.memory_format = _memory_format(x)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous(memory_format=ctx.memory_format)
+
+
+def dense_gradient(x: torch.Tensor) -> torch.Tensor:
+    """Identity whose backward hands ``x``'s producer a dense gradient in ``x``'s memory format.
+
+    For the up path of a U-Net: ``torch.cat([dense_gradient(h), skip], 1)``. ``h`` feeds only
+    the concatenation, so its gradient (a channel slice) goes straight into the backward of the
+    convolutions that made it; the skip's slice is summed with the gradient of its other use,
+    which makes a dense tensor anyway, so it is left alone (a copy there would be wasted)."""
+    if not torch.is_grad_enabled() or not x.requires_grad:
+        return x
+    return _DenseGradient.apply(x)
+
+
+class _UpsampleNearest2x(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        # each input pixel's gradient is the sum over its 2×2 copies: a 2×2 sum pool, which
+        # keeps the gradient's memory format (the default backward scatters into NCHW)
+        return F.avg_pool2d(grad, 2, divisor_override=1)
+
+
+def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour ×2 upsampling of (B, C, H, W) whose backward keeps the layout."""
+    if not torch.is_grad_enabled() or not x.requires_grad:
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+    return _UpsampleNearest2x.apply(x)
 
 
 _FOLD = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))  # K = A·w per axis
