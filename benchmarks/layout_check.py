@@ -5,11 +5,12 @@
     python benchmarks/layout_check.py --device cuda         # on a GPU
 
 A convolution's backward (cuDNN's, oneDNN's) needs its incoming gradient dense and in its
-input's memory format; where it is not, PyTorch copies it inside the backward (cuDNN: once for
-the input gradient, once for the weight gradient). The step is traced the way torch.compile
-traces it (AOTAutograd, fake tensors: the strides inductor then keeps for the convolution
-backward's inputs) and each convolution backward is classified by the layout of its incoming
-gradient and, where that differs from the input's, by the operator that made the gradient.
+input's memory format; where it is not, PyTorch copies it inside the backward (cuDNN's
+``cudnn_convolution_backward`` starts with ``grad_output.to(input.suggest_memory_format())``).
+The step is traced the way torch.compile traces it (AOTAutograd, fake tensors: the strides
+inductor then keeps for the convolution backward's inputs) and each convolution backward is
+classified by the layout of its incoming gradient and, where that differs from the input's, by
+the operator that made the gradient.
 
 ``--gpu-path`` follows on a CPU the code path a GPU takes: oneDNN off, no C++ GroupNorm kernel,
 nearest upsampling + 3×3 convolution instead of the folded transposed convolution.
