@@ -59,6 +59,7 @@ def classify(cfg: UNetConfig, batch: int, device: torch.device, precision: str,
              channels_last: bool, gpu_path: bool) -> dict[str, object]:
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.decomposition import select_decomp_table
 
     graphs: dict[str, torch.fx.Graph] = {}
 
@@ -79,7 +80,8 @@ def classify(cfg: UNetConfig, batch: int, device: torch.device, precision: str,
     x = torch.randn(batch, cfg.in_channels, size, size, device=device).contiguous(memory_format=fmt)
     noise = torch.randn(x.shape, device=device)
     t = torch.randint(0, 1000, (batch,), device=device)
-    backend = aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"))
+    backend = aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"),
+                           decompositions=select_decomp_table())  # inductor's own
     torch._dynamo.reset()
     step = torch.compile(model, backend=backend, fullgraph=True)
     with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
@@ -96,7 +98,7 @@ def classify(cfg: UNetConfig, batch: int, device: torch.device, precision: str,
             same = layout(grad) == layout(inp) or min(grad.shape[1], grad[0, 0].numel()) == 1
             grads["as its input" if same else f"{layout(grad)}, input {layout(inp)}"] += 1
             if not same:
-                makers[str(n.args[0].target).removeprefix("aten.").removesuffix(".default")] += 1
+                makers[str(n.args[0].target).split(".")[-2]] += 1
     return {"convolution_backward": sum(grads.values()), "gradient layout": dict(grads),
             "made by": dict(makers)}
 
