@@ -47,8 +47,8 @@ def sample_many(bundle: Any, n: int, *, scheduler: str = "dpm++", steps: int = 2
     same images. Class-conditional models get balanced labels 0, 1, …, K−1, 0, 1, …
     """
     import torch
-    from tqdm.auto import tqdm
 
+    from difflab._tqdm import tqdm
     from difflab.runs.diffusion import sample_images
 
     num_classes = len(bundle.data.get("class_names", [])) \

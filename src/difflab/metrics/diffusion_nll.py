@@ -190,7 +190,7 @@ def diffusion_nll(denoiser: Denoiser, images: Tensor, tables: VLBTables, *,
     num_timesteps: strata of the stratified estimate of Σ L_{t−1} (None: all T − 1 terms).
     Returns totals and the parts (``prior_bpd``, ``diffusion_bpd``, ``decoder_bpd``).
     """
-    from tqdm.auto import tqdm
+    from difflab._tqdm import tqdm
 
     T = tables.num_train_timesteps
     bins = strata(T, num_timesteps)

@@ -102,7 +102,7 @@ def evaluate_likelihood(model: Any, images: Tensor, k: int = 1000,
     model) and shared by both bounds. Returns nats per image and bits/dim (with standard errors
     of the mean over images), ``k``, ``num_images``, ``data_dim`` and ``likelihood_kind``.
     """
-    from tqdm.auto import tqdm
+    from difflab._tqdm import tqdm
 
     was_training = model.training
     model.eval()

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from difflab._tqdm import tqdm
 from difflab.errors import ConfigError
 from difflab.perf import autocast
 

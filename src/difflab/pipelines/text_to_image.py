@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from difflab._tqdm import tqdm
 from difflab.perf import autocast
 from difflab.pipelines.image import TrajectoryStep
 

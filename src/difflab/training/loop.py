@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from difflab._tqdm import tqdm
 from difflab.config import Config, check_choice, check_positive
 from difflab.errors import ConfigError, DifflabError
 from difflab.nn.fused import fused_group_norm_available
