@@ -24,7 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from difflab.config import Config, check_choice, check_positive
@@ -32,6 +31,8 @@ from difflab.errors import ConfigError
 from difflab.models.autoencoder import check_int
 from difflab.models.base import ModelMixin
 from difflab.models.distributions import DiagonalGaussian
+from difflab.nn import Downsample, ResnetBlock, SelfAttention, Upsample
+from difflab.nn.fused import group_norm_silu
 
 EPS = 1e-6  # GroupNorm ε of the LDM / diffusers VAE
 
@@ -96,70 +97,15 @@ class DecoderOutput:
 
 
 # --------------------------------------------------------------------------------------------
-# Building blocks (names and maths as diffusers' ResnetBlock2D, Downsample2D, Upsample2D,
-# Attention with _from_deprecated_attn_block=True)
+# Blocks: difflab.nn's U-Net blocks, which carry diffusers' names and maths (ResnetBlock2D
+# without a time embedding, Downsample2D with LDM's (0, 1, 0, 1) padding, Upsample2D, Attention
+# with _from_deprecated_attn_block=True: one head over all channels), at the VAE's ε
 # --------------------------------------------------------------------------------------------
 
-class ResnetBlock2D(nn.Module):
+def _resnet(in_channels: int, out_channels: int, groups: int) -> ResnetBlock:
     """h = conv2(SiLU(norm2(conv1(SiLU(norm1(x)))))),  out = shortcut(x) + h (He et al. 2016,
     pre-activation form); shortcut is a 1×1 conv when the width changes."""
-
-    def __init__(self, in_channels: int, out_channels: int, groups: int) -> None:
-        super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_channels, eps=EPS)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = nn.GroupNorm(groups, out_channels, eps=EPS)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = (nn.Conv2d(in_channels, out_channels, 1)
-                              if in_channels != out_channels else None)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
-
-
-class Downsample2D(nn.Module):
-    """Halve H, W: pad (left 0, right 1, top 0, bottom 1), then a 3×3 stride-2 conv (as LDM)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample2D(nn.Module):
-    """Double H, W: nearest-neighbour ×2, then a 3×3 conv."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
-class SpatialSelfAttention(nn.Module):
-    """Single-head self-attention over the H·W positions, with a residual:
-    out = x + W_o softmax(Q Kᵀ/√C) V, with Q, K, V linear maps of GroupNorm(x)."""
-
-    def __init__(self, channels: int, groups: int) -> None:
-        super().__init__()
-        self.group_norm = nn.GroupNorm(groups, channels, eps=EPS)
-        self.to_q = nn.Linear(channels, channels)
-        self.to_k = nn.Linear(channels, channels)
-        self.to_v = nn.Linear(channels, channels)
-        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])  # diffusers: to_out.0
-
-    def forward(self, x: Tensor) -> Tensor:
-        B, C, H, W = x.shape
-        h = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
-        q, k, v = (proj(h)[:, None] for proj in (self.to_q, self.to_k, self.to_v))  # (B,1,HW,C)
-        h = F.scaled_dot_product_attention(q, k, v)[:, 0]  # (B, HW, C)
-        h = self.to_out[0](h).transpose(1, 2).reshape(B, C, H, W)
-        return x + h
+    return ResnetBlock(in_channels, out_channels, None, groups=groups, eps=EPS)
 
 
 class DownEncoderBlock2D(nn.Module):
@@ -167,9 +113,10 @@ class DownEncoderBlock2D(nn.Module):
                  add_downsample: bool) -> None:
         super().__init__()
         self.resnets = nn.ModuleList(
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups)
+            _resnet(in_channels if i == 0 else out_channels, out_channels, groups)
             for i in range(num_layers))
-        self.downsamplers = nn.ModuleList([Downsample2D(out_channels)] if add_downsample else [])
+        self.downsamplers = nn.ModuleList(
+            [Downsample(out_channels, padding=0)] if add_downsample else [])
 
     def forward(self, x: Tensor) -> Tensor:
         for block in (*self.resnets, *self.downsamplers):
@@ -182,9 +129,9 @@ class UpDecoderBlock2D(nn.Module):
                  add_upsample: bool) -> None:
         super().__init__()
         self.resnets = nn.ModuleList(
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups)
+            _resnet(in_channels if i == 0 else out_channels, out_channels, groups)
             for i in range(num_layers))
-        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)] if add_upsample else [])
+        self.upsamplers = nn.ModuleList([Upsample(out_channels)] if add_upsample else [])
 
     def forward(self, x: Tensor) -> Tensor:
         for block in (*self.resnets, *self.upsamplers):
@@ -197,10 +144,10 @@ class MidBlock2D(nn.Module):
 
     def __init__(self, channels: int, groups: int, add_attention: bool) -> None:
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, groups),
-                                      ResnetBlock2D(channels, channels, groups)])
-        self.attentions = nn.ModuleList(
-            [SpatialSelfAttention(channels, groups)] if add_attention else [])
+        self.resnets = nn.ModuleList([_resnet(channels, channels, groups),
+                                      _resnet(channels, channels, groups)])
+        self.attentions = nn.ModuleList(  # one head over all channels, scale 1/√C
+            [SelfAttention(channels, groups=groups, eps=EPS)] if add_attention else [])
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.resnets[0](x)
@@ -229,7 +176,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             h = block(h)
         h = self.mid_block(h)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(group_norm_silu(self.conv_norm_out, h))
 
 
 class Decoder(nn.Module):
@@ -251,7 +198,7 @@ class Decoder(nn.Module):
         h = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             h = block(h)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(group_norm_silu(self.conv_norm_out, h))
 
 
 # --------------------------------------------------------------------------------------------
