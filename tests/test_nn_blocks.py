@@ -196,3 +196,30 @@ def test_unet_backward_hands_every_convolution_a_dense_channels_last_gradient(fo
     assert len(formats) == 47  # every convolution of this U-Net (a folded upsampler counts as one)
     assert all(inp for _, inp in formats)
     assert all(grad for grad, _ in formats), formats
+
+
+def test_every_attention_runs_sdpa_in_float32_under_cpu_bf16(monkeypatch):
+    """The U-Net's self-attention and the transformer's self/cross-attention all go through
+    ``attention``: under CPU bf16 autocast SDPA sees float32 (its bf16 backward is ~6× slower
+    there), and the result comes back in bf16."""
+    from difflab.nn.transformer import Attention
+
+    seen: list[torch.dtype] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append(q.dtype)
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    torch.manual_seed(0)
+    x, ctx = torch.randn(2, 16, 32), torch.randn(2, 5, 24)
+    self_attn = Attention(32, heads=4, head_dim=8)
+    cross_attn = Attention(32, heads=4, head_dim=8, context_dim=24)
+    with torch.autocast("cpu", torch.bfloat16):
+        outs = [self_attn(x), cross_attn(x, ctx),
+                SelfAttention(32, head_dim=8)(x.reshape(2, 32, 4, 4))]
+    assert seen == [torch.float32] * 3
+    assert outs[0].dtype == outs[1].dtype == torch.bfloat16  # (the U-Net's adds its fp32 input)
+    with torch.no_grad():  # and the same numbers as float32 attention, to bf16 precision
+        torch.testing.assert_close(outs[1].float(), cross_attn(x, ctx), rtol=0.05, atol=0.02)

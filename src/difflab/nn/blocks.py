@@ -87,7 +87,7 @@ class SelfAttention(nn.Module):
         qkv = qkv.contiguous(memory_format=torch.channels_last)  # tokens with unit-stride rows
         q, k, v = qkv.flatten(2).transpose(1, 2).unflatten(-1, (3, self.heads, -1)) \
             .permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, HW, d)
-        out = _attention(q, k, v)  # (B, heads, HW, d)
+        out = attention(q, k, v)  # (B, heads, HW, d)
         out = out.transpose(1, 2).reshape(b, h * w, c).transpose(1, 2).unflatten(2, (h, w))
         out = F.conv2d(out, self.to_out[0].weight[:, :, None, None], self.to_out[0].bias)
         if not x.is_contiguous(memory_format=torch.channels_last):
@@ -96,7 +96,7 @@ class SelfAttention(nn.Module):
         return out if self.rescale_output_factor == 1.0 else out / self.rescale_output_factor
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(QKᵀ/√d)·V via SDPA; on CPU under bf16 it runs in float32, since the CPU bf16
     flash-attention backward is ~6× slower than float32 at U-Net sizes (benchmarks/RESULTS.md)."""
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from difflab.nn.blocks import attention
 from difflab.nn.fused import group_norm_silu
 
 
@@ -51,7 +52,7 @@ class Attention(nn.Module):
         if self.upcast:
             out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
         else:
-            out = F.scaled_dot_product_attention(q, k, v)  # softmax(QKᵀ/√d) V: (B, heads, N, d)
+            out = attention(q, k, v)  # softmax(QKᵀ/√d) V: (B, heads, N, d)
         out = out.transpose(1, 2).flatten(2)  # (B, N, heads·d)
         return self.to_out[1](self.to_out[0](out))
 
