@@ -119,6 +119,7 @@ def test_cli_train_ldm_reusing_vae_and_clip(run, tmp_path, capsys):
     assert main([*base, "--minutes", "2", "--dry-run"]) == 0
     cfg = json.loads(capsys.readouterr().out)
     assert set(cfg["train"]) == {"unet"} and cfg["train"]["unet"]["minutes"] == 2
+    assert cfg["train"]["unet"]["mixed_precision"] == "auto"  # the recipe: bf16 where it pays
     assert main([*base, "--steps", "2", "--batch-size", "8", "--sample-steps", "2",
                  "--no-progress"]) == 0
     m = json.loads((out / "metrics.json").read_text())
@@ -140,6 +141,9 @@ def test_stage_budgets():
     det = stage_train_configs(TrainConfig(max_steps=7, deterministic=True), cfg,
                               ["vae", "clip", "unet"])
     assert all(c.deterministic for c in det.values())  # --deterministic: every stage
+    auto = stage_train_configs(TrainConfig(max_steps=7, mixed_precision="auto"), cfg,
+                               ["vae", "clip", "unet"])
+    assert {c.mixed_precision for c in auto.values()} == {"auto"}  # the precision: every stage
 
 
 def test_ldm_config_round_trip_and_validation():
