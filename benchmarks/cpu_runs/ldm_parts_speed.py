@@ -38,13 +38,17 @@ def rate(step, per_step: int) -> float:
     return sorted(rounds)[1]
 
 
+def autoencoder(cfg: LDMConfig) -> AutoencoderKL:
+    """The autoencoder ``train ldm`` builds for 28×28 mnist5k (``runs.ldm.build_vae``)."""
+    return AutoencoderKL(AutoencoderKLConfig(
+        in_channels=1, image_size=28, block_out_channels=cfg.vae_channels,
+        latent_channels=cfg.latent_channels, norm_num_groups=8, kl_weight=cfg.vae_kl_weight))
+
+
 def vae() -> None:
     torch.manual_seed(0)
     cfg = LDMConfig()
-    model = AutoencoderKL(AutoencoderKLConfig(
-        in_channels=1, image_size=28, block_out_channels=(16, 32, 32),
-        latent_channels=cfg.latent_channels, norm_num_groups=8, kl_weight=1e-6))
-    model = model.to(memory_format=CL).train()
+    model = autoencoder(cfg).to(memory_format=CL).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.rand(64, 1, 28, 28).mul(2).sub(1).contiguous(memory_format=CL)
     g = torch.Generator().manual_seed(0)
@@ -67,10 +71,7 @@ def vae() -> None:
 def unet(precision: str) -> None:
     torch.manual_seed(0)
     cfg = LDMConfig()
-    ae = AutoencoderKL(AutoencoderKLConfig(in_channels=1, image_size=28,
-                                           block_out_channels=(16, 32, 32),
-                                           latent_channels=cfg.latent_channels, norm_num_groups=8))
-    model = build_unet(ae, 64, cfg)
+    model = build_unet(autoencoder(cfg), 64, cfg)
     fmt = CL if precision == "bf16" else torch.contiguous_format
     model = model.to(memory_format=fmt).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
