@@ -10,8 +10,8 @@
 #     copies...) and the convolutions' achieved TFLOP/s, cuDNN's algorithm search off and on;
 #     part "mfu" (not in the default PARTS, ~9 min): the convolution backwards' gradient
 #     layouts, the data-moving operators by input shape, eager and compiled, and the CUDA-graph
-#     step for difflab vs its folded upsampling (-fold) vs GroupNorm kept in bf16 (-gn16), eager
-#     NCHW vs channels_last, and diffusers — the next measurements for the matmul-rate goal
+#     step for difflab vs its layout-keeping compiled GroupNorm (-gncl) vs GroupNorm kept in
+#     bf16 (-gn16) vs its folded upsampling (-fold), eager NCHW vs channels_last, and diffusers — the next measurements for the matmul-rate goal
 #     (call: PARTS=mfu, timeout_s=590);
 #  4. train_loop.py: difflab's whole training loop (EMA, clipping, guard) on the same preset,
 #     with and without --deterministic (what repeatable kernels cost);
@@ -71,19 +71,23 @@ if want mfu; then  # where the matmul-rate gap is (issue 5): which copies, which
 echo "== 3m. MFU: gradient layouts, data-moving operators eager and compiled ($(left) s left)"
 # every convolution backward should get its gradient in its input's layout (0 in the last
 # column for difflab; the eighth session fixed 25 of 77 that were not, traced on a CPU)
-timeout 60 python3 benchmarks/layout_check.py --device cuda 2>&1 | tee "$OUT/mfu_layout.txt"
-timeout 70 python3 benchmarks/profile_step.py --preset ddpm-cifar10 --batch 128 --device cuda \
+timeout 45 python3 benchmarks/layout_check.py --device cuda --variants difflab,plain 2>&1 \
+  | tee "$OUT/mfu_layout.txt"
+timeout 60 python3 benchmarks/profile_step.py --preset ddpm-cifar10 --batch 128 --device cuda \
   --mode bf16 --iters 3 --top 20 --copies 2>&1 | tee "$OUT/mfu_profile_eager.txt"
-timeout 160 python3 benchmarks/profile_step.py --preset ddpm-cifar10 --batch 128 --device cuda \
+timeout 130 python3 benchmarks/profile_step.py --preset ddpm-cifar10 --batch 128 --device cuda \
   --mode bf16-cl-compile --iters 3 --top 30 --copies 2>&1 | tee "$OUT/mfu_profile_compiled.txt"
-# -gn16: GroupNorm kept in bf16 under CUDA autocast (difflab.nn.fused.LOW_PRECISION_GPU_GROUP_NORM);
-# -fold: the upsamplers as one transposed convolution (the CPU's form; same function, fewer
-# FLOPs, so its MFU column understates it: compare img/s); -nchw in eager mode (the default
-# loop's GPU path runs eager: which layout should it use there)
-timeout "${MFU_UNET_S:-300}" python3 benchmarks/unet_train.py --preset ddpm-cifar10 --batch 128 \
-  --device cuda --iters 15 --rounds 3 --modes bf16,bf16-ro \
-  --peers difflab,difflab-fold,difflab-gn16,difflab-nchw,diffusers \
-  --compile-peers difflab,difflab-fold,difflab-gn16 2>&1 | tee "$OUT/mfu_unet.txt"
+# -gncl: the layout-keeping GroupNorm when compiled (difflab.nn.fused.COMPILED_CHANNELS_LAST_
+# GROUP_NORM: no NCHW buffers from GroupNorm's backward decomposition; the ninth session's
+# candidate for the slow "clone" kernels); -gn16: GroupNorm kept in bf16 under CUDA autocast
+# (LOW_PRECISION_GPU_GROUP_NORM); -fold: the upsamplers as one transposed convolution (the
+# CPU's form; same function, fewer FLOPs, so its MFU column understates it: compare img/s);
+# -nchw in eager mode (the default loop's GPU path runs eager: which layout should it use
+# there). The compiled mode runs first: it is what the goal is about.
+timeout "${MFU_UNET_S:-320}" python3 benchmarks/unet_train.py --preset ddpm-cifar10 --batch 128 \
+  --device cuda --iters 10 --rounds 3 --modes bf16-ro,bf16 \
+  --peers difflab,difflab-gncl,difflab-gn16,difflab-fold,difflab-nchw,diffusers \
+  --compile-peers difflab,difflab-gncl,difflab-gn16,difflab-fold 2>&1 | tee "$OUT/mfu_unet.txt"
 cp benchmarks/out/unet_train.json "$OUT/extra/mfu_unet.json" 2>/dev/null
 fi
 

@@ -77,14 +77,16 @@ def make_step(model: torch.nn.Module, batch: int, cfg: UNetConfig, device: torch
     return step, model
 
 
-def with_settings(step, cudnn_benchmark: bool, gn16: bool):
+def with_settings(step, cudnn_benchmark: bool, gn16: bool, gncl: frozenset[str] = frozenset()):
     """The step with its process-wide switches set its way on every call:
     ``torch.backends.cudnn.benchmark`` (read at each convolution; a captured CUDA graph keeps
-    what it recorded) and ``difflab.nn.fused.LOW_PRECISION_GPU_GROUP_NORM`` (read while
-    tracing: torch.compile guards on it and compiles each setting apart)."""
+    what it recorded), ``difflab.nn.fused.LOW_PRECISION_GPU_GROUP_NORM`` and
+    ``COMPILED_CHANNELS_LAST_GROUP_NORM`` (read while tracing: torch.compile guards on them
+    and compiles each setting apart)."""
     def run() -> None:
         torch.backends.cudnn.benchmark = cudnn_benchmark
         fused.LOW_PRECISION_GPU_GROUP_NORM = gn16
+        fused.COMPILED_CHANNELS_LAST_GROUP_NORM = gncl
         step()
     return run
 
@@ -120,8 +122,9 @@ def main() -> None:
                     help="difflab runs channels_last, diffusers NCHW; -nchw / -cl switch layout; "
                     "difflab-fold: folded upsampling on a GPU too (CPU always folds); suffixes: "
                     "-gn16 difflab's GroupNorm in bf16 under CUDA autocast "
-                    "(fused.LOW_PRECISION_GPU_GROUP_NORM), -bench torch.backends.cudnn.benchmark "
-                    "(e.g. difflab-gn16-bench)")
+                    "(fused.LOW_PRECISION_GPU_GROUP_NORM), -gncl difflab's layout-keeping "
+                    "GroupNorm when compiled (fused.COMPILED_CHANNELS_LAST_GROUP_NORM), "
+                    "-bench torch.backends.cudnn.benchmark (e.g. difflab-gn16-bench)")
     ap.add_argument("--compile-peers", default="difflab,diffusers",
                     help="peers that also run the compiled modes (compiling costs minutes)")
     ap.add_argument("--allocator", default="keep", choices=["keep", "default"],
@@ -152,6 +155,9 @@ def main() -> None:
             name = name.removesuffix("-bench")
             gn16 = name.endswith("-gn16")  # difflab's GroupNorm in bf16 under CUDA autocast
             name = name.removesuffix("-gn16")
+            # the layout-keeping GroupNorm of a compiled, channels-last difflab model
+            gncl = frozenset({device.type}) if name.endswith("-gncl") else frozenset()
+            name = name.removesuffix("-gncl")
             if name.startswith("difflab"):
                 model, cl = UNet2DModel(cfg), not name.endswith("-nchw")
                 if name.endswith("-fold"):  # folded upsampling on this device too
@@ -164,7 +170,7 @@ def main() -> None:
                 raise SystemExit(f"unknown peer {peer}")
             params = sum(p.numel() for p in model.parameters())
             step, _ = make_step(model, args.batch, cfg, device, mode, cl or "-cl" in mode)
-            steps[peer] = (with_settings(step, bench, gn16), params)
+            steps[peer] = (with_settings(step, bench, gn16, gncl), params)
         times = {p: [] for p in steps}
         for _ in range(args.rounds):  # interleave so machine noise hits every peer alike
             for p, (step, _) in steps.items():

@@ -1,6 +1,7 @@
 """Checks that need a CUDA GPU (skipped elsewhere; benchmarks/gpu.sh runs them on a lent one):
-the opt-in half-precision GroupNorm under CUDA autocast against float32, and a same-seed
-deterministic training run of a U-Net with attention and upsampling, bit for bit."""
+the opt-in half-precision GroupNorm under CUDA autocast against float32, the layout-keeping
+GroupNorm against PyTorch's, and a same-seed deterministic training run of a U-Net with
+attention and upsampling, bit for bit."""
 
 import pytest
 import torch
@@ -57,3 +58,27 @@ def test_deterministic_bf16_training_is_bitwise_repeatable():
         weights.append(train(task, digits.images, digits.labels, cfg).raw_model.state_dict())
     for k, v in weights[0].items():
         assert torch.equal(v, weights[1][k]), k
+
+
+def test_layout_keeping_group_norm_matches_pytorchs_under_cuda_autocast():
+    """fused.channels_last_group_norm_silu (what compiled channels-last models use with
+    COMPILED_CHANNELS_LAST_GROUP_NORM = {"cuda"}) against PyTorch's GroupNorm on the GPU:
+    float32 out under CUDA autocast, same values and gradients."""
+    torch.manual_seed(0)
+    norm = nn.GroupNorm(32, 128).cuda()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = (torch.randn(8, 128, 16, 16, device="cuda") * 2 + 0.5).bfloat16()
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = fused.channels_last_group_norm_silu(norm, x)
+        y_ref = torch.nn.functional.silu(norm(x))
+    assert y.dtype == y_ref.dtype == torch.float32
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, norm.weight, norm.bias), dy)
+    want = torch.autograd.grad(y_ref, (x, norm.weight, norm.bias), dy)
+    assert (y - y_ref).abs().max() < 1e-4
+    for g, w in zip(got, want):
+        assert ((g.float() - w.float()).abs().max() / w.float().abs().max()) < 1e-2

@@ -2,6 +2,7 @@
 fallback, and the blocks that use it."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -167,3 +168,103 @@ def test_without_the_kernel_everything_falls_back():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout.split()
     assert out == ["False", "True"]
+
+
+# The layout-keeping GroupNorm that compiled channels-last models can use on a GPU
+# (fused.COMPILED_CHANNELS_LAST_GROUP_NORM): the same function as PyTorch's, written so that
+# inductor keeps every activation buffer channels-last.
+
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format],
+                         ids=["channels_last", "nchw"])
+def test_layout_keeping_group_norm_is_group_norm_in_float64(silu, layout):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 12, 5, 4, generator=g, dtype=torch.float64) * 2 + 0.7) \
+        .contiguous(memory_format=layout).requires_grad_()
+    w = (torch.randn(12, generator=g, dtype=torch.float64) * 0.5 + 1).requires_grad_()
+    b = torch.randn(12, generator=g, dtype=torch.float64).requires_grad_()
+
+    def f(x, w, b):
+        return fused._ChannelsLastGroupNorm.apply(x, w, b, 3, 1e-5, silu, torch.float64)
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    y = f(x, w, b)
+    assert (y - reference(x, w, b, 3, 1e-5, silu)).abs().max() < 1e-12
+    assert y.is_contiguous(memory_format=layout)
+
+
+def test_layout_keeping_group_norm_returns_pytorchs_dtypes():
+    norm = nn.GroupNorm(4, 16)
+    x = torch.randn(2, 16, 4, 4).contiguous(memory_format=torch.channels_last)
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # CPU autocast keeps the input's
+            got = fused.channels_last_group_norm_silu(norm, x.to(dtype))
+            want = F.silu(norm(x.to(dtype)))
+        assert got.dtype == want.dtype == dtype
+        assert (got.float() - want.float()).abs().max() < (1e-5 if dtype == torch.float32
+                                                           else 2e-2)
+
+
+def _compiled_block_step(monkeypatch, devices, backend, bf16=False, channels=16, groups=4):
+    """One compiled training step of a channels-last ResnetBlock (float32, or under bf16
+    autocast) with the switch set to ``devices``; the block's output and gradients."""
+    from difflab.nn.blocks import ResnetBlock
+
+    monkeypatch.setattr(fused, "COMPILED_CHANNELS_LAST_GROUP_NORM", frozenset(devices))
+    torch.manual_seed(0)
+    block = ResnetBlock(channels, channels, 8, groups=groups).to(memory_format=torch.channels_last)
+    x = torch.randn(2, channels, 8, 8).contiguous(memory_format=torch.channels_last)
+    temb = torch.randn(2, 8)
+    torch._dynamo.reset()
+    with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        out = torch.compile(block, backend=backend, fullgraph=True)(x, temb)
+    (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    torch._dynamo.reset()
+    return out.detach(), [p.grad for p in block.parameters()]
+
+
+def test_layout_keeping_group_norm_is_traced_only_when_switched_on_and_compiling(monkeypatch):
+    graphs = []
+
+    def backend(gm, _inputs):  # keeps dynamo's graph's operators, runs it as it is
+        graphs.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return gm.forward
+
+    plain = _compiled_block_step(monkeypatch, (), backend)
+    kept = _compiled_block_step(monkeypatch, ("cpu",), backend)
+    assert any("group_norm" in op for op in graphs[0])
+    assert not any("group_norm" in op for op in graphs[1])
+    assert "autograd_function_apply" in graphs[1]
+    for got, want in zip((kept[0], *kept[1]), (plain[0], *plain[1])):
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    # eager: PyTorch's GroupNorm whatever the switch says
+    monkeypatch.setattr(fused, "COMPILED_CHANNELS_LAST_GROUP_NORM", frozenset({"cpu"}))
+    x = torch.randn(1, 4, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert "NativeGroupNorm" in type(group_norm_silu(nn.GroupNorm(2, 4), x).grad_fn
+                                     .next_functions[0][0]).__name__
+
+
+def test_inductor_keeps_every_activation_buffer_channels_last(monkeypatch):
+    """Why the switch exists: compiled by inductor along a GPU's code path (bf16 autocast,
+    PyTorch's GroupNorm, no oneDNN), PyTorch's GroupNorm backward decomposition lays activation
+    buffers out NCHW (its (N, C, H·W) views need them contiguous), i.e. it transposes
+    channels-last activations back and forth; the layout-keeping GroupNorm's generated code
+    has no NCHW activation buffer, forward or backward."""
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setattr(fused, "_kernel_ready", lambda: False)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+
+    layout_of = re.compile(r"empty_strided_cpu\(\(2, 64, 8, 8\), \(\d+, (\d+), \d+, (\d+)\)")
+
+    def nchw_buffers(devices):
+        _, codes = run_and_get_code(_compiled_block_step, monkeypatch, devices, "inductor",
+                                    bf16=True, channels=64, groups=32)
+        assert len(codes) == 2  # forward and backward
+        layouts = [m.groups() for code in codes for m in layout_of.finditer(code)]
+        assert layouts  # the pattern still matches inductor's code
+        return sum(1 for channel_stride, w_stride in layouts if w_stride == "1"
+                   and channel_stride != "1")
+
+    assert nchw_buffers(()) > 0
+    assert nchw_buffers(("cpu",)) == 0

@@ -57,6 +57,7 @@ from difflab.models.tokenizer import (
     pre_tokenize,
 )
 from difflab.nn import Downsample, ResnetBlock
+from difflab.nn.fused import group_norm_silu
 from difflab.rng import batch_gather, batch_shard
 
 
@@ -123,7 +124,7 @@ class ImageEncoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.blocks(self.conv_in(x))
-        return F.silu(self.norm_out(h)).mean((2, 3))  # (B, C_last)
+        return group_norm_silu(self.norm_out, h).mean((2, 3))  # (B, C_last)
 
 
 def clip_loss(logits: Tensor, positives: Tensor | None = None) -> Tensor:

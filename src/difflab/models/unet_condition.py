@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from difflab.config import Config, check_choice, check_positive
@@ -37,6 +36,7 @@ from difflab.nn import (
     dense_gradient,
     timestep_embedding,
 )
+from difflab.nn.fused import group_norm_silu
 from difflab.nn.transformer import Transformer2D
 
 DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -314,4 +314,4 @@ class UNet2DConditionModel(ModelMixin):
         h = self.mid_block(h, temb, context)
         for block in self.up_blocks:
             h = block(h, skips, temb, context)
-        return UNet2DConditionOutput(self.conv_out(F.silu(self.conv_norm_out(h))))
+        return UNet2DConditionOutput(self.conv_out(group_norm_silu(self.conv_norm_out, h)))

@@ -180,6 +180,105 @@ def low_precision_group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tenso
                             norm.eps)
 
 
+# Under torch.compile, PyTorch's GroupNorm is decomposed into smaller operators, and the
+# decomposition of its backward views the gradient as (N, C, H·W) and (N, G, C/G, H·W): on a
+# channels-last activation those views cannot be taken in place, so inductor writes the float32
+# gradient out in NCHW order (a transposing copy), reads it back twice, and hands the next
+# convolution backward an NCHW result that it turns back to channels-last. Traced on a CPU along
+# a GPU's code path, the DDPM-CIFAR-10 U-Net's compiled backward graph had 32 float32
+# activation buffers in NCHW order and 48 transposing loops (benchmarks/RESULTS.md, "GPU");
+# the compiled CUDA profile's slowest fused kernels are these "clone" kernels (0.39 ms each,
+# ~15 % of the memory bandwidth). The autograd function below computes the same GroupNorm (+
+# SiLU) with reductions over (H, W) and per-channel broadcasts only, which keep any layout:
+# no NCHW buffer, no transposition. It applies while compiling, to channels-last inputs on the
+# device types listed here — none by default until a GPU measures it (benchmarks/gpu.sh, part
+# mfu: unet_train.py's "-gncl" peer).
+COMPILED_CHANNELS_LAST_GROUP_NORM: frozenset[str] = frozenset()
+
+
+class _ChannelsLastGroupNorm(torch.autograd.Function):
+    """``silu(group_norm(x))`` (or without the SiLU) on a (N, C, H, W) tensor of any layout;
+    statistics and arithmetic in float32 (float64 for float64 inputs)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
+                eps: float, silu: bool, out_dtype: torch.dtype) -> torch.Tensor:
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        # splitting C into (G, C/G) is a view in any layout
+        var, mean = torch.var_mean(xf.unflatten(1, (groups, -1)), dim=(2, 3, 4), correction=0)
+        rstd = torch.rsqrt(var + eps)  # (N, G)
+        scale, shift = _per_channel(mean, rstd, weight, bias)
+        z = xf * scale + shift
+        ctx.save_for_backward(x, weight, mean, rstd, scale, shift)
+        ctx.silu = silu
+        return (F.silu(z) if silu else z).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, mean, rstd, scale, shift = ctx.saved_tensors
+        n, c, h, w = x.shape
+        groups = mean.shape[1]
+        xf = x.to(scale.dtype)
+        dz = grad.to(xf.dtype)
+        if ctx.silu:  # z recomputed; one operator, so that z has a single use (see above)
+            dz = torch.ops.aten.silu_backward(dz, xf * scale + shift)
+        # the two sums GroupNorm's backward needs, per (sample, channel) over H, W
+        sum_dz = dz.sum((2, 3))  # (N, C)
+        sum_dz_x = (dz * xf).sum((2, 3))
+        mean_c, rstd_c = (t.repeat_interleave(c // groups, 1) for t in (mean, rstd))
+        wf = weight.to(xf.dtype)
+        d_weight = ((sum_dz_x - mean_c * sum_dz) * rstd_c).sum(0)
+        d_bias = sum_dz.sum(0)
+        # dx = rstd·γ·dz + a·x + b per (sample, channel): the per-group sums of γ·dz and γ·dz·x
+        # give a and b (dx = rstd·(γdz − mean(γdz) − x̂·mean(γdz·x̂)) over the group)
+        g_dz = (sum_dz * wf).view(n, groups, -1).sum(2)
+        g_dz_x = (sum_dz_x * wf).view(n, groups, -1).sum(2)
+        m = c // groups * h * w
+        a = (g_dz * mean - g_dz_x) * rstd.pow(3) / m  # (N, G)
+        b = -a * mean - g_dz * rstd / m
+        a, b = (t.repeat_interleave(c // groups, 1)[:, :, None, None] for t in (a, b))
+        dx = dz * scale + xf * a + b
+        return (dx.to(x.dtype), d_weight.to(weight.dtype), d_bias.to(weight.dtype),
+                None, None, None, None)
+
+
+def _per_channel(mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, G) statistics and (C,) affine → GroupNorm as ``x·scale + shift``, (N, C, 1, 1) each."""
+    cpg = weight.shape[0] // mean.shape[1]
+    scale = rstd.repeat_interleave(cpg, 1) * weight.to(rstd.dtype)
+    shift = bias.to(rstd.dtype) - mean.repeat_interleave(cpg, 1) * scale
+    return scale[:, :, None, None], shift[:, :, None, None]
+
+
+def channels_last_group_norm_silu(norm: nn.GroupNorm, x: torch.Tensor,
+                                  silu: bool = True) -> torch.Tensor:
+    """``silu(norm(x))`` (or ``norm(x)``) through :class:`_ChannelsLastGroupNorm`, in the dtype
+    PyTorch's GroupNorm returns: float32 under CUDA autocast (unless
+    :data:`LOW_PRECISION_GPU_GROUP_NORM`), the input's dtype otherwise."""
+    out_dtype = x.dtype
+    if (x.dtype in (torch.bfloat16, torch.float16) and x.device.type != "cpu"
+            and torch.is_autocast_enabled(x.device.type) and not LOW_PRECISION_GPU_GROUP_NORM):
+        out_dtype = torch.float32
+    return _ChannelsLastGroupNorm.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps,
+                                        silu, out_dtype)
+
+
+def _channels_last_applies(x: torch.Tensor, norm: nn.GroupNorm) -> bool:
+    return (x.device.type in COMPILED_CHANNELS_LAST_GROUP_NORM and norm.affine and x.dim() == 4
+            and torch.compiler.is_compiling() and x.shape[2] * x.shape[3] > 1
+            and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+
+
+def _pytorch_backward_would_crash(x: torch.Tensor, norm: nn.GroupNorm) -> bool:
+    """PyTorch's CPU GroupNorm backward (2.13) dies with a segmentation fault on a channels-last
+    input that needs no gradient while the norm's weight does — a block whose input comes
+    from frozen layers or straight from data (tests/test_fused_group_norm.py)."""
+    return (x.device.type == "cpu" and x.dim() == 4 and norm.affine and not x.requires_grad
+            and norm.weight.requires_grad and torch.is_grad_enabled()
+            and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+
+
 def group_norm_silu(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = True) -> torch.Tensor:
     """``silu(norm(x))`` (or ``norm(x)`` with ``silu=False``), in one fused pass for a
     channels-last CPU tensor when the kernel is available, else with PyTorch's ops. Under
@@ -187,5 +286,7 @@ def group_norm_silu(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = True) -> t
     :data:`LOW_PRECISION_GPU_GROUP_NORM`)."""
     if _applies(x, norm):
         return fused_group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu)
+    if _channels_last_applies(x, norm) or _pytorch_backward_would_crash(x, norm):
+        return channels_last_group_norm_silu(norm, x, silu)
     y = low_precision_group_norm(norm, x) if _low_precision_applies(x, norm) else norm(x)
     return F.silu(y, inplace=not y.requires_grad) if silu else y
