@@ -181,18 +181,20 @@ def low_precision_group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tenso
 
 
 # Under torch.compile, PyTorch's GroupNorm is decomposed into smaller operators, and the
-# decomposition of its backward views the gradient as (N, C, H·W) and (N, G, C/G, H·W): on a
-# channels-last activation those views cannot be taken in place, so inductor writes the float32
-# gradient out in NCHW order (a transposing copy), reads it back twice, and hands the next
-# convolution backward an NCHW result that it turns back to channels-last. Traced on a CPU along
-# a GPU's code path, the DDPM-CIFAR-10 U-Net's compiled backward graph had 32 float32
-# activation buffers in NCHW order and 48 transposing loops (benchmarks/RESULTS.md, "GPU");
-# the compiled CUDA profile's slowest fused kernels are these "clone" kernels (0.39 ms each,
-# ~15 % of the memory bandwidth). The autograd function below computes the same GroupNorm (+
-# SiLU) with reductions over (H, W) and per-channel broadcasts only, which keep any layout:
-# no NCHW buffer, no transposition. It applies while compiling, to channels-last inputs on the
-# device types listed here — none by default until a GPU measures it (benchmarks/gpu.sh, part
-# mfu: unet_train.py's "-gncl" peer).
+# decomposition of its backward views the gradient as (N, C, H·W) and (N, G, C/G, H·W). In the
+# traced graph those are views of a channels-last tensor, but inductor freezes a buffer whose
+# layout it may still choose to contiguous (NCHW) strides when such a view reads it: the
+# float32 gradient is written out transposed, read back twice, and the input gradient comes
+# out NCHW, to be turned back for the next convolution's backward. Traced on a CPU along a
+# GPU's code path, the DDPM-CIFAR-10 U-Net's compiled step had 32 NCHW float32 activation
+# buffers in its backward and 8 in its forward (benchmarks/layout_check.py --inductor;
+# benchmarks/RESULTS.md, "GPU"); the compiled H100 profile's slowest fused kernels, named
+# "…clone…", ran at about a sixth of the memory bandwidth, as transpositions do. The autograd
+# function below computes the same GroupNorm (+ SiLU) with reductions over (H, W) and
+# per-channel broadcasts only, which keep any layout: no NCHW buffer. It applies while
+# compiling, to channels-last inputs on the device types listed here — none by default: on a
+# CPU it gains nothing (inductor's C++ kernels transpose cheaply), and a GPU has not measured
+# it yet (benchmarks/gpu.sh, part mfu: unet_train.py's "-gncl" peer).
 COMPILED_CHANNELS_LAST_GROUP_NORM: frozenset[str] = frozenset()
 
 
@@ -281,8 +283,10 @@ def _pytorch_backward_would_crash(x: torch.Tensor, norm: nn.GroupNorm) -> bool:
 
 def group_norm_silu(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = True) -> torch.Tensor:
     """``silu(norm(x))`` (or ``norm(x)`` with ``silu=False``), in one fused pass for a
-    channels-last CPU tensor when the kernel is available, else with PyTorch's ops. Under
-    autocast the input keeps its dtype, as ``F.group_norm`` does on CPU (and on a GPU with
+    channels-last CPU tensor when the kernel is available; through the layout-keeping
+    autograd function when compiling where :data:`COMPILED_CHANNELS_LAST_GROUP_NORM` says so,
+    and where PyTorch's CPU backward would crash; else with PyTorch's ops. Under autocast the
+    input keeps its dtype, as ``F.group_norm`` does on CPU (and on a GPU with
     :data:`LOW_PRECISION_GPU_GROUP_NORM`)."""
     if _applies(x, norm):
         return fused_group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu)
