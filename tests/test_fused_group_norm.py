@@ -268,3 +268,37 @@ def test_inductor_keeps_every_activation_buffer_channels_last(monkeypatch):
 
     assert nchw_buffers(()) > 0
     assert nchw_buffers(("cpu",)) == 0
+
+
+_FROZEN_FIRST_CONV = """
+import torch
+from difflab.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+from difflab.models.unet import UNet2DModel, UNetConfig
+torch.manual_seed(0)
+if "{model}" == "unet":
+    m = UNet2DModel(UNetConfig(sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
+                               attention_levels=(False, True), norm_num_groups=8,
+                               attention_head_dim=32))
+    first, f = m.conv_in, lambda x: m(x, torch.tensor([3, 500])).sample
+else:
+    m = AutoencoderKL(AutoencoderKLConfig(image_size=16, block_out_channels=(16, 32)))
+    first, f = m.encoder.conv_in, lambda x: m.decode(m.encode(x).latent_dist.sample()).sample
+m = m.to(memory_format=torch.channels_last)
+first.requires_grad_(False)
+x = torch.randn(2, 1, 16, 16).contiguous(memory_format=torch.channels_last)
+f(x).square().mean().backward()
+print(sum(p.grad.abs().sum().item() for p in m.parameters() if p.grad is not None) > 0)
+"""
+
+
+@pytest.mark.parametrize("model", ["unet", "autoencoder_kl"])
+def test_channels_last_networks_train_with_a_frozen_first_convolution(model):
+    """The realistic form of the crash above: a channels-last float32 U-Net or AutoencoderKL
+    whose first convolution is frozen (fine-tuning the rest) died in its first backward with
+    difflab before this fix (a sweep of both networks × layouts × float32/bf16 × frozen or
+    not found exactly these two cases); now the step runs and the trainable weights get
+    gradients."""
+    proc = subprocess.run([sys.executable, "-c", _FROZEN_FIRST_CONV.format(model=model)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-500:]
+    assert proc.stdout.split()[-1] == "True"
