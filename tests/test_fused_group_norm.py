@@ -270,9 +270,10 @@ def test_inductor_keeps_every_activation_buffer_channels_last(monkeypatch):
     assert nchw_buffers(("cpu",)) == 0
 
 
-_FROZEN_FIRST_CONV = """
+_FROZEN_FIRST_CONV = """  # a training step, printing whether any gradient is non-zero
 import torch
 from difflab.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+from difflab.models.classifier import FeatureClassifier, FeatureClassifierConfig
 from difflab.models.unet import UNet2DModel, UNetConfig
 torch.manual_seed(0)
 if "{model}" == "unet":
@@ -280,9 +281,12 @@ if "{model}" == "unet":
                                attention_levels=(False, True), norm_num_groups=8,
                                attention_head_dim=32))
     first, f = m.conv_in, lambda x: m(x, torch.tensor([3, 500])).sample
-else:
+elif "{model}" == "autoencoder_kl":
     m = AutoencoderKL(AutoencoderKLConfig(image_size=16, block_out_channels=(16, 32)))
     first, f = m.encoder.conv_in, lambda x: m.decode(m.encode(x).latent_dist.sample()).sample
+else:  # the metrics' feature classifier: nn.Sequential with its GroupNorm modules
+    m = FeatureClassifier(FeatureClassifierConfig())
+    first, f = m.body[0], m
 m = m.to(memory_format=torch.channels_last)
 first.requires_grad_(False)
 x = torch.randn(2, 1, 16, 16).contiguous(memory_format=torch.channels_last)
@@ -291,13 +295,13 @@ print(sum(p.grad.abs().sum().item() for p in m.parameters() if p.grad is not Non
 """
 
 
-@pytest.mark.parametrize("model", ["unet", "autoencoder_kl"])
+@pytest.mark.parametrize("model", ["unet", "autoencoder_kl", "feature_classifier"])
 def test_channels_last_networks_train_with_a_frozen_first_convolution(model):
-    """The realistic form of the crash above: a channels-last float32 U-Net or AutoencoderKL
-    whose first convolution is frozen (fine-tuning the rest) died in its first backward with
-    difflab before this fix (a sweep of both networks × layouts × float32/bf16 × frozen or
-    not found exactly these two cases); now the step runs and the trainable weights get
-    gradients."""
+    """The realistic form of the crash above: a channels-last float32 network whose first
+    convolution is frozen (fine-tuning the rest) died in its first backward before this fix
+    (benchmarks/crash_sweep.py: 6 of 48 cases, all of this kind); now the step runs and the
+    trainable weights get gradients. The classifier's GroupNorm modules are
+    difflab.nn.fused.GroupNorm for this."""
     proc = subprocess.run([sys.executable, "-c", _FROZEN_FIRST_CONV.format(model=model)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-500:]

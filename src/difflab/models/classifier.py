@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from difflab.config import Config, check_positive
 from difflab.errors import ConfigError
 from difflab.models.base import ModelMixin
+from difflab.nn.fused import GroupNorm
 
 
 @dataclass(kw_only=True)
@@ -72,7 +73,7 @@ class FeatureClassifier(ModelMixin):
         for k, width in enumerate(config.widths):
             for _ in range(config.convs_per_stage):
                 layers += [nn.Conv2d(prev, width, 3, padding=1),
-                           nn.GroupNorm(config.norm_num_groups, width), nn.SiLU()]
+                           GroupNorm(config.norm_num_groups, width), nn.SiLU()]
                 prev = width
             if k < len(config.widths) - 1:
                 layers.append(nn.MaxPool2d(2, ceil_mode=True))

@@ -292,5 +292,17 @@ def group_norm_silu(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = True) -> t
         return fused_group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu)
     if _channels_last_applies(x, norm) or _pytorch_backward_would_crash(x, norm):
         return channels_last_group_norm_silu(norm, x, silu)
-    y = low_precision_group_norm(norm, x) if _low_precision_applies(x, norm) else norm(x)
+    if _low_precision_applies(x, norm):
+        y = low_precision_group_norm(norm, x)
+    else:
+        y = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
     return F.silu(y, inplace=not y.requires_grad) if silu else y
+
+
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` (same parameters, same state-dict names) that runs through
+    :func:`group_norm_silu`: the channels-last kernel on a CPU under bf16, the layout-keeping
+    form where switched on, and no crash where PyTorch's CPU backward would."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return group_norm_silu(self, x, silu=False)
