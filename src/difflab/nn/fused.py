@@ -222,7 +222,7 @@ class _ChannelsLastGroupNorm(torch.autograd.Function):
         groups = mean.shape[1]
         xf = x.to(scale.dtype)
         dz = grad.to(xf.dtype)
-        if ctx.silu:  # z recomputed and used once (inductor then fuses it, no z buffer)
+        if ctx.silu:  # z = x·scale + shift recomputed rather than saved
             dz = torch.ops.aten.silu_backward(dz, xf * scale + shift)
         # the two sums GroupNorm's backward needs, per (sample, channel) over H, W
         sum_dz = dz.sum((2, 3))  # (N, C)
