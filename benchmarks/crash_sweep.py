@@ -2,6 +2,7 @@
 
     python benchmarks/crash_sweep.py                 # all networks, ~3 min on a 2-core CPU
     python benchmarks/crash_sweep.py --nets unet     # one of them
+    python benchmarks/crash_sweep.py --compile       # each step through torch.compile
 
 One forward + backward per case, each in its own process (a segmentation fault inside PyTorch
 must not end the sweep), on small configurations: every network × channels-last / NCHW ×
@@ -74,15 +75,17 @@ if {channels_last}:
     x = x.contiguous(memory_format=torch.channels_last)
 if {frozen}:
     first.requires_grad_(False)
+if {compiled}:
+    f = torch.compile(f)
 with torch.autocast("cpu", torch.bfloat16, enabled={bf16}):
     y = f(x)
 y.float().square().mean().backward()
 """
 
 
-def run_case(net: str, layout: str, precision: str, first_conv: str) -> str:
+def run_case(net: str, layout: str, precision: str, first_conv: str, compiled: bool) -> str:
     code = STEP.format(net=NETS[net], channels_last=layout == "channels_last",
-                       frozen=first_conv == "frozen", bf16=precision == "bf16")
+                       frozen=first_conv == "frozen", bf16=precision == "bf16", compiled=compiled)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=600)
     if proc.returncode == 0:
@@ -96,6 +99,8 @@ def run_case(net: str, layout: str, precision: str, first_conv: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nets", default=",".join(NETS), help="comma list of " + ", ".join(NETS))
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile each step (inductor; ~20–60 s a case on a 2-core CPU)")
     args = ap.parse_args()
     rows = []
     for net, layout, precision, first_conv in itertools.product(
@@ -103,14 +108,15 @@ def main() -> None:
             ["frozen", "trainable"]):
         if net not in NETS:
             raise SystemExit(f"unknown network {net!r}; choose from {', '.join(NETS)}")
-        outcome = run_case(net, layout, precision, first_conv)
+        outcome = run_case(net, layout, precision, first_conv, args.compile)
         rows.append({"network": net, "layout": layout, "precision": precision,
                      "first conv": first_conv, "outcome": outcome})
         print(f"{net} {layout} {precision} first conv {first_conv}: {outcome}", flush=True)
     print_table(rows)
     failed = sum(r["outcome"] != "ok" for r in rows)
-    print(f"{len(rows)} cases, {failed} failed")
-    path = write_json("crash_sweep", {"machine": machine(), "rows": rows})
+    print(f"{len(rows)} cases{' (compiled)' if args.compile else ''}, {failed} failed")
+    path = write_json("crash_sweep", {"machine": machine(), "compiled": args.compile,
+                                      "rows": rows})
     print(f"wrote {path}")
     sys.exit(1 if failed else 0)
 
