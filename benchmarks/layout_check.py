@@ -21,7 +21,7 @@ the layout-keeping GroupNorm of compiled models (``gncl``:
 
 ``--inductor`` also compiles each variant with inductor and counts the activation buffers of the
 generated code by layout: the traced strides do not show the layouts inductor picks itself
-(``python benchmarks/layout_check.py --gpu-path --inductor``, ~6 min on a 2-core CPU).
+(``python benchmarks/layout_check.py --gpu-path --inductor``, ~4 min on a 2-core CPU).
 Writes benchmarks/out/layout_check.json.
 """
 
@@ -119,7 +119,6 @@ def classify(cfg: UNetConfig, batch: int, device: torch.device, precision: str,
             "made by": dict(makers)}
 
 
-
 _ALLOC = re.compile(r"empty_strided_\w+\(\((\d+), (\d+), (\d+), (\d+)\), "
                     r"\((\d+), (\d+), (\d+), (\d+)\), torch\.(\w+)\)")
 
@@ -156,6 +155,7 @@ def inductor_buffers(cfg: UNetConfig, batch: int, device: torch.device, precisio
                 c[f"{kind} {m.group(9)}"] += 1
         counts[name] = dict(sorted(c.items()))
     return counts
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
