@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from difflab.nn.fused import group_norm_silu
+from difflab.nn.fused import channels_last_only, group_norm_silu
 
 
 class ResnetBlock(nn.Module):
@@ -150,8 +150,7 @@ class Upsample(nn.Module):
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    return (torch.channels_last if x.dim() == 4 and not x.is_contiguous()
-            and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
+    return torch.channels_last if channels_last_only(x) else torch.contiguous_format
 
 
 # Gradients in the layout of the activations. A convolution's backward (cuDNN's, oneDNN's) needs

@@ -95,12 +95,18 @@ def _kernel_ready() -> bool:
     return _extension() is not None
 
 
+def channels_last_only(x: torch.Tensor) -> bool:
+    """A (N, C, H, W) tensor stored channels-last and not also readable as NCHW (one channel or
+    one pixel is both)."""
+    return (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+            and not x.is_contiguous())
+
+
 def _applies(x: torch.Tensor, norm: nn.GroupNorm) -> bool:
-    return (x.device.type == "cpu" and x.dim() == 4 and norm.affine
+    return (x.device.type == "cpu" and norm.affine
             and x.dtype == torch.bfloat16  # float32: no faster than PyTorch's (RESULTS.md)
+            and channels_last_only(x)  # PyTorch's NCHW kernel is fast
             and x.shape[2] * x.shape[3] > 1
-            and x.is_contiguous(memory_format=torch.channels_last)
-            and not x.is_contiguous()  # a truly NHWC buffer (PyTorch's NCHW kernel is fast)
             and _kernel_ready())
 
 
@@ -267,18 +273,17 @@ def channels_last_group_norm_silu(norm: nn.GroupNorm, x: torch.Tensor,
 
 
 def _channels_last_applies(x: torch.Tensor, norm: nn.GroupNorm) -> bool:
-    return (x.device.type in COMPILED_CHANNELS_LAST_GROUP_NORM and norm.affine and x.dim() == 4
-            and torch.compiler.is_compiling() and x.shape[2] * x.shape[3] > 1
-            and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+    return (x.device.type in COMPILED_CHANNELS_LAST_GROUP_NORM and norm.affine
+            and torch.compiler.is_compiling() and channels_last_only(x)
+            and x.shape[2] * x.shape[3] > 1)
 
 
 def _pytorch_backward_would_crash(x: torch.Tensor, norm: nn.GroupNorm) -> bool:
     """PyTorch's CPU GroupNorm backward (2.13) dies with a segmentation fault on a channels-last
     input that needs no gradient while the norm's weight does — a block whose input comes
     from frozen layers or straight from data (tests/test_fused_group_norm.py)."""
-    return (x.device.type == "cpu" and x.dim() == 4 and norm.affine and not x.requires_grad
-            and norm.weight.requires_grad and torch.is_grad_enabled()
-            and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+    return (x.device.type == "cpu" and norm.affine and not x.requires_grad
+            and norm.weight.requires_grad and torch.is_grad_enabled() and channels_last_only(x))
 
 
 def group_norm_silu(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = True) -> torch.Tensor:
