@@ -6,7 +6,9 @@ check, no share link, no server-side rendering (which would start Node), fonts f
 package itself.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 
@@ -46,7 +48,8 @@ def build_app(pg: Playground):
         except DifflabError as e:  # bad input: a one-line message in the page, not a traceback
             raise gr.Error(str(e)) from None
 
-    anim_dir = tempfile.mkdtemp(prefix="difflab-app-")
+    anim_dir = tempfile.mkdtemp(prefix="difflab-app-")  # the animations the page shows
+    atexit.register(shutil.rmtree, anim_dir, ignore_errors=True)
     with gr.Blocks(title="difflab playground", analytics_enabled=False) as demo:
         gr.Markdown("# difflab playground\nModels: " + (pg.describe() or "none") +
                     (f". Test images: {pg.data_name}." if pg.data_name else "."))
