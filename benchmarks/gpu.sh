@@ -10,8 +10,9 @@
 #     copies...) and the convolutions' achieved TFLOP/s, cuDNN's algorithm search off and on;
 #     part "mfu" (not in the default PARTS, ~9 min): the convolution backwards' gradient
 #     layouts, the data-moving operators by input shape, eager and compiled, and the CUDA-graph
-#     step for difflab vs its layout-keeping compiled GroupNorm (-gncl) vs GroupNorm kept in
-#     bf16 (-gn16) vs its folded upsampling (-fold), eager NCHW vs channels_last, and diffusers — the next measurements for the matmul-rate goal
+#     step for difflab vs its layout-keeping compiled GroupNorm (-gncl) and inductor's
+#     realize_reads_threshold=6 (-rr6), eager GroupNorm kept in bf16 (-gn16), eager NCHW vs
+#     channels_last, and diffusers — the next measurements for the matmul-rate goal
 #     (call: PARTS=mfu, timeout_s=590);
 #  4. train_loop.py: difflab's whole training loop (EMA, clipping, guard) on the same preset,
 #     with and without --deterministic (what repeatable kernels cost);
@@ -79,15 +80,18 @@ timeout 130 python3 benchmarks/profile_step.py --preset ddpm-cifar10 --batch 128
   --mode bf16-cl-compile --iters 3 --top 30 --copies 2>&1 | tee "$OUT/mfu_profile_compiled.txt"
 # -gncl: the layout-keeping GroupNorm when compiled (difflab.nn.fused.COMPILED_CHANNELS_LAST_
 # GROUP_NORM: no NCHW buffers from GroupNorm's backward decomposition; the ninth session's
-# candidate for the slow "clone" kernels); -gn16: GroupNorm kept in bf16 under CUDA autocast
-# (LOW_PRECISION_GPU_GROUP_NORM); -fold: the upsamplers as one transposed convolution (the
-# CPU's form; same function, fewer FLOPs, so its MFU column understates it: compare img/s);
-# -nchw in eager mode (the default loop's GPU path runs eager: which layout should it use
-# there). The compiled mode runs first: it is what the goal is about.
+# candidate for the slow "clone" kernels); -rr6: inductor's realize_reads_threshold=6 (the
+# tenth session's byte count on the CPU, layout_check.py --inductor --extrapolate 128: the
+# fused kernels move 20.1 GB per step as difflab is, 24.0 with -gncl, 18.4 with -gncl-rr6);
+# -gn16 (eager only: under compile it moves the same bytes): GroupNorm kept in bf16 under CUDA
+# autocast (LOW_PRECISION_GPU_GROUP_NORM); -nchw in eager mode (the default loop's GPU path
+# runs eager: which layout should it use there). The compiled mode runs first: it is what the
+# goal is about.
 timeout "${MFU_UNET_S:-320}" python3 benchmarks/unet_train.py --preset ddpm-cifar10 --batch 128 \
   --device cuda --iters 10 --rounds 3 --modes bf16-ro,bf16 \
-  --peers difflab,difflab-gncl,difflab-gn16,difflab-fold,difflab-nchw,diffusers \
-  --compile-peers difflab,difflab-gncl,difflab-gn16,difflab-fold 2>&1 | tee "$OUT/mfu_unet.txt"
+  --peers difflab,difflab-gncl-rr6,difflab-gncl,difflab-rr6,difflab-gn16,difflab-nchw,diffusers \
+  --compile-peers difflab,difflab-gncl-rr6,difflab-gncl,difflab-rr6 2>&1 \
+  | tee "$OUT/mfu_unet.txt"
 cp benchmarks/out/unet_train.json "$OUT/extra/mfu_unet.json" 2>/dev/null
 fi
 

@@ -19,15 +19,26 @@ nearest upsampling + 3×3 convolution instead of the folded transposed convoluti
 the layout-keeping GroupNorm of compiled models (``gncl``:
 ``difflab.nn.fused.COMPILED_CHANNELS_LAST_GROUP_NORM``).
 
+``--gpu-path`` also computes GroupNorm the way CUDA autocast does, in float32 (CPU autocast keeps
+it in bf16); variant ``gn16`` keeps it in bf16 (``LOW_PRECISION_GPU_GROUP_NORM``), ``gncl-gn16``
+both.
+
 ``--inductor`` also compiles each variant with inductor and counts the activation buffers of the
 generated code by layout: the traced strides do not show the layouts inductor picks itself
-(``python benchmarks/layout_check.py --gpu-path --inductor``, ~4 min on a 2-core CPU).
+(``python benchmarks/layout_check.py --gpu-path --inductor``, ~4 min on a 2-core CPU). It also
+sums the bytes each kernel of the generated code must read and write (inductor's own count:
+every buffer once per kernel, the best case), split into the convolutions / matrix products /
+attention (extern kernels) and the fused elementwise and reduction kernels, the memory-bound
+rest. ``--extrapolate 128`` compiles again at twice ``--batch`` and extrapolates the bytes
+linearly to batch 128, with the time they take at ``--bandwidth`` (default: an H100 SXM's
+3.35 TB/s): the floor of the memory-bound part of a training step on that GPU.
 Writes benchmarks/out/layout_check.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from collections import Counter
@@ -60,6 +71,27 @@ def plain_forms() -> list:
     return [mock.patch.object(unet_module, "dense_gradient", lambda x: x),
             mock.patch.object(blocks, "upsample_nearest2x",
                               lambda x: F.interpolate(x, scale_factor=2.0, mode="nearest"))]
+
+
+def cuda_autocast_forms() -> list:
+    """Patches that make CPU autocast compute GroupNorm as CUDA autocast does: in float32 (it is
+    on CUDA autocast's float32 list), unless ``LOW_PRECISION_GPU_GROUP_NORM``."""
+    group_norm = F.group_norm
+    half = (torch.bfloat16, torch.float16)
+
+    def widen(x: torch.Tensor) -> bool:
+        return (x.dtype in half and torch.is_autocast_enabled(x.device.type)
+                and not fused.LOW_PRECISION_GPU_GROUP_NORM)
+
+    def cuda_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
+        if not widen(x):
+            return group_norm(x, num_groups, weight, bias, eps)
+        with torch.autocast(x.device.type, enabled=False):
+            return group_norm(x.float(), num_groups, weight, bias, eps)
+
+    return [mock.patch.object(F, "group_norm", cuda_group_norm),
+            mock.patch.object(fused, "autocast_group_norm_dtype",
+                              lambda x: torch.float32 if widen(x) else x.dtype)]
 
 
 def _model(cfg: UNetConfig, device: torch.device, fmt: torch.memory_format,
@@ -124,13 +156,16 @@ _ALLOC = re.compile(r"empty_strided_\w+\(\((\d+), (\d+), (\d+), (\d+)\), "
 
 
 def inductor_buffers(cfg: UNetConfig, batch: int, device: torch.device, precision: str,
-                     gpu_path: bool) -> dict[str, dict[str, int]]:
+                     gpu_path: bool, options: dict | None = None) -> dict[str, dict]:
     """Compile the channels-last training step with inductor and count, in the code it
     generates (forward and backward), the activation buffers (batch × C × H × W, C and H·W > 1)
-    it allocates, by layout and dtype. The fake-tensor strides of the traced graph do not show
-    where inductor picks its own layout: a buffer whose layout it may choose is laid out NCHW as
-    soon as a reshape needs it contiguous, e.g. the (N, C, H·W) views of PyTorch's GroupNorm
-    backward decomposition."""
+    it allocates, by layout and dtype, and the bytes its kernels move ("traffic"). The
+    fake-tensor strides of the traced graph do not show where inductor picks its own layout: a
+    buffer whose layout it may choose is laid out NCHW as soon as a reshape needs it
+    contiguous, e.g. the (N, C, H·W) views of PyTorch's GroupNorm backward decomposition."""
+    import torch._inductor.compile_fx as compile_fx
+    from torch._inductor import config as inductor_config
+    from torch._inductor.scheduler import ExternKernelSchedulerNode
     from torch._inductor.utils import run_and_get_code
 
     torch.manual_seed(0)
@@ -143,9 +178,27 @@ def inductor_buffers(cfg: UNetConfig, batch: int, device: torch.device, precisio
             out = step(x, t).sample
         (out.float() - noise).square().mean().backward()
 
-    _, codes = run_and_get_code(run)
+    metrics: list[dict] = []
+
+    class Metrics:  # inductor counts the bytes per kernel only when its metrics log is on
+        def isEnabledFor(self, _level) -> bool:
+            return True
+
+        def info(self, _msg, graph_metrics) -> None:
+            metrics.append(graph_metrics)
+
+    # no FX graph cache: a cache hit would skip the count
+    with mock.patch.object(compile_fx, "inductor_metrics_log", Metrics()), \
+            inductor_config.patch(fx_graph_cache=False, **(options or {})):
+        _, codes = run_and_get_code(run)
     torch._dynamo.reset()
-    counts = {}
+    traffic = {}
+    for name, m in zip(("forward", "backward"), metrics):
+        nodes = m["nodes_num_elem"]  # (scheduler node, bytes // 4)
+        extern = [b for n, b in nodes if isinstance(n, ExternKernelSchedulerNode)]
+        traffic[name] = {"bytes": m["num_bytes_accessed"], "extern bytes": 4 * sum(extern),
+                         "fused kernels": len(nodes) - len(extern), "extern kernels": len(extern)}
+    counts: dict[str, dict] = {"traffic": traffic}
     for name, code in zip(("forward", "backward"), codes):
         c: Counter[str] = Counter()
         for m in _ALLOC.finditer(code[code.find("def call("):]):
@@ -155,6 +208,17 @@ def inductor_buffers(cfg: UNetConfig, batch: int, device: torch.device, precisio
                 c[f"{kind} {m.group(9)}"] += 1
         counts[name] = dict(sorted(c.items()))
     return counts
+
+
+def extrapolate(small: dict, large: dict, batch: int, target: int) -> dict[str, float]:
+    """Bytes per step at ``target`` from the counts at ``batch`` and ``2 * batch``: weights and
+    optimizer state are fixed, activations grow linearly with the batch."""
+    out = {}
+    for key in ("bytes", "extern bytes"):
+        at = [sum(r["traffic"][g][key] for g in ("forward", "backward")) for r in (small, large)]
+        out[key] = at[0] + (at[1] - at[0]) * (target - batch) / batch
+    out["fused bytes"] = out["bytes"] - out["extern bytes"]
+    return out
 
 
 def main() -> None:
@@ -169,11 +233,31 @@ def main() -> None:
                     help="on a CPU, follow the code path of a GPU (see the module docstring)")
     ap.add_argument("--variants", default="difflab,plain,gncl",
                     help="difflab: as it is; plain: torch.cat's and F.interpolate's own gradients; "
-                    "gncl: with the layout-keeping GroupNorm of compiled models")
+                    "gncl: with the layout-keeping GroupNorm of compiled models; gn16: GroupNorm "
+                    "in bf16 under CUDA autocast; gncl-gn16: both")
     ap.add_argument("--inductor", action="store_true",
                     help="also compile each variant with inductor (minutes on a CPU) and count "
-                    "the activation buffers of its generated code by layout")
+                    "the activation buffers of its generated code by layout and its bytes moved")
+    ap.add_argument("--extrapolate", type=int, default=None, metavar="BATCH",
+                    help="with --inductor: compile again at twice --batch and extrapolate the "
+                    "bytes moved per step to this batch")
+    ap.add_argument("--inductor-config", action="append", default=[], metavar="KEY=VALUE",
+                    help="an inductor setting for the compiles of --inductor, e.g. "
+                    "realize_reads_threshold=6 (repeatable)")
+    ap.add_argument("--bandwidth", type=float, default=3.35e12,
+                    help="bytes/s for the time the extrapolated bytes take (default: H100 SXM)")
     args = ap.parse_args()
+    if args.extrapolate and not args.inductor:
+        ap.error("--extrapolate needs --inductor")
+    options = {}
+    for item in args.inductor_config:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--inductor-config {item!r}: expected KEY=VALUE")
+        try:
+            options[key] = json.loads(value)  # numbers, true/false
+        except ValueError:
+            options[key] = value
     device = torch.device(args.device)
     cfg = UNetConfig(**PRESETS[args.preset])
     if args.size:
@@ -185,32 +269,60 @@ def main() -> None:
             if args.gpu_path:
                 torch.backends.mkldnn.enabled = False
                 stack.enter_context(mock.patch.object(fused, "_kernel_ready", lambda: False))
+                if device.type == "cpu":
+                    for patch in cuda_autocast_forms():
+                        stack.enter_context(patch)
             if variant == "plain":
                 for patch in plain_forms():
                     stack.enter_context(patch)
-            if variant == "gncl":  # the layout-keeping GroupNorm while compiling
+            if variant.startswith("gncl"):  # the layout-keeping GroupNorm while compiling
                 stack.enter_context(mock.patch.object(
                     fused, "COMPILED_CHANNELS_LAST_GROUP_NORM", frozenset({device.type})))
+            if variant.endswith("gn16"):  # GroupNorm in bf16 under CUDA autocast
+                stack.enter_context(mock.patch.object(fused, "LOW_PRECISION_GPU_GROUP_NORM", True))
             res = classify(cfg, args.batch, device, args.precision, args.layout == "channels_last",
                            args.gpu_path)
             if args.inductor:
                 res["inductor buffers"] = inductor_buffers(cfg, args.batch, device,
-                                                           args.precision, args.gpu_path)
+                                                           args.precision, args.gpu_path, options)
+                if args.extrapolate:
+                    twice = inductor_buffers(cfg, 2 * args.batch, device, args.precision,
+                                             args.gpu_path, options)
+                    res["traffic at twice the batch"] = twice["traffic"]
+                    res["extrapolated"] = extrapolate(res["inductor buffers"], twice,
+                                                      args.batch, args.extrapolate)
         rows.append({"variant": variant, **res})
         print(f"{variant}: {res['convolution_backward']} convolution backwards, incoming "
               f"gradient {res['gradient layout']}, the others made by {res['made by'] or '-'}")
         if args.inductor:
-            print(f"  inductor's activation buffers: {res['inductor buffers']}")
-    print_table([{"variant": r["variant"], "conv backwards": r["convolution_backward"],
-                  "gradient not in the input's layout": r["convolution_backward"]
-                  - r["gradient layout"].get("as its input", 0),
-                  **({f"NCHW buffers, {g}": sum(v for k, v in r["inductor buffers"][g].items()
+            print(f"  inductor's activation buffers and traffic: {res['inductor buffers']}")
+    table = []
+    for r in rows:
+        row = {"variant": r["variant"], "conv backwards": r["convolution_backward"],
+               "gradient not in the input's layout": r["convolution_backward"]
+               - r["gradient layout"].get("as its input", 0)}
+        if args.inductor:
+            buffers = r["inductor buffers"]
+            for g in ("forward", "backward"):
+                row[f"NCHW buffers, {g}"] = sum(v for k, v in buffers[g].items()
                                                 if k.startswith("nchw"))
-                      for g in ("forward", "backward")} if args.inductor else {})}
-                 for r in rows])
+            row["fused kernels"] = sum(buffers["traffic"][g]["fused kernels"]
+                                       for g in ("forward", "backward"))
+            row[f"MB moved at batch {args.batch}"] = round(sum(
+                buffers["traffic"][g]["bytes"] for g in ("forward", "backward")) / 1e6)
+        if args.extrapolate:
+            e = r["extrapolated"]
+            row[f"GB at batch {args.extrapolate}: all"] = round(e["bytes"] / 1e9, 2)
+            row["extern"] = round(e["extern bytes"] / 1e9, 2)
+            row["fused"] = round(e["fused bytes"] / 1e9, 2)
+            row["fused, ms at bandwidth"] = round(1e3 * e["fused bytes"] / args.bandwidth, 2)
+        table.append(row)
+    print_table(table)
     print(f"preset {args.preset}, {cfg.sample_size}×{cfg.sample_size}, batch {args.batch}, "
           f"{args.precision}, {args.layout}, device {args.device}"
-          + (" (GPU code path)" if args.gpu_path else ""))
+          + (" (GPU code path)" if args.gpu_path else "")
+          + (f"; bandwidth {args.bandwidth / 1e12:g} TB/s" if args.extrapolate else "")
+          + (f"; inductor {options}" if options else ""))
     path = write_json("layout_check", {"machine": machine(), "args": vars(args), "rows": rows})
     print(f"wrote {path}")
 

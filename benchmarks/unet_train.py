@@ -45,7 +45,7 @@ def diffusers_unet(cfg: UNetConfig) -> torch.nn.Module:
 
 
 def make_step(model: torch.nn.Module, batch: int, cfg: UNetConfig, device: torch.device,
-              mode: str, channels_last: bool):
+              mode: str, channels_last: bool, options: dict | None = None):
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -54,7 +54,10 @@ def make_step(model: torch.nn.Module, batch: int, cfg: UNetConfig, device: torch
     fwd = model
     graphs = mode.endswith("-ro")
     if "compile" in mode or graphs:
-        fwd = torch.compile(model, mode="reduce-overhead" if graphs else None)
+        if options:  # inductor settings; "reduce-overhead" is CUDA graphs among them
+            fwd = torch.compile(model, options={"triton.cudagraphs": graphs, **options})
+        else:
+            fwd = torch.compile(model, mode="reduce-overhead" if graphs else None)
     g = torch.Generator(device=device).manual_seed(0)
     size = cfg.sample_size
     x0 = torch.randn(batch, cfg.in_channels, size, size, device=device, generator=g)
@@ -124,7 +127,8 @@ def main() -> None:
                     "-gn16 difflab's GroupNorm in bf16 under CUDA autocast "
                     "(fused.LOW_PRECISION_GPU_GROUP_NORM), -gncl difflab's layout-keeping "
                     "GroupNorm when compiled (fused.COMPILED_CHANNELS_LAST_GROUP_NORM), "
-                    "-bench torch.backends.cudnn.benchmark (e.g. difflab-gn16-bench)")
+                    "-bench torch.backends.cudnn.benchmark, -rr6 inductor's "
+                    "realize_reads_threshold=6 when compiled (e.g. difflab-gncl-gn16-rr6-bench)")
     ap.add_argument("--compile-peers", default="difflab,diffusers",
                     help="peers that also run the compiled modes (compiling costs minutes)")
     ap.add_argument("--allocator", default="keep", choices=["keep", "default"],
@@ -153,6 +157,10 @@ def main() -> None:
             name = peer
             bench = name.endswith("-bench")  # cuDNN picks its algorithms by timing them
             name = name.removesuffix("-bench")
+            # inductor keeps a reused elementwise result unstored up to 6 reads instead of 4
+            # (benchmarks/layout_check.py --inductor-config: fewer bytes moved per step)
+            options = {"realize_reads_threshold": 6} if name.endswith("-rr6") else None
+            name = name.removesuffix("-rr6")
             gn16 = name.endswith("-gn16")  # difflab's GroupNorm in bf16 under CUDA autocast
             name = name.removesuffix("-gn16")
             # the layout-keeping GroupNorm of a compiled, channels-last difflab model
@@ -169,7 +177,8 @@ def main() -> None:
             else:
                 raise SystemExit(f"unknown peer {peer}")
             params = sum(p.numel() for p in model.parameters())
-            step, _ = make_step(model, args.batch, cfg, device, mode, cl or "-cl" in mode)
+            step, _ = make_step(model, args.batch, cfg, device, mode, cl or "-cl" in mode,
+                                options)
             steps[peer] = (with_settings(step, bench, gn16, gncl), params)
         times = {p: [] for p in steps}
         for _ in range(args.rounds):  # interleave so machine noise hits every peer alike

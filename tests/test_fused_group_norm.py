@@ -5,6 +5,8 @@ import os
 import re
 import subprocess
 import sys
+from contextlib import ExitStack
+from pathlib import Path
 
 import pytest
 import torch
@@ -200,9 +202,33 @@ def test_layout_keeping_group_norm_returns_pytorchs_dtypes():
         with torch.autocast("cpu", dtype=torch.bfloat16):  # CPU autocast keeps the input's
             got = fused.channels_last_group_norm_silu(norm, x.to(dtype))
             want = F.silu(norm(x.to(dtype)))
-        assert got.dtype == want.dtype == dtype
+        assert got.dtype == want.dtype == dtype == fused.autocast_group_norm_dtype(x.to(dtype))
         assert (got.float() - want.float()).abs().max() < (1e-5 if dtype == torch.float32
                                                            else 2e-2)
+
+
+@pytest.mark.parametrize("low_precision", [False, True])
+def test_benchmarks_cuda_autocast_emulation_gives_cudas_group_norm_dtypes(monkeypatch,
+                                                                          low_precision):
+    """benchmarks/layout_check.py --gpu-path counts the bytes of a GPU's compiled step on a CPU:
+    its patches must give GroupNorm CUDA autocast's float32 (bf16 with
+    LOW_PRECISION_GPU_GROUP_NORM) on both GroupNorm paths, with the values unchanged."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import layout_check
+
+    monkeypatch.setattr(fused, "_kernel_ready", lambda: False)
+    monkeypatch.setattr(fused, "LOW_PRECISION_GPU_GROUP_NORM", low_precision)
+    want_dtype = torch.bfloat16 if low_precision else torch.float32
+    norm = nn.GroupNorm(4, 16)
+    x = torch.randn(2, 16, 4, 4).contiguous(memory_format=torch.channels_last)
+    want = F.silu(norm(x))
+    with ExitStack() as stack, torch.autocast("cpu", dtype=torch.bfloat16):
+        for patch in layout_check.cuda_autocast_forms():
+            stack.enter_context(patch)
+        xb = x.to(torch.bfloat16)
+        for got in (group_norm_silu(norm, xb), fused.channels_last_group_norm_silu(norm, xb)):
+            assert got.dtype == want_dtype
+            assert (got.float() - want).abs().max() < 5e-2
 
 
 def _compiled_block_step(monkeypatch, devices, backend, bf16=False, channels=16, groups=4):

@@ -264,12 +264,18 @@ def channels_last_group_norm_silu(norm: nn.GroupNorm, x: torch.Tensor,
     """``silu(norm(x))`` (or ``norm(x)``) through :class:`_ChannelsLastGroupNorm`, in the dtype
     PyTorch's GroupNorm returns: float32 under CUDA autocast (unless
     :data:`LOW_PRECISION_GPU_GROUP_NORM`), the input's dtype otherwise."""
-    out_dtype = x.dtype
+    return _ChannelsLastGroupNorm.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps,
+                                        silu, autocast_group_norm_dtype(x))
+
+
+def autocast_group_norm_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype PyTorch's GroupNorm returns for ``x`` here: float32 for a half-precision input
+    under autocast on a GPU (group_norm is on CUDA autocast's float32 list), unless
+    :data:`LOW_PRECISION_GPU_GROUP_NORM`; the input's dtype otherwise (CPU autocast keeps it)."""
     if (x.dtype in (torch.bfloat16, torch.float16) and x.device.type != "cpu"
             and torch.is_autocast_enabled(x.device.type) and not LOW_PRECISION_GPU_GROUP_NORM):
-        out_dtype = torch.float32
-    return _ChannelsLastGroupNorm.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps,
-                                        silu, out_dtype)
+        return torch.float32
+    return x.dtype
 
 
 def _channels_last_applies(x: torch.Tensor, norm: nn.GroupNorm) -> bool:
