@@ -197,7 +197,8 @@ def low_precision_group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tenso
 # benchmarks/RESULTS.md, "GPU"); the compiled H100 profile's slowest fused kernels, named
 # "…clone…", ran at about a sixth of the memory bandwidth, as transpositions do. The autograd
 # function below computes the same GroupNorm (+ SiLU) with reductions over (H, W) and
-# per-channel broadcasts only, which keep any layout: no NCHW buffer. It applies while
+# per-channel broadcasts only, which keep any layout: no NCHW buffer, and 8 % fewer bytes moved
+# by the compiled step's fused kernels (18.5 vs 20.1 GB at batch 128). It applies while
 # compiling, to channels-last inputs on the device types listed here — none by default: on a
 # CPU it gains nothing (inductor's C++ kernels transpose cheaply), and a GPU has not measured
 # it yet (benchmarks/gpu.sh, part mfu: unet_train.py's "-gncl" peer).
@@ -226,6 +227,7 @@ class _ChannelsLastGroupNorm(torch.autograd.Function):
         x, weight, mean, rstd, scale, shift = ctx.saved_tensors
         n, c, h, w = x.shape
         groups = mean.shape[1]
+        scale, shift = _stored(scale), _stored(shift)
         xf = x.to(scale.dtype)
         dz = grad.to(xf.dtype)
         if ctx.silu:  # z = x·scale + shift recomputed rather than saved
@@ -248,6 +250,15 @@ class _ChannelsLastGroupNorm(torch.autograd.Function):
         dx = dz * scale + xf * a + b
         return (dx.to(x.dtype), d_weight.to(weight.dtype), d_bias.to(weight.dtype),
                 None, None, None, None)
+
+
+def _stored(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (N, C, 1, 1), the same values, as the output of a reduction, which inductor stores:
+    z = x·scale + shift then reads 3 buffers instead of the 5 that scale and shift are made of
+    (x, mean, rstd, γ, β), and inductor recomputes a reused elementwise result only up to 4
+    reads (``realize_reads_threshold``) — above that it stores z and sigmoid(z) in float32,
+    full size (benchmarks/RESULTS.md, "Tenth session"). The mean of 16 equal values is exact."""
+    return t.expand(*t.shape[:2], 16, 1).mean(2, keepdim=True)
 
 
 def _per_channel(mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
