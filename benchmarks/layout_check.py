@@ -20,8 +20,9 @@ the layout-keeping GroupNorm of compiled models (``gncl``:
 ``difflab.nn.fused.COMPILED_CHANNELS_LAST_GROUP_NORM``).
 
 ``--gpu-path`` also computes GroupNorm the way CUDA autocast does, in float32 (CPU autocast keeps
-it in bf16); variant ``gn16`` keeps it in bf16 (``LOW_PRECISION_GPU_GROUP_NORM``), ``gncl-gn16``
-both.
+it in bf16), and with ``--inductor`` lets inductor decide what to store by its GPU rules
+(``gpu_realize_rules``); variant ``gn16`` keeps GroupNorm in bf16
+(``LOW_PRECISION_GPU_GROUP_NORM``), ``gncl-gn16`` both.
 
 ``--inductor`` also compiles each variant with inductor and counts the activation buffers of the
 generated code by layout: the traced strides do not show the layouts inductor picks itself
@@ -94,6 +95,16 @@ def cuda_autocast_forms() -> list:
                               lambda x: torch.float32 if widen(x) else x.dtype)]
 
 
+def gpu_realize_rules():
+    """A patch that makes inductor decide which elementwise results to store (rather than
+    recompute in each consumer) by its GPU rules on a CPU tensor too. Its CPU rules, the only
+    users of ``ir.is_cpu`` in torch 2.13, store every reused result that computes an exp,
+    sigmoid or tanh, and use other read and operation-count limits."""
+    import torch._inductor.ir as inductor_ir
+
+    return mock.patch.object(inductor_ir, "is_cpu", lambda _node: False)
+
+
 def _model(cfg: UNetConfig, device: torch.device, fmt: torch.memory_format,
            gpu_path: bool) -> UNet2DModel:
     model = UNet2DModel(cfg).to(device, memory_format=fmt).train()
@@ -155,8 +166,18 @@ _ALLOC = re.compile(r"empty_strided_\w+\(\((\d+), (\d+), (\d+), (\d+)\), "
                     r"\((\d+), (\d+), (\d+), (\d+)\), torch\.(\w+)\)")
 
 
+def _origin_ops(node) -> str:
+    """The ATen operators a scheduler node (a kernel) was made of, by count."""
+    origins = {o for sn in node.get_nodes() if sn.node is not None
+               for o in sn.node.get_origins()}
+    ops = Counter(getattr(o.target, "_opname", None) or str(o.target)
+                  for o in origins if o.op == "call_function")
+    return " ".join(f"{k}×{v}" if v > 1 else k for k, v in ops.most_common())
+
+
 def inductor_buffers(cfg: UNetConfig, batch: int, device: torch.device, precision: str,
-                     gpu_path: bool, options: dict | None = None) -> dict[str, dict]:
+                     gpu_path: bool, options: dict | None = None,
+                     top: int = 0) -> dict[str, dict]:
     """Compile the channels-last training step with inductor and count, in the code it
     generates (forward and backward), the activation buffers (batch × C × H × W, C and H·W > 1)
     it allocates, by layout and dtype, and the bytes its kernels move ("traffic"). The
@@ -187,9 +208,12 @@ def inductor_buffers(cfg: UNetConfig, batch: int, device: torch.device, precisio
         def info(self, _msg, graph_metrics) -> None:
             metrics.append(graph_metrics)
 
-    # no FX graph cache: a cache hit would skip the count
-    with mock.patch.object(compile_fx, "inductor_metrics_log", Metrics()), \
-            inductor_config.patch(fx_graph_cache=False, **(options or {})):
+    with ExitStack() as stack:
+        stack.enter_context(mock.patch.object(compile_fx, "inductor_metrics_log", Metrics()))
+        # no FX graph cache: a cache hit would skip the count
+        stack.enter_context(inductor_config.patch(fx_graph_cache=False, **(options or {})))
+        if gpu_path and device.type == "cpu":
+            stack.enter_context(gpu_realize_rules())
         _, codes = run_and_get_code(run)
     torch._dynamo.reset()
     traffic = {}
@@ -197,7 +221,12 @@ def inductor_buffers(cfg: UNetConfig, batch: int, device: torch.device, precisio
         nodes = m["nodes_num_elem"]  # (scheduler node, bytes // 4)
         extern = [b for n, b in nodes if isinstance(n, ExternKernelSchedulerNode)]
         traffic[name] = {"bytes": m["num_bytes_accessed"], "extern bytes": 4 * sum(extern),
-                         "fused kernels": len(nodes) - len(extern), "extern kernels": len(extern)}
+                         "fused kernels": len(nodes) - len(extern), "extern kernels": len(extern),
+                         "largest fused": [
+                             {"bytes": 4 * b, "ops": _origin_ops(n)} for n, b in sorted(
+                                 (nb for nb in nodes
+                                  if not isinstance(nb[0], ExternKernelSchedulerNode)),
+                                 key=lambda nb: -nb[1])[:top]]}
     counts: dict[str, dict] = {"traffic": traffic}
     for name, code in zip(("forward", "backward"), codes):
         c: Counter[str] = Counter()
@@ -244,6 +273,9 @@ def main() -> None:
     ap.add_argument("--inductor-config", action="append", default=[], metavar="KEY=VALUE",
                     help="an inductor setting for the compiles of --inductor, e.g. "
                     "realize_reads_threshold=6 (repeatable)")
+    ap.add_argument("--top", type=int, default=0, metavar="N",
+                    help="with --inductor: list the N fused kernels that move the most bytes, "
+                    "forward and backward, with the operators they were made of")
     ap.add_argument("--bandwidth", type=float, default=3.35e12,
                     help="bytes/s for the time the extrapolated bytes take (default: H100 SXM)")
     args = ap.parse_args()
@@ -284,7 +316,8 @@ def main() -> None:
                            args.gpu_path)
             if args.inductor:
                 res["inductor buffers"] = inductor_buffers(cfg, args.batch, device,
-                                                           args.precision, args.gpu_path, options)
+                                                           args.precision, args.gpu_path, options,
+                                                           args.top)
                 if args.extrapolate:
                     twice = inductor_buffers(cfg, 2 * args.batch, device, args.precision,
                                              args.gpu_path, options)
@@ -295,7 +328,14 @@ def main() -> None:
         print(f"{variant}: {res['convolution_backward']} convolution backwards, incoming "
               f"gradient {res['gradient layout']}, the others made by {res['made by'] or '-'}")
         if args.inductor:
-            print(f"  inductor's activation buffers and traffic: {res['inductor buffers']}")
+            buffers = res["inductor buffers"]
+            print("  inductor's activation buffers: " + str(
+                {g: buffers[g] for g in ("forward", "backward")}))
+            for g, t in buffers["traffic"].items():
+                print(f"  {g}: {t['bytes'] / 1e6:.0f} MB, {t['extern bytes'] / 1e6:.0f} MB of "
+                      f"them in {t['extern kernels']} extern kernels")
+                for k in t["largest fused"]:
+                    print(f"    {k['bytes'] / 1e6:8.1f} MB  {k['ops']}")
     table = []
     for r in rows:
         row = {"variant": r["variant"], "conv backwards": r["convolution_backward"],

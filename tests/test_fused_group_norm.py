@@ -296,6 +296,34 @@ def test_inductor_keeps_every_activation_buffer_channels_last(monkeypatch):
     assert nchw_buffers(("cpu",)) == 0
 
 
+def test_layout_keeping_backward_lets_inductor_recompute_z(monkeypatch):
+    """The layout-keeping GroupNorm's backward gets its per-channel scale and shift as a
+    reduction's output (``fused._stored``), so z = x·scale + shift reads 3 buffers and inductor
+    recomputes it where it is used instead of storing it (and what is made of it) as float32
+    activations. Compiled by inductor's GPU rules (benchmarks/layout_check.py's
+    ``gpu_realize_rules``), the block's backward allocates fewer float32 activation buffers
+    than with scale and shift passed on as they are."""
+    from torch._inductor.utils import run_and_get_code
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import layout_check
+
+    monkeypatch.setattr(fused, "_kernel_ready", lambda: False)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    float32_activation = re.compile(r"empty_strided_cpu\(\(2, 64, 8, 8\), \([^)]*\), "
+                                    r"torch\.float32\)")
+
+    def backward_float32_buffers():
+        with layout_check.gpu_realize_rules():
+            _, codes = run_and_get_code(_compiled_block_step, monkeypatch, ("cpu",), "inductor",
+                                        bf16=True, channels=64, groups=32)
+        return len(float32_activation.findall(codes[1]))
+
+    stored = backward_float32_buffers()
+    monkeypatch.setattr(fused, "_stored", lambda t: t)
+    assert stored < backward_float32_buffers()
+
+
 _FROZEN_FIRST_CONV = """  # a training step, printing whether any gradient is non-zero
 import torch
 from difflab.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
