@@ -82,7 +82,7 @@ timeout 130 python3 benchmarks/profile_step.py --preset ddpm-cifar10 --batch 128
 # GROUP_NORM: no NCHW buffers from GroupNorm's backward decomposition; the ninth session's
 # candidate for the slow "clone" kernels); -rr6: inductor's realize_reads_threshold=6 (the
 # tenth session's byte count on the CPU, layout_check.py --inductor --extrapolate 128: the
-# fused kernels move 20.1 GB per step as difflab is, 18.5 with -gncl, 18.4 with -gncl-rr6);
+# fused kernels move 18.2 GB per step as difflab is, 15.8 with -gncl, 14.9 with -gncl-rr6);
 # -gn16 (eager only: under compile it moves the same bytes): GroupNorm kept in bf16 under CUDA
 # autocast (LOW_PRECISION_GPU_GROUP_NORM); -nchw in eager mode (the default loop's GPU path
 # runs eager: which layout should it use there). The compiled mode runs first: it is what the

@@ -197,8 +197,9 @@ def low_precision_group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tenso
 # benchmarks/RESULTS.md, "GPU"); the compiled H100 profile's slowest fused kernels, named
 # "…clone…", ran at about a sixth of the memory bandwidth, as transpositions do. The autograd
 # function below computes the same GroupNorm (+ SiLU) with reductions over (H, W) and
-# per-channel broadcasts only, which keep any layout: no NCHW buffer, and 8 % fewer bytes moved
-# by the compiled step's fused kernels (18.5 vs 20.1 GB at batch 128). It applies while
+# per-channel broadcasts only, which keep any layout: no NCHW buffer from GroupNorm, and 13 %
+# fewer bytes moved by the compiled step's fused kernels (15.8 vs 18.2 GB at batch 128, counted
+# on a CPU by inductor's GPU rules; 14.9 with realize_reads_threshold=6). It applies while
 # compiling, to channels-last inputs on the device types listed here — none by default: on a
 # CPU it gains nothing (inductor's C++ kernels transpose cheaply), and a GPU has not measured
 # it yet (benchmarks/gpu.sh, part mfu: unet_train.py's "-gncl" peer).
