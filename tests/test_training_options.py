@@ -175,3 +175,20 @@ def test_fp16_on_a_cpu_says_it_trains_in_float32():
     with pytest.warns(UserWarning, match="fp16 autocast needs a CUDA GPU"):
         res = train(task, digits.images[:16], digits.labels[:16], cfg)
     assert res.precision == "no"
+
+
+def test_compile_options_are_added_to_the_modes_settings_per_device(monkeypatch):
+    """training.loop.COMPILE_OPTIONS[device type] goes on top of the mode's inductor settings
+    (CUDA graphs for reduce-overhead kept); other device types compile with the mode alone."""
+    from difflab.training import loop
+
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append(kw))
+    task = DiffusionObjective(UNet2DModel(UNetConfig(**TINY)), DiffusionConfig())
+    monkeypatch.setattr(loop, "COMPILE_OPTIONS", {"cuda": {"realize_reads_threshold": 6}})
+    loop._compile_networks(task, "reduce-overhead", "cuda")
+    loop._compile_networks(task, "reduce-overhead", "cpu")
+    loop._compile_networks(task, "default", "cuda")
+    assert calls == [{"options": {"triton.cudagraphs": True, "realize_reads_threshold": 6}},
+                     {"mode": "reduce-overhead"},
+                     {"options": {"realize_reads_threshold": 6}}]

@@ -110,12 +110,28 @@ COMPILE_MODES = ("no", "default", "reduce-overhead", "max-autotune")
 MIXED_PRECISIONS = ("no", "bf16", "fp16", "auto")
 
 
-def _compile_networks(task: nn.Module, mode: str) -> None:
+# Inductor settings added to every ``--compile`` mode, by device type (none: inductor's own).
+# A candidate for CUDA: {"realize_reads_threshold": 6}, with the layout-keeping GroupNorm
+# (difflab.nn.fused.COMPILED_CHANNELS_LAST_GROUP_NORM), cuts the bytes the DDPM-CIFAR-10
+# U-Net's compiled step moves in its fused kernels by 18 % and leaves no NCHW buffer, counted
+# on a CPU by inductor's GPU rules (benchmarks/RESULTS.md, "Tenth session"); off until a GPU
+# times it (benchmarks/gpu.sh, part mfu: unet_train.py's "-gncl-rr6" peer).
+COMPILE_OPTIONS: dict[str, dict[str, object]] = {}
+
+
+def _compile_networks(task: nn.Module, mode: str, device_type: str = "cpu") -> None:
     """``torch.compile`` each network inside the task in place (``Module.compile``): parameter
-    names, checkpoints and the EMA copy are unchanged; the loss code around them stays eager."""
+    names, checkpoints and the EMA copy are unchanged; the loss code around them stays eager.
+    The mode's inductor settings get :data:`COMPILE_OPTIONS` for the device type on top."""
+    extra = COMPILE_OPTIONS.get(device_type)
     for child in task.children():
         if any(True for _ in child.parameters()):
-            child.compile(mode=None if mode == "default" else mode)
+            if extra:
+                from torch._inductor import list_mode_options
+
+                child.compile(options={**list_mode_options(mode), **extra})
+            else:
+                child.compile(mode=None if mode == "default" else mode)
 
 
 def lr_factor(step: int, cfg: TrainConfig, total: int) -> float:
@@ -206,7 +222,7 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
                             weight_decay=cfg.weight_decay, fused=True)
     ema = EMA(task, cfg.ema_decay) if cfg.ema_decay is not None else None
     if cfg.compile != "no":
-        _compile_networks(task, cfg.compile)
+        _compile_networks(task, cfg.compile, dev.type)
     model, opt = acc.prepare(_LossModule(task), opt)
     images = images.to(dev)
     labels = labels.to(dev)
