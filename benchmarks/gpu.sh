@@ -15,7 +15,8 @@
 #     channels_last, and diffusers — the next measurements for the matmul-rate goal
 #     (call: PARTS=mfu, timeout_s=590);
 #  4. train_loop.py: difflab's whole training loop (EMA, clipping, guard) on the same preset,
-#     with and without --deterministic (what repeatable kernels cost);
+#     with and without --deterministic (what repeatable kernels cost), and CUDA graphs with the
+#     layout-keeping GroupNorm + realize_reads_threshold=6 (bf16-ro-gncl-rr6);
 #  5. the training tests, whose loop then runs on CUDA.  PARTS=sampling,loop,... picks parts;
 #     with the race in PARTS and TESTS_BESIDE_RACE=1 they run beside it (they time nothing).
 #  6. (not in the default PARTS; ~6 min; ran in the seventh session) the quality race replayed:
@@ -105,7 +106,7 @@ fi
 if want loop; then
 echo "== 4. difflab's whole training loop ($(left) s left)"
 timeout "$(( $(left) - 60 ))" python3 benchmarks/train_loop.py --preset ddpm-cifar10 \
-  --batch 128 --steps 60 --configs ${LOOP_CONFIGS:-bf16,bf16-det,bf16-ro,bf16-ro-det} 2>&1 | tee "$OUT/train_loop.txt"
+  --batch 128 --steps 60 --configs ${LOOP_CONFIGS:-bf16,bf16-ro,bf16-ro-gncl-rr6,bf16-det,bf16-ro-det} 2>&1 | tee "$OUT/train_loop.txt"
 cp benchmarks/out/train_loop.json "$OUT/extra/" 2>/dev/null
 fi
 

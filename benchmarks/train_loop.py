@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, print_table, write_json  # noqa: E402
 
 from difflab.models.unet import PRESETS, UNet2DModel, UNetConfig  # noqa: E402
-from difflab.training import TrainConfig, train  # noqa: E402
+from difflab.nn import fused  # noqa: E402
+from difflab.training import TrainConfig, loop, train  # noqa: E402
 from difflab.training.objectives import DiffusionConfig, DiffusionObjective  # noqa: E402
 
 
@@ -44,6 +45,11 @@ def run(cfg: UNetConfig, batch: int, steps: int, config: str, device: str) -> di
         else "no"
     lazy = False if "sync" in parts else None  # -sync: the per-step host-synced guard
     deterministic = "det" in parts  # -det: --deterministic (repeatable kernels)
+    # -gncl: the layout-keeping GroupNorm when compiled; -rr6: inductor's
+    # realize_reads_threshold=6 added to the compile mode (benchmarks/RESULTS.md, "Tenth session")
+    dev_type = torch.device(device).type
+    fused.COMPILED_CHANNELS_LAST_GROUP_NORM = frozenset({dev_type} if "gncl" in parts else ())
+    loop.COMPILE_OPTIONS = {dev_type: {"realize_reads_threshold": 6}} if "rr6" in parts else {}
     torch.manual_seed(0)
     task = _Timed(UNet2DModel(cfg), DiffusionConfig())
     task.stamps = []
@@ -72,7 +78,9 @@ def main() -> None:
     ap.add_argument("--configs", default="fp32", help="comma list: fp32, bf16, bf16-compile, "
                     "bf16-ro (reduce-overhead: CUDA graphs); a -sync suffix uses the guard "
                     "that syncs with the host every step (the CPU default), -det trains "
-                    "with --deterministic (e.g. bf16-det, bf16-ro-det)")
+                    "with --deterministic (e.g. bf16-det, bf16-ro-det), -gncl with the "
+                    "layout-keeping GroupNorm when compiled, -rr6 with inductor's "
+                    "realize_reads_threshold=6 (e.g. bf16-ro-gncl-rr6)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     cfg = UNetConfig(**PRESETS[args.preset])
