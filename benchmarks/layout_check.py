@@ -115,6 +115,13 @@ def _model(cfg: UNetConfig, device: torch.device, fmt: torch.memory_format,
     return model
 
 
+def _diffusers_model(cfg: UNetConfig, device: torch.device, fmt: torch.memory_format,
+                     _gpu_path: bool) -> torch.nn.Module:
+    from unet_train import diffusers_unet
+
+    return diffusers_unet(cfg).to(device, memory_format=fmt).train()
+
+
 def _batch(cfg: UNetConfig, batch: int, device: torch.device, fmt: torch.memory_format):
     size = cfg.sample_size
     x = torch.randn(batch, cfg.in_channels, size, size, device=device).contiguous(memory_format=fmt)
@@ -263,7 +270,8 @@ def main() -> None:
     ap.add_argument("--variants", default="difflab,plain,gncl",
                     help="difflab: as it is; plain: torch.cat's and F.interpolate's own gradients; "
                     "gncl: with the layout-keeping GroupNorm of compiled models; gn16: GroupNorm "
-                    "in bf16 under CUDA autocast; gncl-gn16: both")
+                    "in bf16 under CUDA autocast; gncl-gn16: both; diffusers: its UNet2DModel, "
+                    "same configuration")
     ap.add_argument("--inductor", action="store_true",
                     help="also compile each variant with inductor (minutes on a CPU) and count "
                     "the activation buffers of its generated code by layout and its bytes moved")
@@ -307,6 +315,9 @@ def main() -> None:
             if variant == "plain":
                 for patch in plain_forms():
                     stack.enter_context(patch)
+            if variant == "diffusers":  # the peer, same configuration and layout
+                stack.enter_context(mock.patch.object(sys.modules[__name__], "_model",
+                                                      _diffusers_model))
             if variant.startswith("gncl"):  # the layout-keeping GroupNorm while compiling
                 stack.enter_context(mock.patch.object(
                     fused, "COMPILED_CHANNELS_LAST_GROUP_NORM", frozenset({device.type})))
