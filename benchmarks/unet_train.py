@@ -29,6 +29,7 @@ from _common import machine, matmul_ceiling, median, print_table, time_fn, write
 from difflab.models.unet import PRESETS, UNet2DModel, UNetConfig  # noqa: E402
 from difflab.nn import Upsample, fused  # noqa: E402
 from difflab.perf import keep_freed_memory  # noqa: E402
+from difflab.training.loop import compile_kwargs  # noqa: E402
 
 
 def diffusers_unet(cfg: UNetConfig) -> torch.nn.Module:
@@ -54,10 +55,8 @@ def make_step(model: torch.nn.Module, batch: int, cfg: UNetConfig, device: torch
     fwd = model
     graphs = mode.endswith("-ro")
     if "compile" in mode or graphs:
-        if options:  # inductor settings; "reduce-overhead" is CUDA graphs among them
-            fwd = torch.compile(model, options={"triton.cudagraphs": graphs, **options})
-        else:
-            fwd = torch.compile(model, mode="reduce-overhead" if graphs else None)
+        fwd = torch.compile(model, **compile_kwargs("reduce-overhead" if graphs else "default",
+                                                    options))
     g = torch.Generator(device=device).manual_seed(0)
     size = cfg.sample_size
     x0 = torch.randn(batch, cfg.in_channels, size, size, device=device, generator=g)

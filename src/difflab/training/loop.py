@@ -119,19 +119,25 @@ MIXED_PRECISIONS = ("no", "bf16", "fp16", "auto")
 COMPILE_OPTIONS: dict[str, dict[str, object]] = {}
 
 
+def compile_kwargs(mode: str, extra: dict[str, object] | None = None) -> dict[str, object]:
+    """``torch.compile``'s keyword arguments for a :data:`COMPILE_MODES` mode (not "no") with
+    ``extra`` inductor settings on top of the mode's own (torch.compile takes a mode or
+    options, not both)."""
+    if not extra:
+        return {"mode": None if mode == "default" else mode}
+    from torch._inductor import list_mode_options
+
+    return {"options": {**list_mode_options(mode), **extra}}
+
+
 def _compile_networks(task: nn.Module, mode: str, device_type: str = "cpu") -> None:
     """``torch.compile`` each network inside the task in place (``Module.compile``): parameter
     names, checkpoints and the EMA copy are unchanged; the loss code around them stays eager.
     The mode's inductor settings get :data:`COMPILE_OPTIONS` for the device type on top."""
-    extra = COMPILE_OPTIONS.get(device_type)
+    kwargs = compile_kwargs(mode, COMPILE_OPTIONS.get(device_type))
     for child in task.children():
         if any(True for _ in child.parameters()):
-            if extra:
-                from torch._inductor import list_mode_options
-
-                child.compile(options={**list_mode_options(mode), **extra})
-            else:
-                child.compile(mode=None if mode == "default" else mode)
+            child.compile(**kwargs)
 
 
 def lr_factor(step: int, cfg: TrainConfig, total: int) -> float:
