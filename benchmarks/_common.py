@@ -7,6 +7,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -87,3 +88,93 @@ def _fmt(v: object) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
     return "" if v is None else str(v)
+
+
+# A benchmark peer is named by a base model and suffixes that switch one thing each, in any
+# order: "difflab-fold-gncl-rr6" is difflab with folded upsampling, the layout-keeping
+# GroupNorm when compiled and inductor's realize_reads_threshold=6. unet_train.py (--peers),
+# train_loop.py (--configs) and profile_step.py (--variant) share these names.
+VARIANT_SUFFIXES = {
+    "nchw": "difflab in NCHW (it runs channels_last otherwise)",
+    "cl": "diffusers in channels_last (it runs NCHW otherwise)",
+    "fold": "nearest ×2 + 3×3 conv run as one folded transposed conv on this device too "
+            "(difflab.nn.Upsample.fold_on; the CPU always folds)",
+    "gncl": "the layout-keeping GroupNorm when compiled (fused.COMPILED_CHANNELS_LAST_GROUP_NORM)",
+    "gn16": "GroupNorm kept in bf16 under CUDA autocast (fused.LOW_PRECISION_GPU_GROUP_NORM)",
+    "bench": "torch.backends.cudnn.benchmark (cuDNN picks algorithms by timing them)",
+    "rr6": "inductor's realize_reads_threshold=6 when compiled",
+    "ck": "inductor's combo_kernels (independent small kernels launched as one)",
+    "cdt": "inductor's coordinate_descent_tuning (block sizes tuned per kernel)",
+}
+_INDUCTOR_SUFFIXES = {"rr6": {"realize_reads_threshold": 6}, "ck": {"combo_kernels": True},
+                      "cdt": {"coordinate_descent_tuning": True}}
+_DIFFLAB_ONLY = {"nchw", "fold", "gncl", "gn16"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A peer name parsed (:func:`parse_variant`)."""
+
+    name: str
+    base: str  # "difflab" | "diffusers"
+    flags: frozenset[str]
+
+    @property
+    def channels_last(self) -> bool:
+        return "cl" in self.flags if self.base == "diffusers" else "nchw" not in self.flags
+
+    @property
+    def inductor_options(self) -> dict | None:
+        """Inductor settings for torch.compile's ``options`` (None: the mode's own)."""
+        options = {k: v for f in sorted(self.flags & set(_INDUCTOR_SUFFIXES))
+                   for k, v in _INDUCTOR_SUFFIXES[f].items()}
+        return options or None
+
+    def build(self, cfg, device_type: str):
+        """The model, float32 on the CPU, with the per-instance switches set (folding on
+        ``device_type``)."""
+        if self.base == "diffusers":
+            from unet_train import diffusers_unet
+
+            return diffusers_unet(cfg)
+        from difflab.models.unet import UNet2DModel
+        from difflab.nn import Upsample
+
+        model = UNet2DModel(cfg)
+        if "fold" in self.flags:
+            for m in model.modules():
+                if isinstance(m, Upsample):  # per instance: compiled peers guard on it
+                    m.fold_on = Upsample.fold_on | {device_type}
+        return model
+
+    def apply(self, device_type: str) -> None:
+        """Set the process-wide switches this variant runs with (call before each step when
+        peers are interleaved: torch.compile guards on them and keeps one graph per setting)."""
+        from difflab.nn import fused
+
+        torch.backends.cudnn.benchmark = "bench" in self.flags
+        fused.LOW_PRECISION_GPU_GROUP_NORM = "gn16" in self.flags
+        fused.COMPILED_CHANNELS_LAST_GROUP_NORM = (frozenset({device_type})
+                                                   if "gncl" in self.flags else frozenset())
+
+
+def parse_variant(name: str) -> Variant:
+    """``base[-suffix...]`` → :class:`Variant`; an unknown base or suffix is a clear error."""
+    base, *suffixes = name.split("-")
+    if base not in ("difflab", "diffusers"):
+        raise ValueError(f"peer {name!r}: the base must be difflab or diffusers")
+    unknown = [s for s in suffixes if s not in VARIANT_SUFFIXES]
+    if unknown:
+        raise ValueError(f"peer {name!r}: unknown suffix {unknown[0]!r} (known: "
+                         f"{', '.join(VARIANT_SUFFIXES)})")
+    flags = frozenset(suffixes)
+    if base == "diffusers" and flags & _DIFFLAB_ONLY:
+        raise ValueError(f"peer {name!r}: {', '.join(sorted(flags & _DIFFLAB_ONLY))} "
+                         f"only apply to difflab")
+    if base == "difflab" and "cl" in flags:
+        raise ValueError(f"peer {name!r}: difflab runs channels_last already (-nchw switches)")
+    return Variant(name, base, flags)
+
+
+def variant_help() -> str:
+    return "; ".join(f"-{k}: {v}" for k, v in VARIANT_SUFFIXES.items())

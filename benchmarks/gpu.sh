@@ -8,12 +8,10 @@
 #     img/s and % of the measured bf16 matmul rate;
 #  3. profile_step.py: the eager bf16 step's kernels by kind (convolutions, Triton, elementwise,
 #     copies...) and the convolutions' achieved TFLOP/s, cuDNN's algorithm search off and on;
-#     part "mfu" (not in the default PARTS, ~9 min): the convolution backwards' gradient
-#     layouts, the data-moving operators by input shape, eager and compiled, and the CUDA-graph
-#     step for difflab vs its layout-keeping compiled GroupNorm (-gncl) and inductor's
-#     realize_reads_threshold=6 (-rr6), eager GroupNorm kept in bf16 (-gn16), eager NCHW vs
-#     channels_last, and diffusers — the next measurements for the matmul-rate goal
-#     (call: PARTS=mfu, timeout_s=590);
+#     part "mfu" (not in the default PARTS, ~9 min, one call: PARTS=mfu, timeout_s=590): the
+#     CUDA-graph step of difflab vs its candidate variants (-gncl-rr6, -fold-gncl-rr6, + -ck)
+#     and eager diffusers, then the whole loop and a kernel profile of the fastest one — the
+#     measurements for the matmul-rate goal;
 #  4. train_loop.py: difflab's whole training loop (EMA, clipping, guard) on the same preset,
 #     with and without --deterministic (what repeatable kernels cost), and CUDA graphs with the
 #     layout-keeping GroupNorm + realize_reads_threshold=6 (bf16-ro-gncl-rr6);
@@ -69,31 +67,42 @@ timeout "${UNET_S:-$(( $(left) - 120 ))}" python3 benchmarks/unet_train.py --pre
 cp benchmarks/out/unet_train.json "$OUT/extra/" 2>/dev/null
 fi
 
-if want mfu; then  # where the matmul-rate gap is (issue 5): which copies, which layout
-echo "== 3m. MFU: gradient layouts, data-moving operators eager and compiled ($(left) s left)"
-# every convolution backward should get its gradient in its input's layout (0 in the last
-# column for difflab; the eighth session fixed 25 of 77 that were not, traced on a CPU)
-timeout 45 python3 benchmarks/layout_check.py --device cuda --variants difflab,plain 2>&1 \
-  | tee "$OUT/mfu_layout.txt"
-timeout 60 python3 benchmarks/profile_step.py --preset ddpm-cifar10 --batch 128 --device cuda \
-  --mode bf16 --iters 3 --top 20 --copies 2>&1 | tee "$OUT/mfu_profile_eager.txt"
-timeout 130 python3 benchmarks/profile_step.py --preset ddpm-cifar10 --batch 128 --device cuda \
-  --mode bf16-cl-compile --iters 3 --top 30 --copies 2>&1 | tee "$OUT/mfu_profile_compiled.txt"
-# -gncl: the layout-keeping GroupNorm when compiled (difflab.nn.fused.COMPILED_CHANNELS_LAST_
-# GROUP_NORM: no NCHW buffers from GroupNorm's backward decomposition; the ninth session's
-# candidate for the slow "clone" kernels); -rr6: inductor's realize_reads_threshold=6 (the
-# tenth session's byte count on the CPU, layout_check.py --inductor --extrapolate 128: the
-# fused kernels move 18.2 GB per step as difflab is, 15.8 with -gncl, 14.9 with -gncl-rr6);
-# -gn16 (eager only: under compile it moves the same bytes): GroupNorm kept in bf16 under CUDA
-# autocast (LOW_PRECISION_GPU_GROUP_NORM); -nchw in eager mode (the default loop's GPU path
-# runs eager: which layout should it use there). The compiled mode runs first: it is what the
-# goal is about.
-timeout "${MFU_UNET_S:-320}" python3 benchmarks/unet_train.py --preset ddpm-cifar10 --batch 128 \
-  --device cuda --iters 10 --rounds 3 --modes bf16-ro,bf16 \
-  --peers difflab,difflab-gncl-rr6,difflab-gncl,difflab-rr6,difflab-gn16,difflab-nchw,diffusers \
-  --compile-peers difflab,difflab-gncl-rr6,difflab-gncl,difflab-rr6 2>&1 \
-  | tee "$OUT/mfu_unet.txt"
+if want mfu; then  # the matmul-rate goal (issue 5), sized to fit one call with the start
+# 3m-a. The CUDA-graph step (reduce-overhead) of difflab as it is and of the candidates the CPU
+# byte counts favour (benchmarks/RESULTS.md, tenth and eleventh sessions; suffixes in
+# benchmarks/_common.py): -gncl the layout-keeping GroupNorm when compiled, -rr6 inductor's
+# realize_reads_threshold=6, -fold the folded upsampling (7 % fewer convolution FLOPs, no 4×
+# upsampled copy), -ck inductor's combo_kernels (the ~230 tiny weight-cast and per-channel
+# kernels launched together); eager bf16 difflab and diffusers (the 1.5× reference) after.
+# Each peer compiles first (its time printed; one that fails is dropped), then interleaved.
+echo "== 3m. MFU: the CUDA-graph step, difflab vs its candidates ($(left) s left)"
+MFU_PEERS=${MFU_PEERS:-difflab,difflab-gncl-rr6,difflab-fold-gncl-rr6,difflab-fold-gncl-rr6-ck}
+# (a dry run of this part's logic on a CPU: MFU_DEVICE=cpu MFU_PRESET=small MFU_BATCH=8)
+MFU=(--preset "${MFU_PRESET:-ddpm-cifar10}" --batch "${MFU_BATCH:-128}"
+     --device "${MFU_DEVICE:-cuda}")
+rm -f benchmarks/out/unet_train.json
+timeout "${MFU_UNET_S:-330}" python3 benchmarks/unet_train.py "${MFU[@]}" \
+  --iters 10 --rounds 3 --modes bf16-ro,bf16 \
+  --peers "$MFU_PEERS,diffusers" --compile-peers "$MFU_PEERS" 2>&1 | tee "$OUT/mfu_unet.txt"
 cp benchmarks/out/unet_train.json "$OUT/extra/mfu_unet.json" 2>/dev/null
+# the fastest compiled candidate (difflab-gncl-rr6 if the table did not finish)
+BEST=$(python3 -c 'import json, sys
+try:
+    rows = [r for r in json.load(open(sys.argv[1]))["rows"] if r["mode"] == "bf16-ro"]
+    print(max(rows, key=lambda r: r["img/s"])["model"])
+except Exception:
+    print("difflab-gncl-rr6")' benchmarks/out/unet_train.json)
+echo "== 3m. fastest compiled: $BEST; the whole loop with it ($(left) s left)"
+# 3m-b. the whole training loop (EMA, clipping, guard) as it is and with the fastest variant
+SUFFIX=${BEST#difflab}
+timeout "${MFU_LOOP_S:-150}" python3 benchmarks/train_loop.py "${MFU[@]}" --steps 60 \
+  --configs "bf16-ro${SUFFIX:+,bf16-ro$SUFFIX}" 2>&1 | tee "$OUT/mfu_loop.txt"
+cp benchmarks/out/train_loop.json "$OUT/extra/mfu_loop.json" 2>/dev/null
+# 3m-c. where the fastest variant's step time goes now (kernels by kind, data-moving operators)
+echo "== 3m. profile of $BEST ($(left) s left)"
+timeout "$(( $(left) - 15 ))" python3 benchmarks/profile_step.py "${MFU[@]}" --mode bf16-ro \
+  --variant "$BEST" --iters 3 --top 30 --copies 2>&1 | tee "$OUT/mfu_profile.txt"
+cp benchmarks/out/profile_step.json "$OUT/extra/mfu_profile.json" 2>/dev/null
 fi
 
 if want profile; then

@@ -22,7 +22,8 @@ the layout-keeping GroupNorm of compiled models (``gncl``:
 ``--gpu-path`` also computes GroupNorm the way CUDA autocast does, in float32 (CPU autocast keeps
 it in bf16), and with ``--inductor`` lets inductor decide what to store by its GPU rules
 (``gpu_realize_rules``); variant ``gn16`` keeps GroupNorm in bf16
-(``LOW_PRECISION_GPU_GROUP_NORM``), ``gncl-gn16`` both.
+(``LOW_PRECISION_GPU_GROUP_NORM``), ``gncl-gn16`` both; a ``fold`` variant (or suffix:
+``gncl-fold``) keeps the folded upsampling on the GPU path (``Upsample.fold_on``).
 
 ``--inductor`` also compiles each variant with inductor and counts the activation buffers of the
 generated code by layout: the traced strides do not show the layouts inductor picks itself
@@ -105,10 +106,14 @@ def gpu_realize_rules():
     return mock.patch.object(inductor_ir, "is_cpu", lambda _node: False)
 
 
+# variant "fold": the GPU path with folded upsampling (difflab.nn.Upsample.fold_on) kept
+_KEEP_FOLD = False
+
+
 def _model(cfg: UNetConfig, device: torch.device, fmt: torch.memory_format,
            gpu_path: bool) -> UNet2DModel:
     model = UNet2DModel(cfg).to(device, memory_format=fmt).train()
-    if gpu_path:
+    if gpu_path and not _KEEP_FOLD:
         for m in model.modules():
             if isinstance(m, Upsample):
                 m.fold_on = frozenset()
@@ -270,8 +275,9 @@ def main() -> None:
     ap.add_argument("--variants", default="difflab,plain,gncl",
                     help="difflab: as it is; plain: torch.cat's and F.interpolate's own gradients; "
                     "gncl: with the layout-keeping GroupNorm of compiled models; gn16: GroupNorm "
-                    "in bf16 under CUDA autocast; gncl-gn16: both; diffusers: its UNet2DModel, "
-                    "same configuration")
+                    "in bf16 under CUDA autocast; gncl-gn16: both; fold (also as a suffix, "
+                    "e.g. gncl-fold): the folded upsampling kept on the GPU path; diffusers: its "
+                    "UNet2DModel, same configuration")
     ap.add_argument("--inductor", action="store_true",
                     help="also compile each variant with inductor (minutes on a CPU) and count "
                     "the activation buffers of its generated code by layout and its bytes moved")
@@ -318,10 +324,12 @@ def main() -> None:
             if variant == "diffusers":  # the peer, same configuration and layout
                 stack.enter_context(mock.patch.object(sys.modules[__name__], "_model",
                                                       _diffusers_model))
+            if "fold" in variant.split("-"):  # folded upsampling on the GPU path too
+                stack.enter_context(mock.patch.object(sys.modules[__name__], "_KEEP_FOLD", True))
             if variant.startswith("gncl"):  # the layout-keeping GroupNorm while compiling
                 stack.enter_context(mock.patch.object(
                     fused, "COMPILED_CHANNELS_LAST_GROUP_NORM", frozenset({device.type})))
-            if variant.endswith("gn16"):  # GroupNorm in bf16 under CUDA autocast
+            if "gn16" in variant.split("-"):  # GroupNorm in bf16 under CUDA autocast
                 stack.enter_context(mock.patch.object(fused, "LOW_PRECISION_GPU_GROUP_NORM", True))
             res = classify(cfg, args.batch, device, args.precision, args.layout == "channels_last",
                            args.gpu_path)

@@ -5,8 +5,9 @@
     python benchmarks/profile_step.py                       # CPU, the small 28×28 preset
 
 One warm step, then ``--iters`` profiled steps of the same bare step ``unet_train.py`` times
-(AdamW, ε-MSE, channels_last; ``--mode`` as there). On a GPU only the *kernels* are summed (the
-operators that launch them would count the same time twice), grouped by kind — convolutions
+(AdamW, ε-MSE; ``--mode`` and ``--variant`` as its modes and peers). On a GPU only the
+*kernels* are summed (the operators that launch them would count the same time twice), grouped
+by kind — convolutions
 (cuDNN), matrix products, attention, Triton (torch.compile's fused kernels), PyTorch's own
 elementwise / reduction / normalisation kernels, copies and layout changes, the optimizer — and
 the step's wall time is timed apart (device idle time = wall − kernel time: launch overhead).
@@ -29,10 +30,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, print_table, sync, write_json  # noqa: E402
+from _common import machine, parse_variant, print_table, sync, variant_help, write_json  # noqa: E402
 from unet_train import make_step, step_flop_counter  # noqa: E402
 
-from difflab.models.unet import PRESETS, UNet2DModel, UNetConfig  # noqa: E402
+from difflab.models.unet import PRESETS, UNetConfig  # noqa: E402
 
 # (kind, substrings of the kernel name, lower-cased); the first match wins. Triton kernels come
 # first: torch.compile names them after every op they fuse ("..._clone_convolution_...").
@@ -145,32 +146,39 @@ def main() -> None:
                     help="fp32 | bf16 (autocast) | bf16-cl-compile (as unet_train.py)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--top", type=int, default=15)
-    ap.add_argument("--layout", default="channels_last", choices=["channels_last", "nchw"])
+    ap.add_argument("--variant", default="difflab",
+                    help="the model, named as unet_train.py's peers (e.g. difflab-nchw, "
+                    "diffusers, difflab-fold-gncl-rr6): " + variant_help())
     ap.add_argument("--cudnn-benchmark", default="off",
                     help="comma list of on/off: profile each (cuDNN picks algorithms by timing)")
     ap.add_argument("--copies", action="store_true",
                     help="also list the data-moving operators (copy_, clone, _to_copy, cat...) "
                          "by input shape, with their kernels' device time")
     args = ap.parse_args()
+    try:
+        variant = parse_variant(args.variant)
+    except ValueError as e:
+        ap.error(str(e))
     device = torch.device(args.device)
     cfg = UNetConfig(**PRESETS[args.preset])
     if args.device == "cpu" and args.preset == "small":
         cfg = UNetConfig(**{**PRESETS["small"], "sample_size": 28})
     torch.manual_seed(0)
-    model = UNet2DModel(cfg)
+    model = variant.build(cfg, device.type)
     flops = math_flops(model, cfg, args.batch)
+    variant.apply(device.type)
     step, _ = make_step(model, args.batch, cfg, device, args.mode,
-                        args.layout == "channels_last")
+                        variant.channels_last or "-cl" in args.mode, variant.inductor_options)
     runs = []
     for bench in args.cudnn_benchmark.split(","):
-        torch.backends.cudnn.benchmark = bench == "on"
+        torch.backends.cudnn.benchmark = bench == "on" or "bench" in variant.flags
         for _ in range(3):  # warm: compilation, cuDNN's algorithm search, the allocator
             step()
         wall = min(wall_ms(step, device, max(5, args.iters)) for _ in range(3))
         kernel_ms, by_kind, top_rows, copy_rows = profile_once(step, device, args.iters,
                                                                args.top, flops, args.copies)
         what = "kernel" if device.type == "cuda" else "CPU operator"
-        print(f"\n{args.preset} batch {args.batch} {args.mode} {args.layout} on {device}, "
+        print(f"\n{args.preset} batch {args.batch} {args.mode} {args.variant} on {device}, "
               f"cudnn.benchmark {bench}: wall {wall:.2f} ms/step, {what} time "
               f"{kernel_ms:.2f} ms/step"
               + (f" (device idle {100 * max(0.0, 1 - kernel_ms / wall):.0f} %)"
@@ -187,6 +195,7 @@ def main() -> None:
           + ", ".join(f"{k} {v / 1e9:,.0f}" for k, v in flops.items()))
     path = write_json("profile_step", {"machine": machine(), "preset": args.preset,
                                        "batch": args.batch, "mode": args.mode,
+                                       "variant": args.variant,
                                        "math_flops": flops, "runs": runs})
     print(f"wrote {path}")
 

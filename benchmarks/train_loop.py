@@ -20,10 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, print_table, write_json  # noqa: E402
+from _common import Variant, machine, parse_variant, print_table, variant_help, write_json  # noqa: E402
 
-from difflab.models.unet import PRESETS, UNet2DModel, UNetConfig  # noqa: E402
-from difflab.nn import fused  # noqa: E402
+from difflab.models.unet import PRESETS, UNetConfig  # noqa: E402
 from difflab.training import TrainConfig, loop, train  # noqa: E402
 from difflab.training.objectives import DiffusionConfig, DiffusionObjective  # noqa: E402
 
@@ -38,6 +37,15 @@ class _Timed(DiffusionObjective):
         return super().training_loss(batch, generator)
 
 
+_LOOP_PARTS = ("fp32", "bf16", "compile", "ro", "sync", "det")
+
+
+def loop_variant(config: str) -> Variant:
+    """The model variant a config names beside the loop's own parts (ValueError if unknown)."""
+    rest = [p for p in config.split("-") if p not in _LOOP_PARTS]
+    return parse_variant("-".join(["difflab", *rest]))
+
+
 def run(cfg: UNetConfig, batch: int, steps: int, config: str, device: str) -> dict:
     parts = config.split("-")
     mp = "bf16" if parts[0] == "bf16" else "no"
@@ -45,20 +53,22 @@ def run(cfg: UNetConfig, batch: int, steps: int, config: str, device: str) -> di
         else "no"
     lazy = False if "sync" in parts else None  # -sync: the per-step host-synced guard
     deterministic = "det" in parts  # -det: --deterministic (repeatable kernels)
-    # -gncl: the layout-keeping GroupNorm when compiled; -rr6: inductor's
-    # realize_reads_threshold=6 added to the compile mode (benchmarks/RESULTS.md, "Tenth session")
+    # the other parts name a variant of difflab's model as unet_train.py's peers do, e.g.
+    # -gncl-rr6 (benchmarks/_common.py, VARIANT_SUFFIXES); inductor settings go to --compile
+    variant = loop_variant(config)
     dev_type = torch.device(device).type
-    fused.COMPILED_CHANNELS_LAST_GROUP_NORM = frozenset({dev_type} if "gncl" in parts else ())
-    loop.COMPILE_OPTIONS = {dev_type: {"realize_reads_threshold": 6}} if "rr6" in parts else {}
+    variant.apply(dev_type)
+    options = variant.inductor_options
+    loop.COMPILE_OPTIONS = {dev_type: options} if options else {}
     torch.manual_seed(0)
-    task = _Timed(UNet2DModel(cfg), DiffusionConfig())
+    task = _Timed(variant.build(cfg, dev_type), DiffusionConfig())
     task.stamps = []
     n = batch * 8
     images = torch.rand(n, cfg.in_channels, cfg.sample_size, cfg.sample_size) * 2 - 1
     labels = torch.zeros(n, dtype=torch.long)
     tc = TrainConfig(batch_size=batch, lr=2e-4, max_steps=steps, mixed_precision=mp,
                      compile=compile_mode, progress=False, warmup_steps=10, lazy_guard=lazy,
-                     deterministic=deterministic)
+                     deterministic=deterministic, channels_last=variant.channels_last)
     t0 = time.perf_counter()
     train(task, images, labels, tc)
     total = time.perf_counter() - t0
@@ -78,15 +88,25 @@ def main() -> None:
     ap.add_argument("--configs", default="fp32", help="comma list: fp32, bf16, bf16-compile, "
                     "bf16-ro (reduce-overhead: CUDA graphs); a -sync suffix uses the guard "
                     "that syncs with the host every step (the CPU default), -det trains "
-                    "with --deterministic (e.g. bf16-det, bf16-ro-det), -gncl with the "
-                    "layout-keeping GroupNorm when compiled, -rr6 with inductor's "
-                    "realize_reads_threshold=6 (e.g. bf16-ro-gncl-rr6)")
+                    "with --deterministic (e.g. bf16-det, bf16-ro-det); any suffix of "
+                    "unet_train.py's difflab peers names the model variant (e.g. "
+                    "bf16-ro-gncl-rr6): " + variant_help())
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
+    for config in args.configs.split(","):
+        try:
+            loop_variant(config)
+        except ValueError as e:
+            ap.error(f"config {config!r}: {e}")
     cfg = UNetConfig(**PRESETS[args.preset])
     rows = []
     for config in args.configs.split(","):
-        rows.append(run(cfg, args.batch, args.steps, config, args.device))
+        try:
+            rows.append(run(cfg, args.batch, args.steps, config, args.device))
+        except Exception as e:  # noqa: BLE001 - one failing config must not end the others
+            msg = str(e).strip().splitlines()
+            print(f"{config}: FAILED, {type(e).__name__}: {msg[-1] if msg else ''}")
+            continue
         print_table(rows[-1:])
     print_table(rows)
     path = write_json("train_loop", {"machine": machine(), "preset": args.preset,

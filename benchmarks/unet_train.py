@@ -18,16 +18,27 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import time
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, matmul_ceiling, median, print_table, time_fn, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    Variant,
+    machine,
+    matmul_ceiling,
+    median,
+    parse_variant,
+    print_table,
+    sync,
+    time_fn,
+    variant_help,
+    write_json,
+)
 
 from difflab.models.unet import PRESETS, UNet2DModel, UNetConfig  # noqa: E402
-from difflab.nn import Upsample, fused  # noqa: E402
 from difflab.perf import keep_freed_memory  # noqa: E402
 from difflab.training.loop import compile_kwargs  # noqa: E402
 
@@ -79,16 +90,13 @@ def make_step(model: torch.nn.Module, batch: int, cfg: UNetConfig, device: torch
     return step, model
 
 
-def with_settings(step, cudnn_benchmark: bool, gn16: bool, gncl: frozenset[str] = frozenset()):
-    """The step with its process-wide switches set its way on every call:
-    ``torch.backends.cudnn.benchmark`` (read at each convolution; a captured CUDA graph keeps
-    what it recorded), ``difflab.nn.fused.LOW_PRECISION_GPU_GROUP_NORM`` and
-    ``COMPILED_CHANNELS_LAST_GROUP_NORM`` (read while tracing: torch.compile guards on them
-    and compiles each setting apart)."""
+def with_settings(step, variant: Variant, device_type: str):
+    """The step with its process-wide switches set the variant's way on every call
+    (``Variant.apply``): ``torch.backends.cudnn.benchmark`` is read at each convolution (a
+    captured CUDA graph keeps what it recorded), difflab's GroupNorm switches while tracing
+    (torch.compile guards on them and compiles each setting apart)."""
     def run() -> None:
-        torch.backends.cudnn.benchmark = cudnn_benchmark
-        fused.LOW_PRECISION_GPU_GROUP_NORM = gn16
-        fused.COMPILED_CHANNELS_LAST_GROUP_NORM = gncl
+        variant.apply(device_type)
         step()
     return run
 
@@ -121,13 +129,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--modes", default="fp32", help="comma list: fp32, bf16, bf16-cl-compile")
     ap.add_argument("--peers", default="difflab,difflab-nchw,diffusers,diffusers-cl",
-                    help="difflab runs channels_last, diffusers NCHW; -nchw / -cl switch layout; "
-                    "difflab-fold: folded upsampling on a GPU too (CPU always folds); suffixes: "
-                    "-gn16 difflab's GroupNorm in bf16 under CUDA autocast "
-                    "(fused.LOW_PRECISION_GPU_GROUP_NORM), -gncl difflab's layout-keeping "
-                    "GroupNorm when compiled (fused.COMPILED_CHANNELS_LAST_GROUP_NORM), "
-                    "-bench torch.backends.cudnn.benchmark, -rr6 inductor's "
-                    "realize_reads_threshold=6 when compiled (e.g. difflab-gncl-gn16-rr6-bench)")
+                    help="comma list of difflab or diffusers with suffixes in any order (e.g. "
+                    "difflab-fold-gncl-rr6): " + variant_help())
     ap.add_argument("--compile-peers", default="difflab,diffusers",
                     help="peers that also run the compiled modes (compiling costs minutes)")
     ap.add_argument("--allocator", default="keep", choices=["keep", "default"],
@@ -136,6 +139,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.allocator == "keep" and not keep_freed_memory():
         args.allocator = "default (keep needs glibc)"
+    for peer in args.peers.split(","):
+        try:
+            parse_variant(peer)
+        except ValueError as e:
+            ap.error(str(e))
     device = torch.device(args.device)
     cfg = UNetConfig(**PRESETS[args.preset])
     if args.device == "cpu" and args.preset == "small":
@@ -153,32 +161,24 @@ def main() -> None:
                     peer not in args.compile_peers.split(","):
                 continue
             torch.manual_seed(0)
-            name = peer
-            bench = name.endswith("-bench")  # cuDNN picks its algorithms by timing them
-            name = name.removesuffix("-bench")
-            # inductor keeps a reused elementwise result unstored up to 6 reads instead of 4
-            # (benchmarks/layout_check.py --inductor-config: fewer bytes moved per step)
-            options = {"realize_reads_threshold": 6} if name.endswith("-rr6") else None
-            name = name.removesuffix("-rr6")
-            gn16 = name.endswith("-gn16")  # difflab's GroupNorm in bf16 under CUDA autocast
-            name = name.removesuffix("-gn16")
-            # the layout-keeping GroupNorm of a compiled, channels-last difflab model
-            gncl = frozenset({device.type}) if name.endswith("-gncl") else frozenset()
-            name = name.removesuffix("-gncl")
-            if name.startswith("difflab"):
-                model, cl = UNet2DModel(cfg), not name.endswith("-nchw")
-                if name.endswith("-fold"):  # folded upsampling on this device too
-                    for m in model.modules():
-                        if isinstance(m, Upsample):
-                            m.fold_on = frozenset({"cpu", device.type})
-            elif name.startswith("diffusers"):
-                model, cl = diffusers_unet(cfg), name.endswith("-cl")
-            else:
-                raise SystemExit(f"unknown peer {peer}")
+            variant = parse_variant(peer)
+            model = variant.build(cfg, device.type)
             params = sum(p.numel() for p in model.parameters())
-            step, _ = make_step(model, args.batch, cfg, device, mode, cl or "-cl" in mode,
-                                options)
-            steps[peer] = (with_settings(step, bench, gn16, gncl), params)
+            step, _ = make_step(model, args.batch, cfg, device, mode,
+                                variant.channels_last or "-cl" in mode, variant.inductor_options)
+            steps[peer] = (with_settings(step, variant, device.type), params)
+        for peer, (step, _) in list(steps.items()):  # compile (or warm) each peer first, so
+            # one that fails to compile is reported and dropped rather than ending the run
+            t0 = time.perf_counter()
+            try:
+                step()
+                sync(device)
+            except Exception as e:  # noqa: BLE001 - a failed candidate is a result too
+                msg = str(e).strip().splitlines()
+                print(f"{mode} {peer}: FAILED, {type(e).__name__}: {msg[-1] if msg else ''}")
+                del steps[peer]
+                continue
+            print(f"{mode} {peer}: first step {time.perf_counter() - t0:.1f} s", flush=True)
         times = {p: [] for p in steps}
         for _ in range(args.rounds):  # interleave so machine noise hits every peer alike
             for p, (step, _) in steps.items():
