@@ -10,7 +10,8 @@
 #     copies...) and the convolutions' achieved TFLOP/s, cuDNN's algorithm search off and on;
 #     part "mfu" (not in the default PARTS, ~9 min, one call: PARTS=mfu, timeout_s=590): the
 #     CUDA-graph step of difflab vs its candidate variants (-gncl-rr6, -fold-gncl-rr6, + -ck)
-#     and eager diffusers, then the whole loop and a kernel profile of the fastest one — the
+#     and eager diffusers, then the whole loop with the fastest one, the CUDA tests (the
+#     candidate against eager PyTorch) and a kernel profile of the fastest one — the
 #     measurements for the matmul-rate goal;
 #  4. train_loop.py: difflab's whole training loop (EMA, clipping, guard) on the same preset,
 #     with and without --deterministic (what repeatable kernels cost), and CUDA graphs with the
@@ -98,7 +99,12 @@ SUFFIX=${BEST#difflab}
 timeout "${MFU_LOOP_S:-150}" python3 benchmarks/train_loop.py "${MFU[@]}" --steps 60 \
   --configs "bf16-ro${SUFFIX:+,bf16-ro$SUFFIX}" 2>&1 | tee "$OUT/mfu_loop.txt"
 cp benchmarks/out/train_loop.json "$OUT/extra/mfu_loop.json" 2>/dev/null
-# 3m-c. where the fastest variant's step time goes now (kernels by kind, data-moving operators)
+# 3m-c. the CUDA checks, the candidate's numbers against eager PyTorch among them
+# (tests/test_cuda.py::test_compiled_mfu_candidate_trains_like_eager_pytorch)
+echo "== 3m. tests/test_cuda.py ($(left) s left)"
+timeout "${MFU_TESTS_S:-100}" python3 -m pytest -q -p no:cacheprovider -rf tests/test_cuda.py \
+  2>&1 | tail -15 | tee "$OUT/mfu_tests.txt"
+# 3m-d. where the fastest variant's step time goes now (kernels by kind, data-moving operators)
 echo "== 3m. profile of $BEST ($(left) s left)"
 timeout "$(( $(left) - 15 ))" python3 benchmarks/profile_step.py "${MFU[@]}" --mode bf16-ro \
   --variant "$BEST" --iters 3 --top 30 --copies 2>&1 | tee "$OUT/mfu_profile.txt"

@@ -82,3 +82,45 @@ def test_layout_keeping_group_norm_matches_pytorchs_under_cuda_autocast():
     assert (y - y_ref).abs().max() < 1e-4
     for g, w in zip(got, want):
         assert ((g.float() - w.float()).abs().max() / w.float().abs().max()) < 1e-2
+
+
+def test_compiled_mfu_candidate_trains_like_eager_pytorch(monkeypatch):
+    """The fastest-compiling candidate of benchmarks/gpu.sh part mfu (difflab-fold-gncl-rr6:
+    folded upsampling on the GPU, the layout-keeping GroupNorm, inductor's
+    realize_reads_threshold=6), compiled on the GPU under bf16 autocast, against the same model
+    run eagerly with PyTorch's GroupNorm and the plain upsampling: same loss, same gradients to
+    bf16 accuracy. It must hold before any of the three becomes a GPU default."""
+    from difflab.nn import Upsample
+    from difflab.training.loop import compile_kwargs
+
+    cfg = UNetConfig(block_out_channels=(32, 64), layers_per_block=1,
+                     attention_levels=(False, True), norm_num_groups=8, attention_head_dim=16,
+                     sample_size=16, dropout=0.0, in_channels=3, out_channels=3)
+    torch.manual_seed(0)
+    eager = UNet2DModel(cfg).cuda().to(memory_format=torch.channels_last)
+    fast = UNet2DModel(cfg).cuda().to(memory_format=torch.channels_last)
+    with torch.no_grad():  # off the zero-initialised output layers: every weight gets a gradient
+        for p in eager.parameters():
+            p.add_(torch.randn_like(p), alpha=0.02)
+    fast.load_state_dict(eager.state_dict())
+    for m in fast.modules():
+        if isinstance(m, Upsample):
+            m.fold_on = frozenset({"cpu", "cuda"})
+    x = torch.randn(8, 3, 16, 16, device="cuda").contiguous(memory_format=torch.channels_last)
+    t = torch.randint(0, 1000, (8,), device="cuda")
+    noise = torch.randn_like(x)
+    monkeypatch.setattr(fused, "COMPILED_CHANNELS_LAST_GROUP_NORM", frozenset({"cuda"}))
+    compiled = torch.compile(fast, **compile_kwargs("default", {"realize_reads_threshold": 6}))
+    grads = []
+    for net in (eager, compiled):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.mse_loss(net(x + noise, t).sample.float(), noise)
+        params = [p for p in (eager if net is eager else fast).parameters()]
+        grads.append((loss.detach(), torch.autograd.grad(loss, params)))
+    (l0, g0), (l1, g1) = grads
+    assert abs(l1 - l0) / l0 < 1e-2
+    scale = torch.cat([a.float().flatten() for a in g0]).norm()
+    diff = torch.cat([(b.float() - a.float()).flatten() for a, b in zip(g0, g1)])
+    assert diff.norm() < 2e-2 * scale
+    for a, b in zip(g0, g1):  # each tensor too (an attention key bias's gradient is ~0 exactly)
+        assert (b.float() - a.float()).norm() <= 5e-2 * a.float().norm() + 1e-4 * scale
