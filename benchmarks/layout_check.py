@@ -33,13 +33,17 @@ every buffer once per kernel, the best case), split into the convolutions / matr
 attention (extern kernels) and the fused elementwise and reduction kernels, the memory-bound
 rest. ``--extrapolate 128`` compiles again at twice ``--batch`` and extrapolates the bytes
 linearly to batch 128, with the time they take at ``--bandwidth`` (default: an H100 SXM's
-3.35 TB/s): the floor of the memory-bound part of a training step on that GPU.
+3.35 TB/s): the floor of the memory-bound part of a training step on that GPU; each fused
+kernel is also extrapolated on its own and timed as no less than ``--kernel-us`` (a kernel's
+fixed cost), which counts what the many small kernels (weight casts, per-channel statistics)
+cost beyond their bytes.
 Writes benchmarks/out/layout_check.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import sys
@@ -187,6 +191,23 @@ def _origin_ops(node) -> str:
     return " ".join(f"{k}×{v}" if v > 1 else k for k, v in ops.most_common())
 
 
+def _by_origin(kernels) -> dict[str, dict]:
+    """Each kernel's bytes and operators under a name that another compile of the same step at
+    another batch size gives the same kernel: the FX nodes it was made of (inductor may order
+    the kernels differently), numbered where several kernels share them (a split reduction)."""
+    out: dict[str, dict] = {}
+    groups: dict[str, list] = {}
+    for node, nbytes in kernels:
+        names = sorted({o.name for sn in node.get_nodes() if sn.node is not None
+                        for o in sn.node.get_origins()})
+        groups.setdefault(hashlib.sha1(" ".join(names).encode()).hexdigest()[:16],
+                          []).append((nbytes, _origin_ops(node)))
+    for key, group in groups.items():
+        for i, (nbytes, ops) in enumerate(sorted(group, key=lambda g: g[0])):
+            out[f"{key}.{i}"] = {"bytes": nbytes, "ops": ops}
+    return out
+
+
 def inductor_buffers(cfg: UNetConfig, batch: int, device: torch.device, precision: str,
                      gpu_path: bool, options: dict | None = None,
                      top: int = 0) -> dict[str, dict]:
@@ -198,7 +219,7 @@ def inductor_buffers(cfg: UNetConfig, batch: int, device: torch.device, precisio
     contiguous, e.g. the (N, C, H·W) views of PyTorch's GroupNorm backward decomposition."""
     import torch._inductor.compile_fx as compile_fx
     from torch._inductor import config as inductor_config
-    from torch._inductor.scheduler import ExternKernelSchedulerNode
+    from torch._inductor.scheduler import ExternKernelSchedulerNode, NopKernelSchedulerNode
     from torch._inductor.utils import run_and_get_code
 
     torch.manual_seed(0)
@@ -232,13 +253,15 @@ def inductor_buffers(cfg: UNetConfig, batch: int, device: torch.device, precisio
     for name, m in zip(("forward", "backward"), metrics):
         nodes = m["nodes_num_elem"]  # (scheduler node, bytes // 4)
         extern = [b for n, b in nodes if isinstance(n, ExternKernelSchedulerNode)]
+        # the generated kernels: no extern ones, and no "nop" nodes (a concatenation whose inputs
+        # are written in place by their producers launches nothing and moves no bytes)
+        fused = [(n, 4 * b) for n, b in nodes
+                 if not isinstance(n, (ExternKernelSchedulerNode, NopKernelSchedulerNode))]
         traffic[name] = {"bytes": m["num_bytes_accessed"], "extern bytes": 4 * sum(extern),
-                         "fused kernels": len(nodes) - len(extern), "extern kernels": len(extern),
-                         "largest fused": [
-                             {"bytes": 4 * b, "ops": _origin_ops(n)} for n, b in sorted(
-                                 (nb for nb in nodes
-                                  if not isinstance(nb[0], ExternKernelSchedulerNode)),
-                                 key=lambda nb: -nb[1])[:top]]}
+                         "fused kernels": len(fused), "extern kernels": len(extern),
+                         "fused kernel bytes": _by_origin(fused),
+                         "largest fused": [{"bytes": b, "ops": _origin_ops(n)} for n, b in
+                                           sorted(fused, key=lambda nb: -nb[1])[:top]]}
     counts: dict[str, dict] = {"traffic": traffic}
     for name, code in zip(("forward", "backward"), codes):
         c: Counter[str] = Counter()
@@ -259,7 +282,27 @@ def extrapolate(small: dict, large: dict, batch: int, target: int) -> dict[str, 
         at = [sum(r["traffic"][g][key] for g in ("forward", "backward")) for r in (small, large)]
         out[key] = at[0] + (at[1] - at[0]) * (target - batch) / batch
     out["fused bytes"] = out["bytes"] - out["extern bytes"]
+    # each fused kernel on its own, matched across the two compiles by the FX nodes it was made
+    # of, where both made the same kernels (the batch changed no fusion decision)
+    per = [{(g, k): v for g in ("forward", "backward")
+            for k, v in r["traffic"][g]["fused kernel bytes"].items()} for r in (small, large)]
+    if per[0].keys() == per[1].keys():
+        out["fused kernels"] = [
+            {"bytes": v["bytes"] + (per[1][k]["bytes"] - v["bytes"]) * (target - batch) / batch,
+             "ops": v["ops"], "graph": k[0]} for k, v in per[0].items()]
+    else:
+        out["fused kernels unmatched"] = len(per[0].keys() ^ per[1].keys())
     return out
+
+
+def kernel_floor(kernel_bytes: list[float], bandwidth: float, min_s: float) -> dict[str, float]:
+    """Time of the fused kernels if each takes its bytes at ``bandwidth`` but no less than
+    ``min_s`` (a GPU kernel's fixed cost: start, a wave of blocks, drain — a few µs even inside
+    a CUDA graph), and how much of it the small kernels take."""
+    small = [b for b in kernel_bytes if b / bandwidth < min_s]
+    return {"kernels": len(kernel_bytes), "below the floor": len(small),
+            "ms": 1e3 * sum(max(b / bandwidth, min_s) for b in kernel_bytes),
+            "ms of the small ones": 1e3 * min_s * len(small)}
 
 
 def main() -> None:
@@ -292,6 +335,10 @@ def main() -> None:
                     "forward and backward, with the operators they were made of")
     ap.add_argument("--bandwidth", type=float, default=3.35e12,
                     help="bytes/s for the time the extrapolated bytes take (default: H100 SXM)")
+    ap.add_argument("--kernel-us", type=float, default=2.5,
+                    help="with --extrapolate: the least time a kernel takes, for the time of "
+                    "the fused kernels one by one (default 2.5 µs, an assumption for a kernel "
+                    "inside a CUDA graph on an H100)")
     args = ap.parse_args()
     if args.extrapolate and not args.inductor:
         ap.error("--extrapolate needs --inductor")
@@ -375,13 +422,39 @@ def main() -> None:
             row["extern"] = round(e["extern bytes"] / 1e9, 2)
             row["fused"] = round(e["fused bytes"] / 1e9, 2)
             row["fused, ms at bandwidth"] = round(1e3 * e["fused bytes"] / args.bandwidth, 2)
+            if "fused kernels" in e:
+                f = kernel_floor([k["bytes"] for k in e["fused kernels"]], args.bandwidth,
+                                 args.kernel_us * 1e-6)
+                e["kernel floor"] = f
+                row[f"with ≥ {args.kernel_us:g} µs per kernel: ms"] = round(f["ms"], 2)
+                row["kernels under it"] = f["below the floor"]
+                row["their ms"] = round(f["ms of the small ones"], 2)
         table.append(row)
     print_table(table)
+    for r in rows:  # what the kernels below the per-kernel floor are
+        kernels = r.get("extrapolated", {}).get("fused kernels")
+        if kernels:
+            floor = args.kernel_us * 1e-6 * args.bandwidth
+            small = Counter(f"{k['graph']}: {k['ops']}" for k in kernels if k["bytes"] < floor)
+            r["extrapolated"]["kernels under the floor, by kind"] = dict(small.most_common())
+            print(f"{r['variant']}: the {sum(small.values())} fused kernels under "
+                  f"{floor / 1e6:.1f} MB at batch {args.extrapolate}, by kind:")
+            for ops, n in small.most_common(args.top or 12):
+                print(f"  {n:5d}  {ops}")
+        elif r.get("extrapolated", {}).get("fused kernels unmatched"):
+            print(f"{r['variant']}: kernels not matched across the two batches "
+                  f"({r['extrapolated']['fused kernels unmatched']}): no per-kernel floor")
     print(f"preset {args.preset}, {cfg.sample_size}×{cfg.sample_size}, batch {args.batch}, "
           f"{args.precision}, {args.layout}, device {args.device}"
           + (" (GPU code path)" if args.gpu_path else "")
           + (f"; bandwidth {args.bandwidth / 1e12:g} TB/s" if args.extrapolate else "")
           + (f"; inductor {options}" if options else ""))
+    for r in rows:  # the per-kernel lists of the two compiles: only their extrapolation is kept
+        for traffic in (r.get("inductor buffers", {}).get("traffic", {}),
+                        r.get("traffic at twice the batch", {})):
+            for g in traffic.values():
+                g.pop("fused kernel bytes", None)
+        r.get("extrapolated", {}).pop("fused kernels", None)  # summed up by kind above
     path = write_json("layout_check", {"machine": machine(), "args": vars(args), "rows": rows})
     print(f"wrote {path}")
 

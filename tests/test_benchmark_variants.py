@@ -60,3 +60,31 @@ def test_fold_is_set_per_model_and_switches_per_call(monkeypatch):
     parse_variant("difflab").apply("cuda")  # the next peer of an interleaved run
     assert fused.COMPILED_CHANNELS_LAST_GROUP_NORM == frozenset()
     assert not fused.LOW_PRECISION_GPU_GROUP_NORM and not torch.backends.cudnn.benchmark
+
+
+def test_per_kernel_extrapolation_matches_kernels_by_origin_not_order():
+    """layout_check.py --extrapolate: inductor may order the backward's kernels differently at
+    another batch size; each kernel is matched by the FX nodes it was made of, then its bytes
+    are extrapolated linearly, and each is timed as no less than the per-kernel floor."""
+    from layout_check import extrapolate, kernel_floor
+
+    def compile_at(batch, order):
+        kernels = {"w": {"bytes": 600, "ops": "convert_element_type"},  # a weight cast: fixed
+                   "a": {"bytes": 1000 * batch, "ops": "mul"},  # an activation: grows
+                   "s": {"bytes": 8 * batch + 64, "ops": "sum"}}
+        kb = {k: kernels[k] for k in order}
+        total = sum(v["bytes"] for v in kernels.values())
+        g = {"bytes": total + 5000 * batch, "extern bytes": 5000 * batch, "fused kernel bytes": kb}
+        empty = {"bytes": 0, "extern bytes": 0, "fused kernel bytes": {}}
+        return {"traffic": {"forward": g, "backward": empty}}
+
+    e = extrapolate(compile_at(4, "was"), compile_at(8, "saw"), 4, 128)
+    got = {k["ops"]: k["bytes"] for k in e["fused kernels"]}
+    assert got == {"convert_element_type": 600, "mul": 128_000, "sum": 8 * 128 + 64}
+    assert e["fused bytes"] == 600 + 128_000 + 8 * 128 + 64
+    f = kernel_floor(list(got.values()), bandwidth=1e9, min_s=10e-6)  # 10 µs = 10,000 bytes
+    assert f["below the floor"] == 2
+    assert f["ms"] == pytest.approx(1e3 * (2 * 10e-6 + 128_000 / 1e9))
+    unmatched = compile_at(8, "saw")
+    unmatched["traffic"]["forward"]["fused kernel bytes"].pop("s")
+    assert "fused kernels" not in extrapolate(compile_at(4, "was"), unmatched, 4, 128)
