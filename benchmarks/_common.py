@@ -105,10 +105,14 @@ VARIANT_SUFFIXES = {
     "rr6": "inductor's realize_reads_threshold=6 when compiled",
     "ck": "inductor's combo_kernels (independent small kernels launched as one)",
     "cdt": "inductor's coordinate_descent_tuning (block sizes tuned per kernel)",
+    "w16": "bf16 copies of the conv/linear weights kept between steps, float32 masters in "
+           "AdamW (unet_train.BF16Weights; the bare step only, not the training loop)",
 }
 _INDUCTOR_SUFFIXES = {"rr6": {"realize_reads_threshold": 6}, "ck": {"combo_kernels": True},
                       "cdt": {"coordinate_descent_tuning": True}}
 _DIFFLAB_ONLY = {"nchw", "fold", "gncl", "gn16"}
+# what the training loop cannot run (train_loop.py refuses it)
+BARE_STEP_ONLY = {"w16"}
 
 
 @dataclass(frozen=True)

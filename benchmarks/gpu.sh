@@ -9,7 +9,8 @@
 #  3. profile_step.py: the eager bf16 step's kernels by kind (convolutions, Triton, elementwise,
 #     copies...) and the convolutions' achieved TFLOP/s, cuDNN's algorithm search off and on;
 #     part "mfu" (not in the default PARTS, ~9 min, one call: PARTS=mfu, timeout_s=590): the
-#     CUDA-graph step of difflab vs its candidate variants (-gncl-rr6, -fold-gncl-rr6, + -ck)
+#     CUDA-graph step of difflab vs its candidate variants (-gncl-rr6, -fold-gncl-rr6, + -ck,
+#     + -w16)
 #     and eager diffusers, then the whole loop with the fastest one, the CUDA tests (the
 #     candidate against eager PyTorch) and a kernel profile of the fastest one — the
 #     measurements for the matmul-rate goal;
@@ -73,36 +74,45 @@ if want mfu; then  # the matmul-rate goal (issue 5), sized to fit one call with 
 # byte counts favour (benchmarks/RESULTS.md, tenth and eleventh sessions; suffixes in
 # benchmarks/_common.py): -gncl the layout-keeping GroupNorm when compiled, -rr6 inductor's
 # realize_reads_threshold=6, -fold the folded upsampling (7 % fewer convolution FLOPs, no 4×
-# upsampled copy), -ck inductor's combo_kernels (the ~230 tiny weight-cast and per-channel
-# kernels launched together); eager bf16 difflab and diffusers (the 1.5× reference) after.
-# Each peer compiles first (its time printed; one that fails is dropped), then interleaved.
+# upsampled copy), -ck inductor's combo_kernels (the ~760 tiny kernels, weight casts and
+# per-channel statistics, launched together), -w16 bf16 weight copies kept between steps (no
+# per-step weight casts; the bare step only); eager bf16 difflab and diffusers (the 1.5×
+# reference) after. Each peer compiles first and is timed at once (printed: a cut-off run keeps
+# those), one that fails to compile is dropped; then all are timed interleaved.
 echo "== 3m. MFU: the CUDA-graph step, difflab vs its candidates ($(left) s left)"
-MFU_PEERS=${MFU_PEERS:-difflab,difflab-gncl-rr6,difflab-fold-gncl-rr6,difflab-fold-gncl-rr6-ck}
+MFU_PEERS=${MFU_PEERS:-difflab,difflab-gncl-rr6,difflab-fold-gncl-rr6,difflab-fold-gncl-rr6-ck,\
+difflab-fold-gncl-rr6-w16}
 # (a dry run of this part's logic on a CPU: MFU_DEVICE=cpu MFU_PRESET=small MFU_BATCH=8)
 MFU=(--preset "${MFU_PRESET:-ddpm-cifar10}" --batch "${MFU_BATCH:-128}"
      --device "${MFU_DEVICE:-cuda}")
 rm -f benchmarks/out/unet_train.json
-timeout "${MFU_UNET_S:-330}" python3 benchmarks/unet_train.py "${MFU[@]}" \
+timeout "${MFU_UNET_S:-350}" python3 benchmarks/unet_train.py "${MFU[@]}" \
   --iters 10 --rounds 3 --modes bf16-ro,bf16 \
   --peers "$MFU_PEERS,diffusers" --compile-peers "$MFU_PEERS" 2>&1 | tee "$OUT/mfu_unet.txt"
 cp benchmarks/out/unet_train.json "$OUT/extra/mfu_unet.json" 2>/dev/null
-# the fastest compiled candidate (difflab-gncl-rr6 if the table did not finish)
-BEST=$(python3 -c 'import json, sys
+# the fastest compiled candidate, and the fastest the training loop can run (no -w16): from
+# the table, else from the provisional readings of a cut-off run, else difflab-gncl-rr6
+best() { python3 -c 'import json, re, sys
 try:
-    rows = [r for r in json.load(open(sys.argv[1]))["rows"] if r["mode"] == "bf16-ro"]
-    print(max(rows, key=lambda r: r["img/s"])["model"])
-except Exception:
-    print("difflab-gncl-rr6")' benchmarks/out/unet_train.json)
-echo "== 3m. fastest compiled: $BEST; the whole loop with it ($(left) s left)"
+    rows = {r["model"]: r["img/s"] for r in json.load(open(sys.argv[1]))["rows"]
+            if r["mode"] == "bf16-ro"}
+except (OSError, ValueError):
+    rows = {m: float(v.replace(",", "")) for m, v in re.findall(
+        r"^bf16-ro (\S+): first step .* then ([\d,]+) img/s", open(sys.argv[2]).read(), re.M)}
+rows = {m: v for m, v in rows.items() if not (sys.argv[3] and "-w16" in m)}
+print(max(rows, key=rows.get) if rows else "difflab-gncl-rr6")' \
+  benchmarks/out/unet_train.json "$OUT/mfu_unet.txt" "$1" 2>/dev/null || echo difflab-gncl-rr6; }
+BEST=$(best ""); BEST_LOOP=$(best loop)
+echo "== 3m. fastest compiled: $BEST; the whole loop with $BEST_LOOP ($(left) s left)"
 # 3m-b. the whole training loop (EMA, clipping, guard) as it is and with the fastest variant
-SUFFIX=${BEST#difflab}
-timeout "${MFU_LOOP_S:-150}" python3 benchmarks/train_loop.py "${MFU[@]}" --steps 60 \
+SUFFIX=${BEST_LOOP#difflab}
+timeout "${MFU_LOOP_S:-140}" python3 benchmarks/train_loop.py "${MFU[@]}" --steps 60 \
   --configs "bf16-ro${SUFFIX:+,bf16-ro$SUFFIX}" 2>&1 | tee "$OUT/mfu_loop.txt"
 cp benchmarks/out/train_loop.json "$OUT/extra/mfu_loop.json" 2>/dev/null
 # 3m-c. the CUDA checks, the candidate's numbers against eager PyTorch among them
 # (tests/test_cuda.py::test_compiled_mfu_candidate_trains_like_eager_pytorch)
 echo "== 3m. tests/test_cuda.py ($(left) s left)"
-timeout "${MFU_TESTS_S:-100}" python3 -m pytest -q -p no:cacheprovider -rf tests/test_cuda.py \
+timeout "${MFU_TESTS_S:-90}" python3 -m pytest -q -p no:cacheprovider -rf tests/test_cuda.py \
   2>&1 | tail -15 | tee "$OUT/mfu_tests.txt"
 # 3m-d. where the fastest variant's step time goes now (kernels by kind, data-moving operators)
 echo "== 3m. profile of $BEST ($(left) s left)"

@@ -23,7 +23,8 @@ the layout-keeping GroupNorm of compiled models (``gncl``:
 it in bf16), and with ``--inductor`` lets inductor decide what to store by its GPU rules
 (``gpu_realize_rules``); variant ``gn16`` keeps GroupNorm in bf16
 (``LOW_PRECISION_GPU_GROUP_NORM``), ``gncl-gn16`` both; a ``fold`` variant (or suffix:
-``gncl-fold``) keeps the folded upsampling on the GPU path (``Upsample.fold_on``).
+``gncl-fold``) keeps the folded upsampling on the GPU path (``Upsample.fold_on``), ``w16``
+holds the convolution and linear weights in bf16 (``unet_train.BF16Weights``).
 
 ``--inductor`` also compiles each variant with inductor and counts the activation buffers of the
 generated code by layout: the traced strides do not show the layouts inductor picks itself
@@ -110,8 +111,10 @@ def gpu_realize_rules():
     return mock.patch.object(inductor_ir, "is_cpu", lambda _node: False)
 
 
-# variant "fold": the GPU path with folded upsampling (difflab.nn.Upsample.fold_on) kept
+# variant "fold": the GPU path with folded upsampling (difflab.nn.Upsample.fold_on) kept;
+# "w16": the conv/linear weights held in bf16 (unet_train.BF16Weights)
 _KEEP_FOLD = False
+_BF16_WEIGHTS = False
 
 
 def _model(cfg: UNetConfig, device: torch.device, fmt: torch.memory_format,
@@ -121,6 +124,10 @@ def _model(cfg: UNetConfig, device: torch.device, fmt: torch.memory_format,
         for m in model.modules():
             if isinstance(m, Upsample):
                 m.fold_on = frozenset()
+    if _BF16_WEIGHTS:
+        from unet_train import BF16Weights
+
+        BF16Weights(model)
     return model
 
 
@@ -319,8 +326,9 @@ def main() -> None:
                     help="difflab: as it is; plain: torch.cat's and F.interpolate's own gradients; "
                     "gncl: with the layout-keeping GroupNorm of compiled models; gn16: GroupNorm "
                     "in bf16 under CUDA autocast; gncl-gn16: both; fold (also as a suffix, "
-                    "e.g. gncl-fold): the folded upsampling kept on the GPU path; diffusers: its "
-                    "UNet2DModel, same configuration")
+                    "e.g. gncl-fold): the folded upsampling kept on the GPU path; w16 (also as a "
+                    "suffix): conv/linear weights held in bf16; diffusers: its UNet2DModel, "
+                    "same configuration")
     ap.add_argument("--inductor", action="store_true",
                     help="also compile each variant with inductor (minutes on a CPU) and count "
                     "the activation buffers of its generated code by layout and its bytes moved")
@@ -373,6 +381,9 @@ def main() -> None:
                                                       _diffusers_model))
             if "fold" in variant.split("-"):  # folded upsampling on the GPU path too
                 stack.enter_context(mock.patch.object(sys.modules[__name__], "_KEEP_FOLD", True))
+            if "w16" in variant.split("-"):  # bf16 weights kept between steps
+                stack.enter_context(mock.patch.object(sys.modules[__name__], "_BF16_WEIGHTS",
+                                                      True))
             if variant.startswith("gncl"):  # the layout-keeping GroupNorm while compiling
                 stack.enter_context(mock.patch.object(
                     fused, "COMPILED_CHANNELS_LAST_GROUP_NORM", frozenset({device.type})))

@@ -20,7 +20,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Variant, machine, parse_variant, print_table, variant_help, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    BARE_STEP_ONLY,
+    Variant,
+    machine,
+    parse_variant,
+    print_table,
+    variant_help,
+    write_json,
+)
 
 from difflab.models.unet import PRESETS, UNetConfig  # noqa: E402
 from difflab.training import TrainConfig, loop, train  # noqa: E402
@@ -43,7 +51,11 @@ _LOOP_PARTS = ("fp32", "bf16", "compile", "ro", "sync", "det")
 def loop_variant(config: str) -> Variant:
     """The model variant a config names beside the loop's own parts (ValueError if unknown)."""
     rest = [p for p in config.split("-") if p not in _LOOP_PARTS]
-    return parse_variant("-".join(["difflab", *rest]))
+    variant = parse_variant("-".join(["difflab", *rest]))
+    if variant.flags & BARE_STEP_ONLY:
+        raise ValueError(f"{', '.join(sorted(variant.flags & BARE_STEP_ONLY))}: the bare step "
+                         f"of unet_train.py only, not the training loop")
+    return variant
 
 
 def run(cfg: UNetConfig, batch: int, steps: int, config: str, device: str) -> dict:

@@ -56,13 +56,57 @@ def diffusers_unet(cfg: UNetConfig) -> torch.nn.Module:
                  add_attention=cfg.mid_attention)
 
 
+class BF16Weights:
+    """bf16 copies of the convolution and linear weights kept between steps (candidate ``-w16``
+    of benchmarks/gpu.sh part mfu). Under autocast every step casts each float32 weight and
+    bias to bf16 in the forward and each bf16 gradient back in the backward: ≈ 370 tiny kernels
+    in the compiled DDPM-CIFAR-10 step (benchmarks/RESULTS.md, "Eleventh session"). Here the
+    module holds the bf16 copies (autocast passes them through), AdamW updates float32 masters,
+    and two multi-tensor copies per step move gradients up and weights down. Same numbers as
+    autocast's casts (round to nearest even both ways); the upsampling convolutions keep float32
+    (their folded kernel sums taps, which must not round first)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        from difflab.nn import Upsample
+
+        keep = {id(p) for m in model.modules() if isinstance(m, Upsample)
+                for p in m.parameters()}
+        self.low = [p for m in model.modules()
+                    if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear))
+                    for p in m.parameters(recurse=False) if id(p) not in keep]
+        low = {id(p) for p in self.low}
+        self.masters = [p.detach().clone() for p in self.low]
+        for m in self.masters:
+            m.grad = torch.zeros_like(m)
+        with torch.no_grad():
+            for p in self.low:
+                p.data = p.data.to(torch.bfloat16)  # strides kept (channels_last weights)
+        self.others = [p for p in model.parameters() if id(p) not in low]
+
+    def parameters(self) -> list[torch.Tensor]:
+        """What the optimizer updates: the float32 masters and the parameters left float32."""
+        return self.masters + self.others
+
+    @torch.no_grad()
+    def grads_up(self) -> None:
+        torch._foreach_copy_([m.grad for m in self.masters], [p.grad for p in self.low])
+
+    @torch.no_grad()
+    def weights_down(self) -> None:
+        torch._foreach_copy_(self.low, self.masters)
+
+
 def make_step(model: torch.nn.Module, batch: int, cfg: UNetConfig, device: torch.device,
-              mode: str, channels_last: bool, options: dict | None = None):
+              mode: str, channels_last: bool, options: dict | None = None,
+              bf16_weights: bool = False):
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # both peers alike
+    bf16 = mode.startswith("bf16")
+    w16 = BF16Weights(model) if bf16_weights and bf16 else None
+    params = w16.parameters() if w16 else model.parameters()
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)  # both peers alike
     fwd = model
     graphs = mode.endswith("-ro")
     if "compile" in mode or graphs:
@@ -75,7 +119,6 @@ def make_step(model: torch.nn.Module, batch: int, cfg: UNetConfig, device: torch
         x0 = x0.contiguous(memory_format=torch.channels_last)
     t = torch.randint(0, 1000, (batch,), device=device, generator=g)
     noise = torch.randn_like(x0)
-    bf16 = mode.startswith("bf16")
 
     def step() -> None:
         if graphs:
@@ -83,10 +126,15 @@ def make_step(model: torch.nn.Module, batch: int, cfg: UNetConfig, device: torch
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = fwd(x0 + noise, t).sample
             loss = torch.nn.functional.mse_loss(out.float(), noise)
-        opt.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)  # (with -w16 the masters' gradients are overwritten)
         loss.backward()
+        if w16:
+            w16.grads_up()
         opt.step()
+        if w16:
+            w16.weights_down()
 
+    step.bf16_weights = w16  # for the test that compares it with autocast's casts
     return step, model
 
 
@@ -165,7 +213,8 @@ def main() -> None:
             model = variant.build(cfg, device.type)
             params = sum(p.numel() for p in model.parameters())
             step, _ = make_step(model, args.batch, cfg, device, mode,
-                                variant.channels_last or "-cl" in mode, variant.inductor_options)
+                                variant.channels_last or "-cl" in mode, variant.inductor_options,
+                                "w16" in variant.flags)
             steps[peer] = (with_settings(step, variant, device.type), params)
         for peer, (step, _) in list(steps.items()):  # compile (or warm) each peer first, so
             # one that fails to compile is reported and dropped rather than ending the run
@@ -178,7 +227,12 @@ def main() -> None:
                 print(f"{mode} {peer}: FAILED, {type(e).__name__}: {msg[-1] if msg else ''}")
                 del steps[peer]
                 continue
-            print(f"{mode} {peer}: first step {time.perf_counter() - t0:.1f} s", flush=True)
+            first = time.perf_counter() - t0
+            sec = time_fn(step, device, iters=args.iters, warmup=1)  # a first reading at once:
+            # if the run is cut off while later peers compile, this one has its number
+            print(f"{mode} {peer}: first step {first:.1f} s, then {args.batch / sec:,.0f} img/s "
+                  f"({100 * flops / sec / peak['bf16' if mode.startswith('bf16') else 'fp32']:.1f}"
+                  f" % of the matmul peak; provisional)", flush=True)
         times = {p: [] for p in steps}
         for _ in range(args.rounds):  # interleave so machine noise hits every peer alike
             for p, (step, _) in steps.items():

@@ -88,3 +88,38 @@ def test_per_kernel_extrapolation_matches_kernels_by_origin_not_order():
     unmatched = compile_at(8, "saw")
     unmatched["traffic"]["forward"]["fused kernel bytes"].pop("s")
     assert "fused kernels" not in extrapolate(compile_at(4, "was"), unmatched, 4, 128)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_bf16_weight_copies_train_exactly_like_autocasts_casts(layout):
+    """Candidate -w16 (bf16 weights kept between steps, float32 masters in AdamW) must be the
+    same training as autocast casting the float32 weights every step: bit for bit, eager, on
+    this CPU, three AdamW steps of a U-Net with attention and (folded) upsampling."""
+    from unet_train import make_step
+
+    cfg = UNetConfig(block_out_channels=(16, 32), layers_per_block=1,
+                     attention_levels=(False, True), norm_num_groups=8, attention_head_dim=16,
+                     sample_size=8, in_channels=3, out_channels=3)
+    runs = []
+    for w16 in (False, True):
+        torch.manual_seed(0)
+        model = parse_variant("difflab").build(cfg, "cpu")
+        with torch.no_grad():  # off the zero-initialised output layers
+            for p in model.parameters():
+                p.add_(torch.randn_like(p), alpha=0.02)
+        step, model = make_step(model, 4, cfg, torch.device("cpu"), "bf16",
+                                layout == "channels_last", bf16_weights=w16)
+        for _ in range(3):
+            step()
+        copies = step.bf16_weights
+        if copies:
+            assert all(p.dtype == torch.bfloat16 for p in copies.low) and len(copies.low) > 10
+            masters = {id(p): m for p, m in zip(copies.low, copies.masters)}
+            state = {n: masters.get(id(p), p) for n, p in model.named_parameters()}
+        else:
+            state = dict(model.named_parameters())
+        runs.append({n: p.detach().clone() for n, p in state.items()})
+    assert runs[0].keys() == runs[1].keys()
+    for n, p in runs[0].items():
+        assert p.dtype == runs[1][n].dtype == torch.float32, n
+        assert torch.equal(p, runs[1][n]), n
