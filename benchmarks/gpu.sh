@@ -34,6 +34,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s); BUDGET=${GPU_BUDGET_S:-570}
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+# cap WANT RESERVE: WANT seconds, or fewer so that RESERVE seconds stay for what comes after
+cap() { local l=$(( $(left) - $2 )); echo $(( l < $1 ? (l > 10 ? l : 10) : $1 )); }
 PARTS=${PARTS:-sampling,unet,profile,loop,tests}  # a later call can rerun only some parts
 want() { [[ ",$PARTS," == *",$1,"* ]]; }
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT/extra"  # at most 8 files come back: JSON and
@@ -86,7 +88,7 @@ difflab-fold-gncl-rr6-w16}
 MFU=(--preset "${MFU_PRESET:-ddpm-cifar10}" --batch "${MFU_BATCH:-128}"
      --device "${MFU_DEVICE:-cuda}")
 rm -f benchmarks/out/unet_train.json
-timeout "${MFU_UNET_S:-350}" python3 benchmarks/unet_train.py "${MFU[@]}" \
+timeout "$(cap "${MFU_UNET_S:-350}" 150)" python3 benchmarks/unet_train.py "${MFU[@]}" \
   --iters 10 --rounds 3 --modes bf16-ro,bf16 \
   --peers "$MFU_PEERS,diffusers" --compile-peers "$MFU_PEERS" 2>&1 | tee "$OUT/mfu_unet.txt"
 cp benchmarks/out/unet_train.json "$OUT/extra/mfu_unet.json" 2>/dev/null
@@ -106,17 +108,17 @@ BEST=$(best ""); BEST_LOOP=$(best loop)
 echo "== 3m. fastest compiled: $BEST; the whole loop with $BEST_LOOP ($(left) s left)"
 # 3m-b. the whole training loop (EMA, clipping, guard) as it is and with the fastest variant
 SUFFIX=${BEST_LOOP#difflab}
-timeout "${MFU_LOOP_S:-140}" python3 benchmarks/train_loop.py "${MFU[@]}" --steps 60 \
+timeout "$(cap "${MFU_LOOP_S:-140}" 60)" python3 benchmarks/train_loop.py "${MFU[@]}" --steps 60 \
   --configs "bf16-ro${SUFFIX:+,bf16-ro$SUFFIX}" 2>&1 | tee "$OUT/mfu_loop.txt"
 cp benchmarks/out/train_loop.json "$OUT/extra/mfu_loop.json" 2>/dev/null
 # 3m-c. the CUDA checks, the candidate's numbers against eager PyTorch among them
 # (tests/test_cuda.py::test_compiled_mfu_candidate_trains_like_eager_pytorch)
 echo "== 3m. tests/test_cuda.py ($(left) s left)"
-timeout "${MFU_TESTS_S:-90}" python3 -m pytest -q -p no:cacheprovider -rf tests/test_cuda.py \
-  2>&1 | tail -15 | tee "$OUT/mfu_tests.txt"
+timeout "$(cap "${MFU_TESTS_S:-90}" 20)" python3 -m pytest -q -p no:cacheprovider -rf \
+  tests/test_cuda.py 2>&1 | tail -15 | tee "$OUT/mfu_tests.txt"
 # 3m-d. where the fastest variant's step time goes now (kernels by kind, data-moving operators)
 echo "== 3m. profile of $BEST ($(left) s left)"
-timeout "$(( $(left) - 15 ))" python3 benchmarks/profile_step.py "${MFU[@]}" --mode bf16-ro \
+timeout "$(cap 600 15)" python3 benchmarks/profile_step.py "${MFU[@]}" --mode bf16-ro \
   --variant "$BEST" --iters 3 --top 30 --copies 2>&1 | tee "$OUT/mfu_profile.txt"
 cp benchmarks/out/profile_step.json "$OUT/extra/mfu_profile.json" 2>/dev/null
 fi

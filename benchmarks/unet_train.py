@@ -210,7 +210,11 @@ def main() -> None:
                 continue
             torch.manual_seed(0)
             variant = parse_variant(peer)
-            model = variant.build(cfg, device.type)
+            try:  # e.g. diffusers not installed: the other peers still run
+                model = variant.build(cfg, device.type)
+            except ImportError as e:
+                print(f"{mode} {peer}: FAILED, {type(e).__name__}: {e}")
+                continue
             params = sum(p.numel() for p in model.parameters())
             step, _ = make_step(model, args.batch, cfg, device, mode,
                                 variant.channels_last or "-cl" in mode, variant.inductor_options,
