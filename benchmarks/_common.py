@@ -106,13 +106,11 @@ VARIANT_SUFFIXES = {
     "ck": "inductor's combo_kernels (independent small kernels launched as one)",
     "cdt": "inductor's coordinate_descent_tuning (block sizes tuned per kernel)",
     "w16": "bf16 copies of the conv/linear weights kept between steps, float32 masters in "
-           "AdamW (unet_train.BF16Weights; the bare step only, not the training loop)",
+           "AdamW (TrainConfig.bf16_weights, difflab.training.precision)",
 }
 _INDUCTOR_SUFFIXES = {"rr6": {"realize_reads_threshold": 6}, "ck": {"combo_kernels": True},
                       "cdt": {"coordinate_descent_tuning": True}}
 _DIFFLAB_ONLY = {"nchw", "fold", "gncl", "gn16"}
-# what the training loop cannot run (train_loop.py refuses it)
-BARE_STEP_ONLY = {"w16"}
 
 
 @dataclass(frozen=True)

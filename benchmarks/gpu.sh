@@ -78,7 +78,7 @@ if want mfu; then  # the matmul-rate goal (issue 5), sized to fit one call with 
 # realize_reads_threshold=6, -fold the folded upsampling (7 % fewer convolution FLOPs, no 4×
 # upsampled copy), -ck inductor's combo_kernels (the ~760 tiny kernels, weight casts and
 # per-channel statistics, launched together), -w16 bf16 weight copies kept between steps (no
-# per-step weight casts; the bare step only); eager bf16 difflab and diffusers (the 1.5×
+# per-step weight casts; --bf16-weights); eager bf16 difflab and diffusers (the 1.5×
 # reference) after. Each peer compiles first and is timed at once (printed: a cut-off run keeps
 # those), one that fails to compile is dropped; then all are timed interleaved.
 echo "== 3m. MFU: the CUDA-graph step, difflab vs its candidates ($(left) s left)"
@@ -92,22 +92,20 @@ timeout "$(cap "${MFU_UNET_S:-350}" 150)" python3 benchmarks/unet_train.py "${MF
   --iters 10 --rounds 3 --modes bf16-ro,bf16 \
   --peers "$MFU_PEERS,diffusers" --compile-peers "$MFU_PEERS" 2>&1 | tee "$OUT/mfu_unet.txt"
 cp benchmarks/out/unet_train.json "$OUT/extra/mfu_unet.json" 2>/dev/null
-# the fastest compiled candidate, and the fastest the training loop can run (no -w16): from
-# the table, else from the provisional readings of a cut-off run, else difflab-gncl-rr6
-best() { python3 -c 'import json, re, sys
+# the fastest compiled candidate: from the table, else from the provisional readings of a
+# cut-off run, else difflab-gncl-rr6
+BEST=$(python3 -c 'import json, re, sys
 try:
     rows = {r["model"]: r["img/s"] for r in json.load(open(sys.argv[1]))["rows"]
             if r["mode"] == "bf16-ro"}
 except (OSError, ValueError):
     rows = {m: float(v.replace(",", "")) for m, v in re.findall(
         r"^bf16-ro (\S+): first step .* then ([\d,]+) img/s", open(sys.argv[2]).read(), re.M)}
-rows = {m: v for m, v in rows.items() if not (sys.argv[3] and "-w16" in m)}
 print(max(rows, key=rows.get) if rows else "difflab-gncl-rr6")' \
-  benchmarks/out/unet_train.json "$OUT/mfu_unet.txt" "$1" 2>/dev/null || echo difflab-gncl-rr6; }
-BEST=$(best ""); BEST_LOOP=$(best loop)
-echo "== 3m. fastest compiled: $BEST; the whole loop with $BEST_LOOP ($(left) s left)"
+  benchmarks/out/unet_train.json "$OUT/mfu_unet.txt" 2>/dev/null || echo difflab-gncl-rr6)
+echo "== 3m. fastest compiled: $BEST; the whole loop with it ($(left) s left)"
 # 3m-b. the whole training loop (EMA, clipping, guard) as it is and with the fastest variant
-SUFFIX=${BEST_LOOP#difflab}
+SUFFIX=${BEST#difflab}
 timeout "$(cap "${MFU_LOOP_S:-140}" 60)" python3 benchmarks/train_loop.py "${MFU[@]}" --steps 60 \
   --configs "bf16-ro${SUFFIX:+,bf16-ro$SUFFIX}" 2>&1 | tee "$OUT/mfu_loop.txt"
 cp benchmarks/out/train_loop.json "$OUT/extra/mfu_loop.json" 2>/dev/null

@@ -24,7 +24,7 @@ it in bf16), and with ``--inductor`` lets inductor decide what to store by its G
 (``gpu_realize_rules``); variant ``gn16`` keeps GroupNorm in bf16
 (``LOW_PRECISION_GPU_GROUP_NORM``), ``gncl-gn16`` both; a ``fold`` variant (or suffix:
 ``gncl-fold``) keeps the folded upsampling on the GPU path (``Upsample.fold_on``), ``w16``
-holds the convolution and linear weights in bf16 (``unet_train.BF16Weights``).
+holds the convolution and linear weights in bf16 (``difflab.training.precision``).
 
 ``--inductor`` also compiles each variant with inductor and counts the activation buffers of the
 generated code by layout: the traced strides do not show the layouts inductor picks itself
@@ -112,7 +112,7 @@ def gpu_realize_rules():
 
 
 # variant "fold": the GPU path with folded upsampling (difflab.nn.Upsample.fold_on) kept;
-# "w16": the conv/linear weights held in bf16 (unet_train.BF16Weights)
+# "w16": the conv/linear weights held in bf16 (difflab.training.precision.BF16Weights)
 _KEEP_FOLD = False
 _BF16_WEIGHTS = False
 
@@ -125,7 +125,7 @@ def _model(cfg: UNetConfig, device: torch.device, fmt: torch.memory_format,
             if isinstance(m, Upsample):
                 m.fold_on = frozenset()
     if _BF16_WEIGHTS:
-        from unet_train import BF16Weights
+        from difflab.training.precision import BF16Weights
 
         BF16Weights(model)
     return model

@@ -21,7 +21,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    BARE_STEP_ONLY,
     Variant,
     machine,
     parse_variant,
@@ -51,11 +50,7 @@ _LOOP_PARTS = ("fp32", "bf16", "compile", "ro", "sync", "det")
 def loop_variant(config: str) -> Variant:
     """The model variant a config names beside the loop's own parts (ValueError if unknown)."""
     rest = [p for p in config.split("-") if p not in _LOOP_PARTS]
-    variant = parse_variant("-".join(["difflab", *rest]))
-    if variant.flags & BARE_STEP_ONLY:
-        raise ValueError(f"{', '.join(sorted(variant.flags & BARE_STEP_ONLY))}: the bare step "
-                         f"of unet_train.py only, not the training loop")
-    return variant
+    return parse_variant("-".join(["difflab", *rest]))
 
 
 def run(cfg: UNetConfig, batch: int, steps: int, config: str, device: str) -> dict:
@@ -80,7 +75,8 @@ def run(cfg: UNetConfig, batch: int, steps: int, config: str, device: str) -> di
     labels = torch.zeros(n, dtype=torch.long)
     tc = TrainConfig(batch_size=batch, lr=2e-4, max_steps=steps, mixed_precision=mp,
                      compile=compile_mode, progress=False, warmup_steps=10, lazy_guard=lazy,
-                     deterministic=deterministic, channels_last=variant.channels_last)
+                     deterministic=deterministic, channels_last=variant.channels_last,
+                     bf16_weights="w16" in variant.flags)
     t0 = time.perf_counter()
     train(task, images, labels, tc)
     total = time.perf_counter() - t0

@@ -41,6 +41,7 @@ from _common import (  # noqa: E402
 from difflab.models.unet import PRESETS, UNet2DModel, UNetConfig  # noqa: E402
 from difflab.perf import keep_freed_memory  # noqa: E402
 from difflab.training.loop import compile_kwargs  # noqa: E402
+from difflab.training.precision import BF16Weights  # noqa: E402
 
 
 def diffusers_unet(cfg: UNetConfig) -> torch.nn.Module:
@@ -56,46 +57,6 @@ def diffusers_unet(cfg: UNetConfig) -> torch.nn.Module:
                  add_attention=cfg.mid_attention)
 
 
-class BF16Weights:
-    """bf16 copies of the convolution and linear weights kept between steps (candidate ``-w16``
-    of benchmarks/gpu.sh part mfu). Under autocast every step casts each float32 weight and
-    bias to bf16 in the forward and each bf16 gradient back in the backward: ≈ 370 tiny kernels
-    in the compiled DDPM-CIFAR-10 step (benchmarks/RESULTS.md, "Eleventh session"). Here the
-    module holds the bf16 copies (autocast passes them through), AdamW updates float32 masters,
-    and two multi-tensor copies per step move gradients up and weights down. Same numbers as
-    autocast's casts (round to nearest even both ways); the upsampling convolutions keep float32
-    (their folded kernel sums taps, which must not round first)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        from difflab.nn import Upsample
-
-        keep = {id(p) for m in model.modules() if isinstance(m, Upsample)
-                for p in m.parameters()}
-        self.low = [p for m in model.modules()
-                    if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear))
-                    for p in m.parameters(recurse=False) if id(p) not in keep]
-        low = {id(p) for p in self.low}
-        self.masters = [p.detach().clone() for p in self.low]
-        for m in self.masters:
-            m.grad = torch.zeros_like(m)
-        with torch.no_grad():
-            for p in self.low:
-                p.data = p.data.to(torch.bfloat16)  # strides kept (channels_last weights)
-        self.others = [p for p in model.parameters() if id(p) not in low]
-
-    def parameters(self) -> list[torch.Tensor]:
-        """What the optimizer updates: the float32 masters and the parameters left float32."""
-        return self.masters + self.others
-
-    @torch.no_grad()
-    def grads_up(self) -> None:
-        torch._foreach_copy_([m.grad for m in self.masters], [p.grad for p in self.low])
-
-    @torch.no_grad()
-    def weights_down(self) -> None:
-        torch._foreach_copy_(self.low, self.masters)
-
-
 def make_step(model: torch.nn.Module, batch: int, cfg: UNetConfig, device: torch.device,
               mode: str, channels_last: bool, options: dict | None = None,
               bf16_weights: bool = False):
@@ -104,8 +65,10 @@ def make_step(model: torch.nn.Module, batch: int, cfg: UNetConfig, device: torch
         model = model.to(memory_format=torch.channels_last)
     model.train()
     bf16 = mode.startswith("bf16")
+    # -w16: bf16 weight copies kept between steps, float32 masters in AdamW (the training
+    # loop's TrainConfig.bf16_weights; difflab.training.precision)
     w16 = BF16Weights(model) if bf16_weights and bf16 else None
-    params = w16.parameters() if w16 else model.parameters()
+    params = w16.float_params if w16 else model.parameters()
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)  # both peers alike
     fwd = model
     graphs = mode.endswith("-ro")

@@ -113,8 +113,9 @@ def test_bf16_weight_copies_train_exactly_like_autocasts_casts(layout):
             step()
         copies = step.bf16_weights
         if copies:
-            assert all(p.dtype == torch.bfloat16 for p in copies.low) and len(copies.low) > 10
-            masters = {id(p): m for p, m in zip(copies.low, copies.masters)}
+            assert all(p.dtype == torch.bfloat16 for p in copies.params)
+            assert len(copies.params) > 10
+            masters = {id(p): m for p, m in zip(copies.params, copies.masters)}
             state = {n: masters.get(id(p), p) for n, p in model.named_parameters()}
         else:
             state = dict(model.named_parameters())

@@ -192,3 +192,62 @@ def test_compile_options_are_added_to_the_modes_settings_per_device(monkeypatch)
     assert calls == [{"options": {"triton.cudagraphs": True, "realize_reads_threshold": 6}},
                      {"mode": "reduce-overhead"},
                      {"options": {"realize_reads_threshold": 6}}]
+
+
+# bf16 weights kept between steps (TrainConfig.bf16_weights, difflab.training.precision)
+ATTN = dict(block_out_channels=(16, 32), layers_per_block=1, attention_levels=(False, True),
+            norm_num_groups=8, attention_head_dim=16, sample_size=8)
+
+
+def _bf16_run(bf16_weights, steps, out=None, resume=False, lazy=None, ema=0.9,
+              channels_last=True):
+    digits = load_dataset("digits")
+    torch.manual_seed(0)
+    task = DiffusionObjective(UNet2DModel(UNetConfig(**ATTN)), DiffusionConfig())
+    cfg = TrainConfig(batch_size=16, lr=3e-3, warmup_steps=2, progress=False, seed=0,
+                      max_steps=steps, mixed_precision="bf16", bf16_weights=bf16_weights,
+                      lazy_guard=lazy, ema_decay=ema, grad_clip=0.5, checkpoint_every=2,
+                      channels_last=channels_last)
+    return train(task, digits.images[:256], digits.labels[:256], cfg, out_dir=out,
+                 resume=resume)
+
+
+@pytest.mark.parametrize("lazy,channels_last", [(None, True), (True, False)])
+def test_bf16_weights_train_exactly_like_autocasts_casts(lazy, channels_last):
+    """The same run, bit for bit: autocast's per-step casts and the kept bf16 copies round the
+    same way, and the optimizer, clipping, guard and EMA see the float32 masters. The trained
+    module comes back float32 (its conv weights were bf16 while training)."""
+    plain = _bf16_run(False, 5, lazy=lazy, channels_last=channels_last)
+    kept = _bf16_run(True, 5, lazy=lazy, channels_last=channels_last)
+    for a, b in ((plain.raw_model, kept.raw_model), (plain.model, kept.model)):  # + the EMA
+        sa, sb = a.state_dict(), b.state_dict()
+        assert list(sa) == list(sb)
+        for k in sa:
+            assert sb[k].dtype == sa[k].dtype == torch.float32, k
+            assert torch.equal(sa[k], sb[k]), k
+    assert [h["loss"] for h in plain.history] == [h["loss"] for h in kept.history]
+
+
+def test_bf16_weights_checkpoint_float32_and_resume_exactly(tmp_path):
+    """Checkpoints hold the float32 masters (not their bf16 copies): stopped after 2 steps and
+    resumed to 4, the run ends where the same stop-and-resume ends with autocast's casts."""
+    from difflab.io import load_tensors
+
+    ends = []
+    for kept in (True, False):
+        out = tmp_path / str(kept)
+        _bf16_run(kept, 2, out=out)
+        saved = load_tensors(out / "checkpoint" / "model.safetensors")
+        assert saved and all(v.dtype == torch.float32 for v in saved.values())
+        ends.append(_bf16_run(kept, 4, out=out, resume=True).raw_model.state_dict())
+    for k, v in ends[0].items():
+        assert torch.equal(v, ends[1][k]), k
+
+
+def test_bf16_weights_need_bf16_precision():
+    digits = load_dataset("digits")
+    task = DiffusionObjective(UNet2DModel(UNetConfig(**TINY)), DiffusionConfig())
+    cfg = TrainConfig(batch_size=8, max_steps=1, mixed_precision="no", bf16_weights=True,
+                      progress=False)
+    with pytest.raises(ConfigError, match="bf16_weights needs bf16"):
+        train(task, digits.images[:32], digits.labels[:32], cfg)

@@ -61,7 +61,8 @@ def _train_config(args: argparse.Namespace, **defaults: object):  # -> TrainConf
 
     kw = dict(defaults)
     for name in ("batch_size", "lr", "seed", "minutes", "epochs", "checkpoint_every",
-                 "mixed_precision", "ema_decay", "warmup_steps", "compile", "deterministic"):
+                 "mixed_precision", "ema_decay", "warmup_steps", "compile", "deterministic",
+                 "bf16_weights"):
         v = getattr(args, name, None)
         if v is not None:
             kw[name] = v
@@ -93,6 +94,10 @@ def _add_train_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deterministic", action="store_true",
                    help="bitwise-repeatable GPU training (deterministic kernels; slower there; "
                         "CPU training is repeatable anyway)")
+    p.add_argument("--bf16-weights", action="store_true",
+                   help="with bf16 mixed precision, one process: keep bf16 copies of the conv "
+                        "and linear weights between steps instead of casting them every step "
+                        "(same numbers; fewer kernels on a GPU)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -240,11 +240,13 @@ def stage_train_configs(total: TrainConfig, cfg: LDMConfig, trained: list[str]
                         ) -> dict[str, TrainConfig]:
     """Train configs of the stages in ``trained``: ``total``'s budget (steps or epochs: each
     stage gets them; minutes: split by ``stage_fractions``), seed, precision and progress; the
-    U-Net stage also takes ``total``'s optimiser settings. ``deterministic`` holds for all."""
+    U-Net stage also takes ``total``'s optimiser settings. ``deterministic`` and
+    ``bf16_weights`` hold for all."""
     shares = {s: f for s, f in zip(STAGES, cfg.stage_fractions) if s in trained}
     shared = dict(seed=total.seed, mixed_precision=total.mixed_precision,
                   progress=total.progress, max_steps=total.max_steps, epochs=total.epochs,
-                  checkpoint_every=total.checkpoint_every, deterministic=total.deterministic)
+                  checkpoint_every=total.checkpoint_every, deterministic=total.deterministic,
+                  bf16_weights=total.bf16_weights)
     out = {}
     for stage in trained:
         minutes = (total.minutes * shares[stage] / sum(shares.values())

@@ -26,11 +26,14 @@ class EMA:
         return min(self.decay, (1 + k) / (10 + k))
 
     @torch.no_grad()
-    def update(self, model: nn.Module, weight: torch.Tensor | None = None) -> None:
-        """One EMA step; ``weight`` (a 0/1 device tensor) turns it off without a host sync."""
+    def update(self, model: nn.Module, weight: torch.Tensor | None = None,
+               params: list[torch.Tensor] | None = None) -> None:
+        """One EMA step; ``weight`` (a 0/1 device tensor) turns it off without a host sync;
+        ``params`` (the model's parameters in order) stands in for ``model.parameters()``, e.g.
+        float32 masters where the module holds bf16 copies (difflab.training.precision)."""
         d = self.current_decay()
         ema_p = [p for p in self.model.parameters()]
-        src_p = [p.detach() for p in model.parameters()]
+        src_p = [p.detach() for p in (model.parameters() if params is None else params)]
         if weight is None:
             torch._foreach_lerp_(ema_p, src_p, 1.0 - d)
         else:

@@ -15,6 +15,7 @@ losses are averaged over processes; only the main process writes checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -38,6 +39,7 @@ from difflab.training.checkpoint import (
     save_training_state,
 )
 from difflab.training.ema import EMA
+from difflab.training.precision import BF16Weights
 
 
 @dataclass(kw_only=True)
@@ -68,6 +70,9 @@ class TrainConfig(Config):
     # bitwise-repeatable GPU training (deterministic cuDNN / no atomics; slower there; CPU
     # training is repeatable anyway): difflab.perf.deterministic_kernels
     deterministic: bool = False
+    # bf16 copies of the conv/linear weights kept between steps instead of autocast casting
+    # them every step (difflab.training.precision; same numbers; one process, bf16 only)
+    bf16_weights: bool = False
     progress: bool = True  # tqdm progress bar
 
     def validate(self) -> None:
@@ -199,6 +204,9 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
     if cfg.batch_size % world:
         raise ConfigError(f"TrainConfig.batch_size={cfg.batch_size} must be divisible by the "
                           f"number of processes ({world})")
+    if cfg.bf16_weights and (precision != "bf16" or world > 1):
+        raise ConfigError("TrainConfig.bf16_weights needs bf16 mixed precision and one process "
+                          f"(here: {precision}, {world} process{'es' if world > 1 else ''})")
     local_bs = cfg.batch_size // world
     _check_batch_fits(images, local_bs, dev)
     torch.manual_seed(cfg.seed)  # initialisation of lazily-built parts, dropout
@@ -224,9 +232,14 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
         precision != "fp16"
     # Fused AdamW (one kernel over all tensors; on CPU too, ~2.5× faster than the per-tensor
     # loop for the small U-Net); the lazy guard also needs it for its found_inf input.
+    ema = EMA(task, cfg.ema_decay) if cfg.ema_decay is not None else None
+    w16 = BF16Weights(task) if cfg.bf16_weights else None
+    if w16 is not None:  # the optimizer, clipping, guard and EMA see the float32 masters
+        params = [p for p in w16.float_params if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas),
                             weight_decay=cfg.weight_decay, fused=True)
-    ema = EMA(task, cfg.ema_decay) if cfg.ema_decay is not None else None
+    # the module as the optimizer sees it: float32 (with bf16 weights: the masters in place)
+    floats = w16.masters_in if w16 is not None else contextlib.nullcontext
     if cfg.compile != "no":
         _compile_networks(task, cfg.compile, dev.type)
     model, opt = acc.prepare(_LossModule(task), opt)
@@ -246,7 +259,11 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
         if acc.is_main_process:  # a writer killed mid-checkpoint left temp folders behind
             recover_checkpoint(out_dir / "checkpoint")
         acc.wait_for_everyone()
-        state = load_training_state(out_dir / "checkpoint", acc.unwrap_model(model).task, opt, ema)
+        with floats():
+            state = load_training_state(out_dir / "checkpoint", acc.unwrap_model(model).task,
+                                        opt, ema)
+        if w16 is not None:
+            w16.weights_down()
         if state is None:
             raise DifflabError(f"{out_dir}: no training checkpoint to resume from")
         step, history, skipped = state["step"], state["history"], state["skipped"]
@@ -283,14 +300,16 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
         flush()
         if out_dir is None or not acc.is_main_process:
             return
-        save_training_state(out_dir / "checkpoint", acc.unwrap_model(model).task, opt, ema,
-                            dict(step=step, history=history, skipped=skipped, total=total,
-                                 perm=perm, pos=pos, gen=gen.get_state(),
-                                 data_gen=data_gen.get_state(), torch_rng=torch.get_rng_state(),
-                                 elapsed=elapsed_before + time.perf_counter() - t0,
-                                 config=cfg.to_dict()))
-        if on_checkpoint is not None:
-            on_checkpoint(ema.model if ema else acc.unwrap_model(model).task, step)
+        with floats():
+            save_training_state(out_dir / "checkpoint", acc.unwrap_model(model).task, opt, ema,
+                                dict(step=step, history=history, skipped=skipped, total=total,
+                                     perm=perm, pos=pos, gen=gen.get_state(),
+                                     data_gen=data_gen.get_state(),
+                                     torch_rng=torch.get_rng_state(),
+                                     elapsed=elapsed_before + time.perf_counter() - t0,
+                                     config=cfg.to_dict()))
+            if on_checkpoint is not None:
+                on_checkpoint(ema.model if ema else acc.unwrap_model(model).task, step)
 
     t0 = time.perf_counter()
     # A wall-clock budget becomes a step count, re-estimated at steps 15, 30, 60, ... and at least
@@ -326,6 +345,8 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
             loss = logs["loss"]
             opt.zero_grad(set_to_none=True)
             acc.backward(loss)
+            if w16 is not None:
+                w16.grads_up()
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not _is_oom(e):
                 raise
@@ -341,8 +362,11 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
             ok = (torch.isfinite(loss) & torch.isfinite(gnorm)).reshape(())
             getattr(opt, "optimizer", opt).found_inf = (~ok).float()
             opt.step()
+            if w16 is not None:
+                w16.weights_down()
             if ema is not None:
-                ema.update(acc.unwrap_model(model).task, weight=ok)
+                ema.update(acc.unwrap_model(model).task, weight=ok,
+                           params=w16.float_params if w16 is not None else None)
             step += 1
             pending.append((step, ok, {k: v.detach().float() for k, v in logs.items()}))
             if len(pending) >= 16:
@@ -359,8 +383,11 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
                 continue
             consecutive = 0
             opt.step()
+            if w16 is not None:
+                w16.weights_down()
             if ema is not None:
-                ema.update(acc.unwrap_model(model).task)
+                ema.update(acc.unwrap_model(model).task,
+                           params=w16.float_params if w16 is not None else None)
             step += 1
             rec = {"step": step, **{k: float(v.detach()) for k, v in logs.items()}}
             history.append(rec)
@@ -397,6 +424,8 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
     bar.close()
     seconds = elapsed_before + time.perf_counter() - t0
     save(final=True)
+    if w16 is not None:
+        w16.restore()  # the trained module is float32 again
     final = ema.model if ema is not None else acc.unwrap_model(model).task
     final.eval()
     return TrainResult(model=final, raw_model=acc.unwrap_model(model).task, steps=step,
