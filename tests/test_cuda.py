@@ -124,3 +124,21 @@ def test_compiled_mfu_candidate_trains_like_eager_pytorch(monkeypatch):
     assert diff.norm() < 2e-2 * scale
     for a, b in zip(g0, g1):  # each tensor too (an attention key bias's gradient is ~0 exactly)
         assert (b.float() - a.float()).norm() <= 5e-2 * a.float().norm() + 1e-4 * scale
+
+
+def test_bf16_weights_train_like_autocasts_casts_on_the_gpu():
+    """--bf16-weights on CUDA (deterministic kernels, so two runs can be compared bit for bit):
+    the same weights as autocast casting the float32 weights every step."""
+    digits = load_dataset("digits")
+    cfg_unet = UNetConfig(block_out_channels=(32, 64), layers_per_block=1,
+                          attention_levels=(False, True), norm_num_groups=8,
+                          attention_head_dim=16, sample_size=8)
+    weights = []
+    for kept in (False, True):
+        torch.manual_seed(0)
+        task = DiffusionObjective(UNet2DModel(cfg_unet), DiffusionConfig())
+        cfg = TrainConfig(batch_size=64, max_steps=4, warmup_steps=2, seed=0, progress=False,
+                          mixed_precision="bf16", deterministic=True, bf16_weights=kept)
+        weights.append(train(task, digits.images, digits.labels, cfg).raw_model.state_dict())
+    for k, v in weights[0].items():
+        assert weights[1][k].dtype == torch.float32 and torch.equal(v, weights[1][k]), k
