@@ -61,6 +61,17 @@ def test_dry_run_prints_config_and_trains_nothing(tmp_path, capsys):
                "--dry-run") == 0
     cfg = json.loads(capsys.readouterr().out)["train"]
     assert cfg["mixed_precision"] == "no" and cfg["deterministic"] is True
+    assert cfg["bf16_weights"] is False
+    assert run("train", "ddpm", "--data", "digits", "--mixed-precision", "bf16",
+               "--bf16-weights", "--dry-run") == 0
+    assert json.loads(capsys.readouterr().out)["train"]["bf16_weights"] is True
+
+
+def test_bf16_weights_without_bf16_is_a_one_line_error(tmp_path, capsys):
+    assert run("train", "ddpm", "--data", "digits", "--mixed-precision", "no", "--steps", "1",
+               "--bf16-weights", "--no-progress", "--out", str(tmp_path / "r")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bf16_weights needs bf16 mixed precision" in err[0]
 
 
 def test_train_then_sample(tmp_path, capsys):

@@ -32,9 +32,10 @@ class BF16Weights:
         keep = {id(p) for m in module.modules() if isinstance(m, Upsample)
                 for p in m.parameters()}
         self.module = module
-        self.params = [p for m in module.modules() if isinstance(m, _LOW)
-                       for p in m.parameters(recurse=False)
-                       if p.requires_grad and p.dtype == torch.float32 and id(p) not in keep]
+        found = [p for m in module.modules() if isinstance(m, _LOW)
+                 for p in m.parameters(recurse=False)
+                 if p.requires_grad and p.dtype == torch.float32 and id(p) not in keep]
+        self.params = list({id(p): p for p in found}.values())  # a shared weight once
         low = {id(p) for p in self.params}
         with torch.no_grad():
             self.masters = [nn.Parameter(p.detach().clone()) for p in self.params]
