@@ -104,10 +104,12 @@ except (OSError, ValueError):
 print(max(rows, key=rows.get) if rows else "difflab-gncl-rr6")' \
   benchmarks/out/unet_train.json "$OUT/mfu_unet.txt" 2>/dev/null || echo difflab-gncl-rr6)
 echo "== 3m. fastest compiled: $BEST; the whole loop with it ($(left) s left)"
-# 3m-b. the whole training loop (EMA, clipping, guard) as it is and with the fastest variant
+# 3m-b. the whole training loop (EMA, clipping, guard) as it is and with the fastest variant;
+# then eager (the GPU default without --compile), as it is and with --bf16-weights: the eager
+# bf16 step spent 18 % of its time in autocast's weight casts (RESULTS.md, fourth session)
 SUFFIX=${BEST#difflab}
 timeout "$(cap "${MFU_LOOP_S:-140}" 60)" python3 benchmarks/train_loop.py "${MFU[@]}" --steps 60 \
-  --configs "bf16-ro${SUFFIX:+,bf16-ro$SUFFIX}" 2>&1 | tee "$OUT/mfu_loop.txt"
+  --configs "bf16-ro${SUFFIX:+,bf16-ro$SUFFIX},bf16,bf16-w16" 2>&1 | tee "$OUT/mfu_loop.txt"
 cp benchmarks/out/train_loop.json "$OUT/extra/mfu_loop.json" 2>/dev/null
 # 3m-c. the CUDA checks, the candidate's numbers against eager PyTorch among them
 # (tests/test_cuda.py::test_compiled_mfu_candidate_trains_like_eager_pytorch)
