@@ -106,7 +106,7 @@ print(max(rows, key=rows.get) if rows else "difflab-gncl-rr6")' \
 echo "== 3m. fastest compiled: $BEST; the whole loop with it ($(left) s left)"
 # 3m-b. the whole training loop (EMA, clipping, guard) as it is and with the fastest variant;
 # then eager (the GPU default without --compile), as it is and with --bf16-weights: the eager
-# bf16 step spent 18 % of its time in autocast's weight casts (RESULTS.md, fourth session)
+# bf16 step spent 18 % of its time in copies, autocast's weight casts among them (RESULTS.md)
 SUFFIX=${BEST#difflab}
 timeout "$(cap "${MFU_LOOP_S:-140}" 60)" python3 benchmarks/train_loop.py "${MFU[@]}" --steps 60 \
   --configs "bf16-ro${SUFFIX:+,bf16-ro$SUFFIX},bf16,bf16-w16" 2>&1 | tee "$OUT/mfu_loop.txt"
