@@ -139,3 +139,18 @@ def test_close_process_group_tears_down_only_what_is_up(tmp_path):
     assert dist.is_initialized()
     close_process_group()
     assert not dist.is_initialized()
+
+
+def test_bf16_weights_are_refused_with_several_processes(tmp_path):
+    """--bf16-weights keeps one process's bf16 gradients (DDP would all-reduce them in bf16):
+    two processes get the one-line error and a non-zero exit, not a silently different run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", "-m", "difflab.cli", "train", "ddpm",
+                           "--data", "digits", "--steps", "1", "--batch-size", "8",
+                           "--mixed-precision", "bf16", "--bf16-weights", "--no-progress",
+                           "--out", str(tmp_path / "r")],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    assert "bf16_weights needs bf16 mixed precision and one process (here: bf16, 2 processes)" \
+        in proc.stderr
