@@ -178,5 +178,12 @@ def parse_variant(name: str) -> Variant:
     return Variant(name, base, flags)
 
 
+def report_failure(label: str, e: BaseException) -> None:
+    """One line for a peer or config that failed (the last line of a long compiler error), so
+    the script goes on with the others."""
+    lines = str(e).strip().splitlines()
+    print(f"{label}: FAILED, {type(e).__name__}: {lines[-1] if lines else ''}", flush=True)
+
+
 def variant_help() -> str:
     return "; ".join(f"-{k}: {v}" for k, v in VARIANT_SUFFIXES.items())

@@ -264,11 +264,12 @@ def inductor_buffers(cfg: UNetConfig, batch: int, device: torch.device, precisio
         # are written in place by their producers launches nothing and moves no bytes)
         fused = [(n, 4 * b) for n, b in nodes
                  if not isinstance(n, (ExternKernelSchedulerNode, NopKernelSchedulerNode))]
+        kernels = _by_origin(fused)
         traffic[name] = {"bytes": m["num_bytes_accessed"], "extern bytes": 4 * sum(extern),
                          "fused kernels": len(fused), "extern kernels": len(extern),
-                         "fused kernel bytes": _by_origin(fused),
-                         "largest fused": [{"bytes": b, "ops": _origin_ops(n)} for n, b in
-                                           sorted(fused, key=lambda nb: -nb[1])[:top]]}
+                         "fused kernel bytes": kernels,
+                         "largest fused": sorted(kernels.values(),
+                                                 key=lambda k: -k["bytes"])[:top]}
     counts: dict[str, dict] = {"traffic": traffic}
     for name, code in zip(("forward", "backward"), codes):
         c: Counter[str] = Counter()

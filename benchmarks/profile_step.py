@@ -167,9 +167,7 @@ def main() -> None:
     model = variant.build(cfg, device.type)
     flops = math_flops(model, cfg, args.batch)
     variant.apply(device.type)
-    step, _ = make_step(model, args.batch, cfg, device, args.mode,
-                        variant.channels_last or "-cl" in args.mode, variant.inductor_options,
-                        "w16" in variant.flags)
+    step, _ = make_step(model, args.batch, cfg, device, args.mode, variant)
     runs = []
     for bench in args.cudnn_benchmark.split(","):
         torch.backends.cudnn.benchmark = bench == "on" or "bench" in variant.flags

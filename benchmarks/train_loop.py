@@ -25,6 +25,7 @@ from _common import (  # noqa: E402
     machine,
     parse_variant,
     print_table,
+    report_failure,
     variant_help,
     write_json,
 )
@@ -112,8 +113,7 @@ def main() -> None:
         try:
             rows.append(run(cfg, args.batch, args.steps, config, args.device))
         except Exception as e:  # noqa: BLE001 - one failing config must not end the others
-            msg = str(e).strip().splitlines()
-            print(f"{config}: FAILED, {type(e).__name__}: {msg[-1] if msg else ''}")
+            report_failure(config, e)
             continue
         print_table(rows[-1:])
     print_table(rows)

@@ -32,6 +32,7 @@ from _common import (  # noqa: E402
     median,
     parse_variant,
     print_table,
+    report_failure,
     sync,
     time_fn,
     variant_help,
@@ -58,8 +59,10 @@ def diffusers_unet(cfg: UNetConfig) -> torch.nn.Module:
 
 
 def make_step(model: torch.nn.Module, batch: int, cfg: UNetConfig, device: torch.device,
-              mode: str, channels_last: bool, options: dict | None = None,
-              bf16_weights: bool = False):
+              mode: str, variant: Variant):
+    """One training step of ``model`` (built by ``variant``) in ``mode``, with the variant's
+    layout, inductor settings and bf16 weight copies (-w16)."""
+    channels_last = variant.channels_last or "-cl" in mode
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -67,14 +70,14 @@ def make_step(model: torch.nn.Module, batch: int, cfg: UNetConfig, device: torch
     bf16 = mode.startswith("bf16")
     # -w16: bf16 weight copies kept between steps, float32 masters in AdamW (the training
     # loop's TrainConfig.bf16_weights; difflab.training.precision)
-    w16 = BF16Weights(model) if bf16_weights and bf16 else None
+    w16 = BF16Weights(model) if "w16" in variant.flags and bf16 else None
     params = w16.float_params if w16 else model.parameters()
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)  # both peers alike
     fwd = model
     graphs = mode.endswith("-ro")
     if "compile" in mode or graphs:
         fwd = torch.compile(model, **compile_kwargs("reduce-overhead" if graphs else "default",
-                                                    options))
+                                                    variant.inductor_options))
     g = torch.Generator(device=device).manual_seed(0)
     size = cfg.sample_size
     x0 = torch.randn(batch, cfg.in_channels, size, size, device=device, generator=g)
@@ -166,6 +169,7 @@ def main() -> None:
     flops = flops_per_step(UNet2DModel(cfg), cfg, args.batch)
     rows, results = [], {}
     for mode in args.modes.split(","):
+        ceiling = peak["bf16" if mode.startswith("bf16") else "fp32"]
         steps = {}
         for peer in args.peers.split(","):
             if ("compile" in mode or mode.endswith("-ro")) and \
@@ -176,12 +180,10 @@ def main() -> None:
             try:  # e.g. diffusers not installed: the other peers still run
                 model = variant.build(cfg, device.type)
             except ImportError as e:
-                print(f"{mode} {peer}: FAILED, {type(e).__name__}: {e}")
+                report_failure(f"{mode} {peer}", e)
                 continue
             params = sum(p.numel() for p in model.parameters())
-            step, _ = make_step(model, args.batch, cfg, device, mode,
-                                variant.channels_last or "-cl" in mode, variant.inductor_options,
-                                "w16" in variant.flags)
+            step, _ = make_step(model, args.batch, cfg, device, mode, variant)
             steps[peer] = (with_settings(step, variant, device.type), params)
         for peer, (step, _) in list(steps.items()):  # compile (or warm) each peer first, so
             # one that fails to compile is reported and dropped rather than ending the run
@@ -190,16 +192,15 @@ def main() -> None:
                 step()
                 sync(device)
             except Exception as e:  # noqa: BLE001 - a failed candidate is a result too
-                msg = str(e).strip().splitlines()
-                print(f"{mode} {peer}: FAILED, {type(e).__name__}: {msg[-1] if msg else ''}")
+                report_failure(f"{mode} {peer}", e)
                 del steps[peer]
                 continue
             first = time.perf_counter() - t0
             sec = time_fn(step, device, iters=args.iters, warmup=1)  # a first reading at once:
             # if the run is cut off while later peers compile, this one has its number
             print(f"{mode} {peer}: first step {first:.1f} s, then {args.batch / sec:,.0f} img/s "
-                  f"({100 * flops / sec / peak['bf16' if mode.startswith('bf16') else 'fp32']:.1f}"
-                  f" % of the matmul peak; provisional)", flush=True)
+                  f"({100 * flops / sec / ceiling:.1f} % of the matmul peak; provisional)",
+                  flush=True)
         times = {p: [] for p in steps}
         for _ in range(args.rounds):  # interleave so machine noise hits every peer alike
             for p, (step, _) in steps.items():
@@ -210,7 +211,6 @@ def main() -> None:
             ips = args.batch / sec
             base = base or ips
             achieved = flops / sec
-            ceiling = peak["bf16" if mode.startswith("bf16") else "fp32"]
             rows.append({"mode": mode, "model": p, "params": params, "img/s": ips,
                          "vs first": ips / base, "GFLOP/s": achieved / 1e9,
                          "% of matmul peak": 100 * achieved / ceiling})

@@ -103,15 +103,17 @@ def test_bf16_weight_copies_train_exactly_like_autocasts_casts(layout):
     runs = []
     for w16 in (False, True):
         torch.manual_seed(0)
-        model = parse_variant("difflab").build(cfg, "cpu")
+        variant = parse_variant("difflab" + ("-nchw" if layout == "nchw" else "")
+                                + ("-w16" if w16 else ""))
+        model = variant.build(cfg, "cpu")
         with torch.no_grad():  # off the zero-initialised output layers
             for p in model.parameters():
                 p.add_(torch.randn_like(p), alpha=0.02)
-        step, model = make_step(model, 4, cfg, torch.device("cpu"), "bf16",
-                                layout == "channels_last", bf16_weights=w16)
+        step, model = make_step(model, 4, cfg, torch.device("cpu"), "bf16", variant)
         for _ in range(3):
             step()
         copies = step.bf16_weights
+        assert (copies is not None) == w16
         if copies:
             assert all(p.dtype == torch.bfloat16 for p in copies.params)
             assert len(copies.params) > 10

@@ -224,18 +224,19 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
         dev.type == "cpu" and precision == "bf16" and not fused_group_norm_available())
     if channels_last:
         task = task.to(memory_format=torch.channels_last)
-    params = [p for p in task.parameters() if p.requires_grad]
     # The sync-free guard: the finite check stays on the device, fused AdamW skips a bad update
     # itself (its found_inf input), and losses are read back every few steps. fp16's
     # GradScaler owns found_inf, so fp16 keeps the synchronous guard.
     lazy = (dev.type == "cuda" if cfg.lazy_guard is None else cfg.lazy_guard) and \
         precision != "fp16"
+    ema = EMA(task, cfg.ema_decay) if cfg.ema_decay is not None else None  # float32 copy
+    w16 = BF16Weights(task) if cfg.bf16_weights else None
+    # what the optimizer, the clipping, the guard and the EMA see: the module's parameters,
+    # with bf16 weights the float32 masters in their place
+    float_params = w16.float_params if w16 is not None else None
+    params = [p for p in float_params or task.parameters() if p.requires_grad]
     # Fused AdamW (one kernel over all tensors; on CPU too, ~2.5× faster than the per-tensor
     # loop for the small U-Net); the lazy guard also needs it for its found_inf input.
-    ema = EMA(task, cfg.ema_decay) if cfg.ema_decay is not None else None
-    w16 = BF16Weights(task) if cfg.bf16_weights else None
-    if w16 is not None:  # the optimizer, clipping, guard and EMA see the float32 masters
-        params = [p for p in w16.float_params if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas),
                             weight_decay=cfg.weight_decay, fused=True)
     # the module as the optimizer sees it: float32 (with bf16 weights: the masters in place)
@@ -365,8 +366,7 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
             if w16 is not None:
                 w16.weights_down()
             if ema is not None:
-                ema.update(acc.unwrap_model(model).task, weight=ok,
-                           params=w16.float_params if w16 is not None else None)
+                ema.update(acc.unwrap_model(model).task, weight=ok, params=float_params)
             step += 1
             pending.append((step, ok, {k: v.detach().float() for k, v in logs.items()}))
             if len(pending) >= 16:
@@ -386,8 +386,7 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
             if w16 is not None:
                 w16.weights_down()
             if ema is not None:
-                ema.update(acc.unwrap_model(model).task,
-                           params=w16.float_params if w16 is not None else None)
+                ema.update(acc.unwrap_model(model).task, params=float_params)
             step += 1
             rec = {"step": step, **{k: float(v.detach()) for k, v in logs.items()}}
             history.append(rec)

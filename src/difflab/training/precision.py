@@ -36,7 +36,6 @@ class BF16Weights:
                  for p in m.parameters(recurse=False)
                  if p.requires_grad and p.dtype == torch.float32 and id(p) not in keep]
         self.params = list({id(p): p for p in found}.values())  # a shared weight once
-        low = {id(p) for p in self.params}
         with torch.no_grad():
             self.masters = [nn.Parameter(p.detach().clone()) for p in self.params]
             self.low16 = [p.data.to(torch.bfloat16) for p in self.params]  # strides kept
@@ -47,7 +46,6 @@ class BF16Weights:
         # optimizer, the clipping and the EMA see (an optimizer state saved with or without
         # bf16 weights loads into the other)
         self.float_params = [by_id.get(id(p), p) for p in module.parameters()]
-        self.others = [p for p in module.parameters() if id(p) not in low]
 
     @torch.no_grad()
     def grads_up(self) -> None:
@@ -73,8 +71,7 @@ class BF16Weights:
     def masters_in(self) -> Iterator[nn.Module]:
         """The module with its float32 masters in place of the bf16 weights (to save, load or
         sample from it); the bf16 weights, the same storage, are back afterwards."""
-        for p, m in zip(self.params, self.masters):
-            p.data = m.data
+        self.restore()
         try:
             yield self.module
         finally:
