@@ -11,6 +11,12 @@ Both models are built from the same config (parameter counts printed; they are e
 with AdamW on an ε-MSE loss at random timesteps; runs are interleaved (A, B, A, B, ...) and the
 median is reported. Achieved FLOP/s (counted with torch.utils.flop_counter) is compared with the
 measured matmul ceiling of the machine. Writes benchmarks/out/unet_train.json.
+
+Every difflab peer's gradients are checked before it is timed: its first forward + backward (the
+one that compiles it) on weights moved off the zero-initialised output layers, against eager
+float32 difflab on the same weights and batch ("grad err": relative L2 error over all
+parameters; bf16 autocast alone gives ~1 %). A peer above 5 % is marked WRONG: its speed is not
+a result (on an H100 the compiled layout-keeping GroupNorm, -gncl, gave 75 %; RESULTS.md).
 """
 
 from __future__ import annotations
@@ -100,8 +106,44 @@ def make_step(model: torch.nn.Module, batch: int, cfg: UNetConfig, device: torch
         if w16:
             w16.weights_down()
 
+    def probe() -> dict[str, torch.Tensor]:
+        """The gradients of one forward + backward in this mode (no update), float32 copies by
+        parameter name (with -w16 those of the module's bf16 weights)."""
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.mse_loss(fwd(x0 + noise, t).sample.float(), noise)
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = {n: p.grad.float().clone() for n, p in model.named_parameters()
+                 if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return grads
+
     step.bf16_weights = w16  # for the test that compares it with autocast's casts
+    step.probe = probe
     return step, model
+
+
+GRAD_TOLERANCE = 0.05  # relative L2 error; bf16 autocast's own rounding gives ~0.01
+
+
+def off_zero_init(model: torch.nn.Module) -> torch.nn.Module:
+    """Every weight moved by 0.02·N(0, 1) (seeded, the same for every peer of one architecture):
+    a zero-initialised output layer would leave every other gradient zero, and a gradient check
+    blind. Speed does not depend on the values."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g), alpha=0.02)
+    return model
+
+
+def grad_error(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
+    """‖got − want‖ / ‖want‖ over all parameters together; a missing gradient counts as zero."""
+    num = sum(float((got.get(n, torch.zeros_like(w)) - w).pow(2).sum()) for n, w in want.items())
+    den = sum(float(w.pow(2).sum()) for w in want.values())
+    return (num / den) ** 0.5 if den else float("nan")
 
 
 def with_settings(step, variant: Variant, device_type: str):
@@ -112,7 +154,29 @@ def with_settings(step, variant: Variant, device_type: str):
     def run() -> None:
         variant.apply(device_type)
         step()
+
+    def probe() -> dict[str, torch.Tensor]:
+        variant.apply(device_type)
+        return step.probe()
+
+    run.probe = probe
     return run
+
+
+def reference_grads(cfg: UNetConfig, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """The gradients every difflab peer is checked against: eager float32 difflab, the weights
+    and batch each peer starts from (same seed, :func:`off_zero_init`, make_step's inputs)."""
+    torch.manual_seed(0)
+    variant = parse_variant("difflab")
+    step, _ = make_step(off_zero_init(variant.build(cfg, device.type)), batch, cfg, device,
+                        "fp32", variant)
+    return with_settings(step, variant, device.type).probe()
+
+
+def grad_note(err: float | None) -> str:
+    if err is None:
+        return ""
+    return f"; grad err {err:.3f}" + (" WRONG GRADIENTS" if not err <= GRAD_TOLERANCE else "")
 
 
 def step_flop_counter(model: torch.nn.Module, cfg: UNetConfig, batch: int) -> FlopCounterMode:
@@ -167,7 +231,7 @@ def main() -> None:
             "bf16": matmul_ceiling(device, torch.bfloat16)}
     torch.manual_seed(0)
     flops = flops_per_step(UNet2DModel(cfg), cfg, args.batch)
-    rows, results = [], {}
+    rows, results, ref_grads = [], {}, None
     for mode in args.modes.split(","):
         ceiling = peak["bf16" if mode.startswith("bf16") else "fp32"]
         steps = {}
@@ -183,12 +247,16 @@ def main() -> None:
                 report_failure(f"{mode} {peer}", e)
                 continue
             params = sum(p.numel() for p in model.parameters())
-            step, _ = make_step(model, args.batch, cfg, device, mode, variant)
+            step, _ = make_step(off_zero_init(model), args.batch, cfg, device, mode, variant)
             steps[peer] = (with_settings(step, variant, device.type), params)
+        errors = {}
         for peer, (step, _) in list(steps.items()):  # compile (or warm) each peer first, so
             # one that fails to compile is reported and dropped rather than ending the run
             t0 = time.perf_counter()
             try:
+                if peer.startswith("difflab"):  # its gradients first (this call compiles)
+                    ref_grads = ref_grads or reference_grads(cfg, args.batch, device)
+                    errors[peer] = grad_error(step.probe(), ref_grads)
                 step()
                 sync(device)
             except Exception as e:  # noqa: BLE001 - a failed candidate is a result too
@@ -199,8 +267,8 @@ def main() -> None:
             sec = time_fn(step, device, iters=args.iters, warmup=1)  # a first reading at once:
             # if the run is cut off while later peers compile, this one has its number
             print(f"{mode} {peer}: first step {first:.1f} s, then {args.batch / sec:,.0f} img/s "
-                  f"({100 * flops / sec / ceiling:.1f} % of the matmul peak; provisional)",
-                  flush=True)
+                  f"({100 * flops / sec / ceiling:.1f} % of the matmul peak; provisional)"
+                  f"{grad_note(errors.get(peer))}", flush=True)
         times = {p: [] for p in steps}
         for _ in range(args.rounds):  # interleave so machine noise hits every peer alike
             for p, (step, _) in steps.items():
@@ -213,7 +281,10 @@ def main() -> None:
             achieved = flops / sec
             rows.append({"mode": mode, "model": p, "params": params, "img/s": ips,
                          "vs first": ips / base, "GFLOP/s": achieved / 1e9,
-                         "% of matmul peak": 100 * achieved / ceiling})
+                         "% of matmul peak": 100 * achieved / ceiling,
+                         "grad err": errors.get(p),
+                         "grads": ("" if p not in errors else
+                                   "ok" if errors[p] <= GRAD_TOLERANCE else "WRONG")})
             results[f"{mode}/{p}"] = rows[-1]
         print_table([r for r in rows if r["mode"] == mode])  # as it goes: a timeout keeps these
     ref = results.get("bf16/diffusers")  # diffusers' training recipe: bf16 autocast, eager

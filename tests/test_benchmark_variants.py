@@ -126,3 +126,43 @@ def test_bf16_weight_copies_train_exactly_like_autocasts_casts(layout):
     for n, p in runs[0].items():
         assert p.dtype == runs[1][n].dtype == torch.float32, n
         assert torch.equal(p, runs[1][n]), n
+
+
+class _LoseGradient(torch.nn.Module):
+    class _Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return torch.zeros_like(grad)
+
+    def forward(self, x):
+        return self._Fn.apply(x)
+
+
+def test_gradient_check_passes_bf16_and_flags_a_wrong_backward():
+    """unet_train.py checks each difflab peer's gradients against eager float32 before timing
+    it (a compiled candidate with a wrong backward looked 1.5× faster on an H100): bf16
+    autocast's rounding passes, a backward that loses one block's gradient does not."""
+    from unet_train import GRAD_TOLERANCE, grad_error, make_step, off_zero_init, reference_grads
+
+    cpu = torch.device("cpu")
+    want = reference_grads(CFG, 4, cpu)
+    assert len(want) == len(list(parse_variant("difflab").build(CFG, "cpu").parameters()))
+    assert all(float(g.abs().max()) > 0 for g in want.values() if g.dim() > 1)  # none blind
+
+    def probe(broken: bool) -> dict:
+        torch.manual_seed(0)
+        variant = parse_variant("difflab")
+        model = off_zero_init(variant.build(CFG, "cpu"))
+        if broken:  # the gradient into the last block's second GroupNorm's output lost
+            model.up_blocks[-1].resnets[-1].dropout = _LoseGradient()
+        step, _ = make_step(model, 4, CFG, cpu, "bf16", variant)
+        return step.probe()
+
+    ok = grad_error(probe(False), want)
+    assert 1e-4 < ok < GRAD_TOLERANCE  # bf16 rounding: not zero, well inside
+    assert grad_error(probe(True), want) > 0.1
+    assert grad_error({}, want) == pytest.approx(1.0)  # a missing gradient counts as zero

@@ -84,15 +84,117 @@ def test_layout_keeping_group_norm_matches_pytorchs_under_cuda_autocast():
         assert ((g.float() - w.float()).abs().max() / w.float().abs().max()) < 1e-2
 
 
-def test_compiled_mfu_candidate_trains_like_eager_pytorch(monkeypatch):
-    """The fastest-compiling candidate of benchmarks/gpu.sh part mfu (difflab-fold-gncl-rr6:
-    folded upsampling on the GPU, the layout-keeping GroupNorm, inductor's
-    realize_reads_threshold=6), compiled on the GPU under bf16 autocast, against the same model
-    run eagerly with PyTorch's GroupNorm and the plain upsampling: same loss, same gradients to
-    bf16 accuracy. It must hold before any of the three becomes a GPU default."""
+def _grad_errors(run, tensors: dict[str, torch.Tensor],
+                 compiled_tensors: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """``run(compiled: bool)`` → loss, eager then compiled; each gradient's relative L2 error,
+    compiled against eager, by name, with "loss" and "all" (every gradient together). The
+    compiled run's gradients are taken with respect to ``compiled_tensors`` where given (a
+    second module's parameters, same names and values)."""
+    out = []
+    for compiled, named in ((False, tensors), (True, compiled_tensors or tensors)):
+        loss = run(compiled)
+        grads = torch.autograd.grad(loss, [named[n] for n in tensors])
+        out.append((loss.detach().float(), [g.float() for g in grads]))
+    (l0, g0), (l1, g1) = out
+    errs = {"loss": float((l1 - l0).abs() / l0.abs())}
+    scale = torch.cat([a.flatten() for a in g0]).norm()
+    for name, a, b in zip(tensors, g0, g1):  # + a floor: an attention key bias's gradient is ~0
+        errs[name] = float((b - a).norm() / (a.norm() + 1e-3 * scale))
+    errs["all"] = float(torch.cat([(b - a).flatten() for a, b in zip(g0, g1)]).norm() / scale)
+    return errs
+
+
+def _assert_close(errs: dict[str, float], tol_all: float = 2e-2, tol_each: float = 5e-2):
+    wrong = {k: round(v, 3) for k, v in errs.items() if k != "all" and not v <= tol_each}
+    assert errs["all"] <= tol_all and not wrong, f"all {errs['all']:.3f}; wrong: {wrong}"
+
+
+# Which part of the compiled candidate is wrong where: on an H100 (2026-11-27) the compiled
+# layout-keeping GroupNorm gave 75 % gradient error in the whole U-Net (RESULTS.md, "Twelfth
+# session") while plain compile and realize_reads_threshold=6 were right. These tests narrow
+# it down: the op alone, one ResnetBlock (its in-place adds around the norm), the U-Net per
+# component, and the op's forms and inductor settings that could be at fault.
+_FORMS = {"as is": {}, "aot_eager, no inductor": {"backend": "aot_eager"},
+          "scale not stored": {"_stored": True},
+          "no persistent reductions": {"inductor": {"triton.persistent_reductions": False}},
+          "no split reductions": {"inductor": {"split_reductions": False}}}
+
+
+def _with_form(monkeypatch, form: str) -> dict:
+    """The switch on, the form's patch applied; torch.compile's keyword arguments."""
+    spec = _FORMS[form]
+    if spec.get("_stored"):  # z = x·scale + shift from the autograd graph's own tensors
+        monkeypatch.setattr(fused, "_stored", lambda t: t)
+    monkeypatch.setattr(fused, "COMPILED_CHANNELS_LAST_GROUP_NORM", frozenset({"cuda"}))
+    if "backend" in spec:
+        return {"backend": spec["backend"]}
+    return {"options": spec["inductor"]} if "inductor" in spec else {}
+
+
+@pytest.mark.parametrize("silu", [True, False], ids=["silu", "no_silu"])
+def test_compiled_layout_keeping_group_norm_alone_matches_eager(monkeypatch, silu):
+    torch._dynamo.reset()
+    _with_form(monkeypatch, "as is")
+    torch.manual_seed(0)
+    norm = nn.GroupNorm(8, 64).cuda()
+    conv = nn.Conv2d(64, 64, 3, padding=1).cuda().to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = (torch.randn(8, 64, 16, 16, device="cuda") * 2 + 0.5).bfloat16()
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+
+    def f(x):
+        return conv(fused.group_norm_silu(norm, x, silu))
+
+    compiled = torch.compile(f)
+
+    def run(use_compiled):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = (compiled if use_compiled else f)(x)
+        return (y.float() * torch.linspace(-1, 1, y.numel(), device="cuda").view_as(y)).sum()
+
+    _assert_close(_grad_errors(run, {"x": x, "weight": norm.weight, "bias": norm.bias,
+                                     "conv": conv.weight}))
+
+
+@pytest.mark.parametrize("form", list(_FORMS))
+def test_compiled_resnet_block_with_layout_keeping_group_norm_matches_eager(monkeypatch, form):
+    from difflab.nn.blocks import ResnetBlock
+
+    torch._dynamo.reset()
+    kwargs = _with_form(monkeypatch, form)
+    torch.manual_seed(0)
+    block = ResnetBlock(32, 64, 128, groups=8).cuda().to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(torch.randn_like(p), alpha=0.02)
+    x = torch.randn(8, 32, 16, 16, device="cuda").contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    temb = torch.randn(8, 128, device="cuda", requires_grad=True)
+    compiled = torch.compile(block, **kwargs)
+
+    def run(use_compiled):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = (compiled if use_compiled else block)(x, temb)
+        return (y.float() * torch.linspace(-1, 1, y.numel(), device="cuda").view_as(y)).sum()
+
+    _assert_close(_grad_errors(run, {"x": x, "temb": temb, **dict(block.named_parameters())}))
+
+
+@pytest.mark.parametrize("variant", ["plain", "rr6", "fold", "fold-rr6", "gncl",
+                                     "fold-gncl-rr6"])
+def test_compiled_mfu_candidate_trains_like_eager_pytorch(monkeypatch, variant):
+    """Each candidate of benchmarks/gpu.sh part mfu (-fold: folded upsampling on the GPU,
+    -gncl: the layout-keeping GroupNorm, -rr6: inductor's realize_reads_threshold=6), compiled
+    on the GPU under bf16 autocast, against the same model run eagerly with PyTorch's GroupNorm
+    and the plain upsampling: same loss, same gradients to bf16 accuracy. It must hold before
+    any of them becomes a GPU default (-gncl failed on an H100: 75 % gradient error)."""
     from difflab.nn import Upsample
     from difflab.training.loop import compile_kwargs
 
+    torch._dynamo.reset()
+    flags = set(variant.split("-"))
     cfg = UNetConfig(block_out_channels=(32, 64), layers_per_block=1,
                      attention_levels=(False, True), norm_num_groups=8, attention_head_dim=16,
                      sample_size=16, dropout=0.0, in_channels=3, out_channels=3)
@@ -103,27 +205,25 @@ def test_compiled_mfu_candidate_trains_like_eager_pytorch(monkeypatch):
         for p in eager.parameters():
             p.add_(torch.randn_like(p), alpha=0.02)
     fast.load_state_dict(eager.state_dict())
-    for m in fast.modules():
-        if isinstance(m, Upsample):
-            m.fold_on = frozenset({"cpu", "cuda"})
+    if "fold" in flags:
+        for m in fast.modules():
+            if isinstance(m, Upsample):
+                m.fold_on = frozenset({"cpu", "cuda"})
     x = torch.randn(8, 3, 16, 16, device="cuda").contiguous(memory_format=torch.channels_last)
     t = torch.randint(0, 1000, (8,), device="cuda")
     noise = torch.randn_like(x)
-    monkeypatch.setattr(fused, "COMPILED_CHANNELS_LAST_GROUP_NORM", frozenset({"cuda"}))
-    compiled = torch.compile(fast, **compile_kwargs("default", {"realize_reads_threshold": 6}))
-    grads = []
-    for net in (eager, compiled):
+    monkeypatch.setattr(fused, "COMPILED_CHANNELS_LAST_GROUP_NORM",
+                        frozenset({"cuda"}) if "gncl" in flags else frozenset())
+    compiled = torch.compile(fast, **compile_kwargs(
+        "default", {"realize_reads_threshold": 6} if "rr6" in flags else None))
+
+    def run(use_compiled):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = torch.nn.functional.mse_loss(net(x + noise, t).sample.float(), noise)
-        params = [p for p in (eager if net is eager else fast).parameters()]
-        grads.append((loss.detach(), torch.autograd.grad(loss, params)))
-    (l0, g0), (l1, g1) = grads
-    assert abs(l1 - l0) / l0 < 1e-2
-    scale = torch.cat([a.float().flatten() for a in g0]).norm()
-    diff = torch.cat([(b.float() - a.float()).flatten() for a, b in zip(g0, g1)])
-    assert diff.norm() < 2e-2 * scale
-    for a, b in zip(g0, g1):  # each tensor too (an attention key bias's gradient is ~0 exactly)
-        assert (b.float() - a.float()).norm() <= 5e-2 * a.float().norm() + 1e-4 * scale
+            out = (compiled if use_compiled else eager)(x + noise, t).sample
+            return torch.nn.functional.mse_loss(out.float(), noise)
+
+    _assert_close(_grad_errors(run, dict(eager.named_parameters()),
+                               dict(fast.named_parameters())))
 
 
 def test_bf16_weights_train_like_autocasts_casts_on_the_gpu():

@@ -116,11 +116,10 @@ MIXED_PRECISIONS = ("no", "bf16", "fp16", "auto")
 
 
 # Inductor settings added to every ``--compile`` mode, by device type (none: inductor's own).
-# A candidate for CUDA: {"realize_reads_threshold": 6}, with the layout-keeping GroupNorm
-# (difflab.nn.fused.COMPILED_CHANNELS_LAST_GROUP_NORM), cuts the bytes the DDPM-CIFAR-10
-# U-Net's compiled step moves in its fused kernels by 18 % and leaves no NCHW buffer, counted
-# on a CPU by inductor's GPU rules (benchmarks/RESULTS.md, "Tenth session"); off until a GPU
-# times it (benchmarks/gpu.sh, part mfu: unet_train.py's "-gncl-rr6" peer).
+# A candidate for CUDA: {"realize_reads_threshold": 6} (right gradients on an H100; with the
+# layout-keeping GroupNorm, whose compiled gradients were wrong there, it cut the fused
+# kernels' bytes by 18 %: benchmarks/RESULTS.md, "Tenth session", "Twelfth session"); off
+# until a GPU times it alone (benchmarks/gpu.sh, part mfu: unet_train.py's "-rr6" peer).
 COMPILE_OPTIONS: dict[str, dict[str, object]] = {}
 
 
