@@ -100,6 +100,8 @@ VARIANT_SUFFIXES = {
     "fold": "nearest ×2 + 3×3 conv run as one folded transposed conv on this device too "
             "(difflab.nn.Upsample.fold_on; the CPU always folds)",
     "gncl": "the layout-keeping GroupNorm when compiled (fused.COMPILED_CHANNELS_LAST_GROUP_NORM)",
+    "gnops": "-gncl in plain operators, its backward derived by autograd "
+             "(fused.CHANNELS_LAST_GROUP_NORM_FORM = 'ops')",
     "gn16": "GroupNorm kept in bf16 under CUDA autocast (fused.LOW_PRECISION_GPU_GROUP_NORM)",
     "bench": "torch.backends.cudnn.benchmark (cuDNN picks algorithms by timing them)",
     "rr6": "inductor's realize_reads_threshold=6 when compiled",
@@ -110,7 +112,7 @@ VARIANT_SUFFIXES = {
 }
 _INDUCTOR_SUFFIXES = {"rr6": {"realize_reads_threshold": 6}, "ck": {"combo_kernels": True},
                       "cdt": {"coordinate_descent_tuning": True}}
-_DIFFLAB_ONLY = {"nchw", "fold", "gncl", "gn16"}
+_DIFFLAB_ONLY = {"nchw", "fold", "gncl", "gnops", "gn16"}
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,9 @@ class Variant:
         torch.backends.cudnn.benchmark = "bench" in self.flags
         fused.LOW_PRECISION_GPU_GROUP_NORM = "gn16" in self.flags
         fused.COMPILED_CHANNELS_LAST_GROUP_NORM = (frozenset({device_type})
-                                                   if "gncl" in self.flags else frozenset())
+                                                   if self.flags & {"gncl", "gnops"}
+                                                   else frozenset())
+        fused.CHANNELS_LAST_GROUP_NORM_FORM = "ops" if "gnops" in self.flags else "function"
 
 
 def parse_variant(name: str) -> Variant:

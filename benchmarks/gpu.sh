@@ -9,7 +9,7 @@
 #  3. profile_step.py: the eager bf16 step's kernels by kind (convolutions, Triton, elementwise,
 #     copies...) and the convolutions' achieved TFLOP/s, cuDNN's algorithm search off and on;
 #     part "mfu" (not in the default PARTS, ~9 min, one call: PARTS=mfu, timeout_s=590): the
-#     CUDA-graph step of difflab vs its candidate variants (-rr6, -fold-rr6-w16, + -ck), each
+#     CUDA-graph step of difflab vs its candidate variants (-fold-rr6-w16, + -gnops, + -ck), each
 #     one's gradients checked against eager float32 first, and eager diffusers, then the whole
 #     loop with the fastest right one, the CUDA tests (the candidates against eager PyTorch) and
 #     a kernel profile of the fastest one — the measurements for the matmul-rate goal;
@@ -83,8 +83,10 @@ if want mfu; then  # the matmul-rate goal (issue 5), sized to fit one call with 
 # reference) after. Each peer compiles first and is timed at once (printed: a cut-off run keeps
 # those), one that fails to compile is dropped; then all are timed interleaved.
 echo "== 3m. MFU: the CUDA-graph step, difflab vs its candidates ($(left) s left)"
-# (-gncl is left out: on an H100 its gradients were wrong, 75 % error; part gncl narrows it down)
-MFU_PEERS=${MFU_PEERS:-difflab,difflab-rr6,difflab-fold-rr6-w16,difflab-fold-rr6-ck-w16}
+# (-gncl is left out: on an H100 its gradients were wrong, 75 % error; part gncl narrows it
+# down; -gnops is the same GroupNorm in plain operators, differentiated by autograd)
+MFU_PEERS=${MFU_PEERS:-difflab,difflab-fold-rr6-w16,difflab-fold-gnops-rr6-w16,\
+difflab-fold-gnops-rr6-ck-w16}
 # (a dry run of this part's logic on a CPU: MFU_DEVICE=cpu MFU_PRESET=small MFU_BATCH=8)
 MFU=(--preset "${MFU_PRESET:-ddpm-cifar10}" --batch "${MFU_BATCH:-128}"
      --device "${MFU_DEVICE:-cuda}")
@@ -94,7 +96,7 @@ timeout "$(cap "${MFU_UNET_S:-350}" 150)" python3 benchmarks/unet_train.py "${MF
   --peers "$MFU_PEERS,diffusers" --compile-peers "$MFU_PEERS" 2>&1 | tee "$OUT/mfu_unet.txt"
 cp benchmarks/out/unet_train.json "$OUT/extra/mfu_unet.json" 2>/dev/null
 # the fastest compiled candidate with right gradients: from the table, else from the
-# provisional readings of a cut-off run, else difflab-rr6
+# provisional readings of a cut-off run, else difflab
 BEST=$(python3 -c 'import json, re, sys
 try:
     rows = {r["model"]: r["img/s"] for r in json.load(open(sys.argv[1]))["rows"]
@@ -103,8 +105,8 @@ except (OSError, ValueError):  # (a peer with wrong gradients is no candidate)
     rows = {m: float(v.replace(",", "")) for m, v, bad in re.findall(
         r"^bf16-ro (\S+): first step .* then ([\d,]+) img/s(.*)$", open(sys.argv[2]).read(),
         re.M) if "WRONG" not in bad}
-print(max(rows, key=rows.get) if rows else "difflab-rr6")' \
-  benchmarks/out/unet_train.json "$OUT/mfu_unet.txt" 2>/dev/null || echo difflab-rr6)
+print(max(rows, key=rows.get) if rows else "difflab")' \
+  benchmarks/out/unet_train.json "$OUT/mfu_unet.txt" 2>/dev/null || echo difflab)
 echo "== 3m. fastest compiled: $BEST; the whole loop with it ($(left) s left)"
 # 3m-b. the whole training loop (EMA, clipping, guard) as it is and with the fastest variant;
 # then eager (the GPU default without --compile), as it is and with --bf16-weights: the eager

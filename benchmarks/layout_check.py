@@ -17,7 +17,8 @@ nearest upsampling + 3×3 convolution instead of the folded transposed convoluti
 ``--variants`` compares difflab as it is with difflab without its layout-keeping gradients
 (``dense_gradient`` and ``upsample_nearest2x`` replaced by their plain PyTorch forms) and with
 the layout-keeping GroupNorm of compiled models (``gncl``:
-``difflab.nn.fused.COMPILED_CHANNELS_LAST_GROUP_NORM``).
+``difflab.nn.fused.COMPILED_CHANNELS_LAST_GROUP_NORM``; ``gnops``: the same in plain operators,
+its backward derived by autograd).
 
 ``--gpu-path`` also computes GroupNorm the way CUDA autocast does, in float32 (CPU autocast keeps
 it in bf16), and with ``--inductor`` lets inductor decide what to store by its GPU rules
@@ -325,7 +326,8 @@ def main() -> None:
                     help="on a CPU, follow the code path of a GPU (see the module docstring)")
     ap.add_argument("--variants", default="difflab,plain,gncl",
                     help="difflab: as it is; plain: torch.cat's and F.interpolate's own gradients; "
-                    "gncl: with the layout-keeping GroupNorm of compiled models; gn16: GroupNorm "
+                    "gncl: with the layout-keeping GroupNorm of compiled models (gnops: the same "
+                    "in plain operators, autograd's backward); gn16: GroupNorm "
                     "in bf16 under CUDA autocast; gncl-gn16: both; fold (also as a suffix, "
                     "e.g. gncl-fold): the folded upsampling kept on the GPU path; w16 (also as a "
                     "suffix): conv/linear weights held in bf16; diffusers: its UNet2DModel, "
@@ -385,9 +387,13 @@ def main() -> None:
             if "w16" in variant.split("-"):  # bf16 weights kept between steps
                 stack.enter_context(mock.patch.object(sys.modules[__name__], "_BF16_WEIGHTS",
                                                       True))
-            if variant.startswith("gncl"):  # the layout-keeping GroupNorm while compiling
+            if variant.startswith(("gncl", "gnops")):  # the layout-keeping GroupNorm while
+                # compiling (gnops: in plain operators, autograd's backward)
                 stack.enter_context(mock.patch.object(
                     fused, "COMPILED_CHANNELS_LAST_GROUP_NORM", frozenset({device.type})))
+                if variant.startswith("gnops"):
+                    stack.enter_context(mock.patch.object(
+                        fused, "CHANNELS_LAST_GROUP_NORM_FORM", "ops"))
             if "gn16" in variant.split("-"):  # GroupNorm in bf16 under CUDA autocast
                 stack.enter_context(mock.patch.object(fused, "LOW_PRECISION_GPU_GROUP_NORM", True))
             res = classify(cfg, args.batch, device, args.precision, args.layout == "channels_last",

@@ -46,6 +46,7 @@ def test_train_loop_configs_name_the_same_variants():
 
 def test_fold_is_set_per_model_and_switches_per_call(monkeypatch):
     monkeypatch.setattr(fused, "COMPILED_CHANNELS_LAST_GROUP_NORM", frozenset())
+    monkeypatch.setattr(fused, "CHANNELS_LAST_GROUP_NORM_FORM", "function")
     monkeypatch.setattr(fused, "LOW_PRECISION_GPU_GROUP_NORM", False)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     folded = parse_variant("difflab-fold").build(CFG, "cuda")
@@ -57,8 +58,13 @@ def test_fold_is_set_per_model_and_switches_per_call(monkeypatch):
     parse_variant("difflab-gncl-gn16-bench").apply("cuda")
     assert fused.COMPILED_CHANNELS_LAST_GROUP_NORM == {"cuda"}
     assert fused.LOW_PRECISION_GPU_GROUP_NORM and torch.backends.cudnn.benchmark
+    assert fused.CHANNELS_LAST_GROUP_NORM_FORM == "function"
+    parse_variant("difflab-gnops").apply("cuda")
+    assert fused.COMPILED_CHANNELS_LAST_GROUP_NORM == {"cuda"}
+    assert fused.CHANNELS_LAST_GROUP_NORM_FORM == "ops"
     parse_variant("difflab").apply("cuda")  # the next peer of an interleaved run
     assert fused.COMPILED_CHANNELS_LAST_GROUP_NORM == frozenset()
+    assert fused.CHANNELS_LAST_GROUP_NORM_FORM == "function"
     assert not fused.LOW_PRECISION_GPU_GROUP_NORM and not torch.backends.cudnn.benchmark
 
 

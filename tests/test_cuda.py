@@ -115,6 +115,7 @@ def _assert_close(errs: dict[str, float], tol_all: float = 2e-2, tol_each: float
 # it down: the op alone, one ResnetBlock (its in-place adds around the norm), the U-Net per
 # component, and the op's forms and inductor settings that could be at fault.
 _FORMS = {"as is": {}, "aot_eager, no inductor": {"backend": "aot_eager"},
+          "plain ops, autograd's backward": {"form": "ops"},
           "scale not stored": {"_stored": True},
           "no persistent reductions": {"inductor": {"triton.persistent_reductions": False}},
           "no split reductions": {"inductor": {"split_reductions": False}}}
@@ -126,6 +127,7 @@ def _with_form(monkeypatch, form: str) -> dict:
     if spec.get("_stored"):  # z = x·scale + shift from the autograd graph's own tensors
         monkeypatch.setattr(fused, "_stored", lambda t: t)
     monkeypatch.setattr(fused, "COMPILED_CHANNELS_LAST_GROUP_NORM", frozenset({"cuda"}))
+    monkeypatch.setattr(fused, "CHANNELS_LAST_GROUP_NORM_FORM", spec.get("form", "function"))
     if "backend" in spec:
         return {"backend": spec["backend"]}
     return {"options": spec["inductor"]} if "inductor" in spec else {}
@@ -183,13 +185,14 @@ def test_compiled_resnet_block_with_layout_keeping_group_norm_matches_eager(monk
 
 
 @pytest.mark.parametrize("variant", ["plain", "rr6", "fold", "fold-rr6", "gncl",
-                                     "fold-gncl-rr6"])
+                                     "fold-gncl-rr6", "gnops", "fold-gnops-rr6"])
 def test_compiled_mfu_candidate_trains_like_eager_pytorch(monkeypatch, variant):
     """Each candidate of benchmarks/gpu.sh part mfu (-fold: folded upsampling on the GPU,
     -gncl: the layout-keeping GroupNorm, -rr6: inductor's realize_reads_threshold=6), compiled
     on the GPU under bf16 autocast, against the same model run eagerly with PyTorch's GroupNorm
     and the plain upsampling: same loss, same gradients to bf16 accuracy. It must hold before
-    any of them becomes a GPU default (-gncl failed on an H100: 75 % gradient error)."""
+    any of them becomes a GPU default (-gncl failed on an H100: 75 % gradient error; -gnops is
+    the same GroupNorm differentiated by autograd)."""
     from difflab.nn import Upsample
     from difflab.training.loop import compile_kwargs
 
@@ -213,7 +216,9 @@ def test_compiled_mfu_candidate_trains_like_eager_pytorch(monkeypatch, variant):
     t = torch.randint(0, 1000, (8,), device="cuda")
     noise = torch.randn_like(x)
     monkeypatch.setattr(fused, "COMPILED_CHANNELS_LAST_GROUP_NORM",
-                        frozenset({"cuda"}) if "gncl" in flags else frozenset())
+                        frozenset({"cuda"}) if flags & {"gncl", "gnops"} else frozenset())
+    monkeypatch.setattr(fused, "CHANNELS_LAST_GROUP_NORM_FORM",
+                        "ops" if "gnops" in flags else "function")
     compiled = torch.compile(fast, **compile_kwargs(
         "default", {"realize_reads_threshold": 6} if "rr6" in flags else None))
 

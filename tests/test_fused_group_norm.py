@@ -176,10 +176,11 @@ def test_without_the_kernel_everything_falls_back():
 # (fused.COMPILED_CHANNELS_LAST_GROUP_NORM): the same function as PyTorch's, written so that
 # inductor keeps every activation buffer channels-last.
 
+@pytest.mark.parametrize("form", ["function", "ops"])
 @pytest.mark.parametrize("silu", [False, True])
 @pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format],
                          ids=["channels_last", "nchw"])
-def test_layout_keeping_group_norm_is_group_norm_in_float64(silu, layout):
+def test_layout_keeping_group_norm_is_group_norm_in_float64(silu, layout, form):
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(2, 12, 5, 4, generator=g, dtype=torch.float64) * 2 + 0.7) \
         .contiguous(memory_format=layout).requires_grad_()
@@ -187,6 +188,8 @@ def test_layout_keeping_group_norm_is_group_norm_in_float64(silu, layout):
     b = torch.randn(12, generator=g, dtype=torch.float64).requires_grad_()
 
     def f(x, w, b):
+        if form == "ops":  # autograd's own backward of the same forward
+            return fused._group_norm_by_ops(x, w, b, 3, 1e-5, silu, torch.float64)
         return fused._ChannelsLastGroupNorm.apply(x, w, b, 3, 1e-5, silu, torch.float64)
 
     assert torch.autograd.gradcheck(f, (x, w, b))
@@ -231,12 +234,15 @@ def test_benchmarks_cuda_autocast_emulation_gives_cudas_group_norm_dtypes(monkey
             assert (got.float() - want).abs().max() < 5e-2
 
 
-def _compiled_block_step(monkeypatch, devices, backend, bf16=False, channels=16, groups=4):
+def _compiled_block_step(monkeypatch, devices, backend, bf16=False, channels=16, groups=4,
+                         form="function"):
     """One compiled training step of a channels-last ResnetBlock (float32, or under bf16
-    autocast) with the switch set to ``devices``; the block's output and gradients."""
+    autocast) with the switch set to ``devices`` and the GroupNorm in ``form``; the block's
+    output and gradients."""
     from difflab.nn.blocks import ResnetBlock
 
     monkeypatch.setattr(fused, "COMPILED_CHANNELS_LAST_GROUP_NORM", frozenset(devices))
+    monkeypatch.setattr(fused, "CHANNELS_LAST_GROUP_NORM_FORM", form)
     torch.manual_seed(0)
     block = ResnetBlock(channels, channels, 8, groups=groups).to(memory_format=torch.channels_last)
     x = torch.randn(2, channels, 8, 8).contiguous(memory_format=torch.channels_last)
@@ -249,7 +255,9 @@ def _compiled_block_step(monkeypatch, devices, backend, bf16=False, channels=16,
     return out.detach(), [p.grad for p in block.parameters()]
 
 
-def test_layout_keeping_group_norm_is_traced_only_when_switched_on_and_compiling(monkeypatch):
+@pytest.mark.parametrize("form", ["function", "ops"])
+def test_layout_keeping_group_norm_is_traced_only_when_switched_on_and_compiling(monkeypatch,
+                                                                                form):
     graphs = []
 
     def backend(gm, _inputs):  # keeps dynamo's graph's operators, runs it as it is
@@ -257,10 +265,10 @@ def test_layout_keeping_group_norm_is_traced_only_when_switched_on_and_compiling
         return gm.forward
 
     plain = _compiled_block_step(monkeypatch, (), backend)
-    kept = _compiled_block_step(monkeypatch, ("cpu",), backend)
+    kept = _compiled_block_step(monkeypatch, ("cpu",), backend, form=form)
     assert any("group_norm" in op for op in graphs[0])
     assert not any("group_norm" in op for op in graphs[1])
-    assert "autograd_function_apply" in graphs[1]
+    assert ("autograd_function_apply" in graphs[1]) == (form == "function")
     for got, want in zip((kept[0], *kept[1]), (plain[0], *plain[1])):
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()
     # eager: PyTorch's GroupNorm whatever the switch says
@@ -270,12 +278,14 @@ def test_layout_keeping_group_norm_is_traced_only_when_switched_on_and_compiling
                                      .next_functions[0][0]).__name__
 
 
-def test_inductor_keeps_every_activation_buffer_channels_last(monkeypatch):
+@pytest.mark.parametrize("form", ["function", "ops"])
+def test_inductor_keeps_every_activation_buffer_channels_last(monkeypatch, form):
     """Why the switch exists: compiled by inductor along a GPU's code path (bf16 autocast,
     PyTorch's GroupNorm, no oneDNN), PyTorch's GroupNorm backward decomposition lays activation
     buffers out NCHW (its (N, C, H·W) views need them contiguous), i.e. it transposes
     channels-last activations back and forth; the layout-keeping GroupNorm's generated code
-    has no NCHW activation buffer, forward or backward."""
+    has no NCHW activation buffer, forward or backward — with its own backward and with the
+    one autograd derives from its forward ("ops")."""
     from torch._inductor.utils import run_and_get_code
 
     monkeypatch.setattr(fused, "_kernel_ready", lambda: False)
@@ -285,7 +295,7 @@ def test_inductor_keeps_every_activation_buffer_channels_last(monkeypatch):
 
     def nchw_buffers(devices):
         _, codes = run_and_get_code(_compiled_block_step, monkeypatch, devices, "inductor",
-                                    bf16=True, channels=64, groups=32)
+                                    bf16=True, channels=64, groups=32, form=form)
         assert len(codes) == 2  # forward and backward
         layouts = [m.groups() for code in codes for m in layout_of.finditer(code)]
         assert layouts  # the pattern still matches inductor's code

@@ -207,6 +207,12 @@ def low_precision_group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tenso
 # Do not switch it on for "cuda" until those tests pass there.
 COMPILED_CHANNELS_LAST_GROUP_NORM: frozenset[str] = frozenset()
 
+# How that GroupNorm is differentiated: "function", the autograd function below (its own
+# backward, 10 bytes per element); "ops", the same forward in plain differentiable operators,
+# whose backward AOTAutograd derives (no custom autograd function for dynamo to trace: the
+# suspect of the H100's wrong gradients, besides inductor's Triton code).
+CHANNELS_LAST_GROUP_NORM_FORM = "function"
+
 
 class _ChannelsLastGroupNorm(torch.autograd.Function):
     """``silu(group_norm(x))`` (or without the SiLU) on a (N, C, H, W) tensor of any layout;
@@ -215,11 +221,7 @@ class _ChannelsLastGroupNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
                 eps: float, silu: bool, out_dtype: torch.dtype) -> torch.Tensor:
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        # splitting C into (G, C/G) is a view in any layout
-        var, mean = torch.var_mean(xf.unflatten(1, (groups, -1)), dim=(2, 3, 4), correction=0)
-        rstd = torch.rsqrt(var + eps)  # (N, G)
-        scale, shift = _per_channel(mean, rstd, weight, bias)
+        xf, mean, rstd, scale, shift = _normalisation(x, weight, bias, groups, eps)
         z = xf * scale + shift
         ctx.save_for_backward(x, weight, mean, rstd, scale, shift)
         ctx.silu = silu
@@ -264,6 +266,17 @@ def _stored(t: torch.Tensor) -> torch.Tensor:
     return t.expand(*t.shape[:2], 16, 1).mean(2, keepdim=True)
 
 
+def _normalisation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
+                   eps: float):
+    """``x`` in float32 (float64 stays), its (N, G) mean and 1/std, and GroupNorm as
+    ``x·scale + shift`` with (N, C, 1, 1) ``scale`` and ``shift``."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    # splitting C into (G, C/G) is a view in any layout
+    var, mean = torch.var_mean(xf.unflatten(1, (groups, -1)), dim=(2, 3, 4), correction=0)
+    rstd = torch.rsqrt(var + eps)  # (N, G)
+    return (xf, mean, rstd, *_per_channel(mean, rstd, weight, bias))
+
+
 def _per_channel(mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, G) statistics and (C,) affine → GroupNorm as ``x·scale + shift``, (N, C, 1, 1) each."""
@@ -278,8 +291,21 @@ def channels_last_group_norm_silu(norm: nn.GroupNorm, x: torch.Tensor,
     """``silu(norm(x))`` (or ``norm(x)``) through :class:`_ChannelsLastGroupNorm`, in the dtype
     PyTorch's GroupNorm returns: float32 under CUDA autocast (unless
     :data:`LOW_PRECISION_GPU_GROUP_NORM`), the input's dtype otherwise."""
+    out_dtype = autocast_group_norm_dtype(x)
+    if CHANNELS_LAST_GROUP_NORM_FORM == "ops":
+        return _group_norm_by_ops(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu,
+                                  out_dtype)
     return _ChannelsLastGroupNorm.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps,
-                                        silu, autocast_group_norm_dtype(x))
+                                        silu, out_dtype)
+
+
+def _group_norm_by_ops(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
+                       eps: float, silu: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """:class:`_ChannelsLastGroupNorm`'s forward, differentiated by autograd: reductions over
+    (C/G, H, W) of a view and per-channel broadcasts, which keep any layout."""
+    xf, _, _, scale, shift = _normalisation(x, weight, bias, groups, eps)
+    z = xf * scale + shift
+    return (F.silu(z) if silu else z).to(out_dtype)
 
 
 def autocast_group_norm_dtype(x: torch.Tensor) -> torch.dtype:
