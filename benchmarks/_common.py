@@ -107,11 +107,14 @@ VARIANT_SUFFIXES = {
     "rr6": "inductor's realize_reads_threshold=6 when compiled",
     "ck": "inductor's combo_kernels (independent small kernels launched as one)",
     "cdt": "inductor's coordinate_descent_tuning (block sizes tuned per kernel)",
+    "nomix": "inductor's mix-order reductions off (triton.mix_order_reduction; Triton only; "
+             "pytorch/pytorch#193061: wrong norm gradients in torch 2.10-2.11)",
     "w16": "bf16 copies of the conv/linear weights kept between steps, float32 masters in "
            "AdamW (TrainConfig.bf16_weights, difflab.training.precision)",
 }
 _INDUCTOR_SUFFIXES = {"rr6": {"realize_reads_threshold": 6}, "ck": {"combo_kernels": True},
-                      "cdt": {"coordinate_descent_tuning": True}}
+                      "cdt": {"coordinate_descent_tuning": True},
+                      "nomix": {"triton.mix_order_reduction": False}}
 _DIFFLAB_ONLY = {"nchw", "fold", "gncl", "gnops", "gn16"}
 
 

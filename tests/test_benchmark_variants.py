@@ -25,6 +25,8 @@ def test_suffixes_in_any_order_give_the_same_variant():
     assert a.flags == b.flags and a.base == b.base == "difflab"
     assert a.inductor_options == {"realize_reads_threshold": 6, "combo_kernels": True}
     assert parse_variant("difflab-gncl").inductor_options is None
+    assert parse_variant("difflab-gncl-nomix").inductor_options == {
+        "triton.mix_order_reduction": False}
     layouts = [parse_variant(n).channels_last
                for n in ("difflab", "difflab-nchw", "diffusers", "diffusers-cl")]
     assert layouts == [True, False, False, True]
