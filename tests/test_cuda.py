@@ -99,7 +99,7 @@ def _grad_errors(run, tensors: dict[str, torch.Tensor],
     errs = {"loss": float((l1 - l0).abs() / l0.abs())}
     scale = torch.cat([a.flatten() for a in g0]).norm()
     for name, a, b in zip(tensors, g0, g1):  # + a floor: an attention key bias's gradient is ~0
-        errs[name] = float((b - a).norm() / (a.norm() + 1e-3 * scale))
+        errs[name] = float((b - a).norm() / (a.norm() + 2e-3 * scale))
     errs["all"] = float(torch.cat([(b - a).flatten() for a, b in zip(g0, g1)]).norm() / scale)
     return errs
 
