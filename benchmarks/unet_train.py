@@ -141,9 +141,24 @@ def off_zero_init(model: torch.nn.Module) -> torch.nn.Module:
 
 def grad_error(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
     """‖got − want‖ / ‖want‖ over all parameters together; a missing gradient counts as zero."""
-    num = sum(float((got.get(n, torch.zeros_like(w)) - w).pow(2).sum()) for n, w in want.items())
+    num = sum(float(d.pow(2).sum()) for d in _differences(got, want).values())
     den = sum(float(w.pow(2).sum()) for w in want.values())
     return (num / den) ** 0.5 if den else float("nan")
+
+
+def worst_gradients(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor],
+                    k: int = 3) -> list[tuple[str, float]]:
+    """The ``k`` parameters whose gradients are furthest off, relative to their own size (with
+    a floor of 0.2 % of the whole gradient's, for gradients that are ~0 in exact arithmetic)."""
+    floor = 2e-3 * sum(float(w.pow(2).sum()) for w in want.values()) ** 0.5
+    errs = {n: float(d.norm()) / (float(want[n].norm()) + floor)
+            for n, d in _differences(got, want).items()}
+    return sorted(errs.items(), key=lambda kv: -kv[1])[:k]
+
+
+def _differences(got: dict[str, torch.Tensor],
+                 want: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: got.get(n, torch.zeros_like(w)) - w for n, w in want.items()}
 
 
 def with_settings(step, variant: Variant, device_type: str):
@@ -256,7 +271,12 @@ def main() -> None:
             try:
                 if peer.startswith("difflab"):  # its gradients first (this call compiles)
                     ref_grads = ref_grads or reference_grads(cfg, args.batch, device)
-                    errors[peer] = grad_error(step.probe(), ref_grads)
+                    grads = step.probe()
+                    errors[peer] = grad_error(grads, ref_grads)
+                    if not errors[peer] <= GRAD_TOLERANCE:  # which tensors, for the diagnosis
+                        print(f"{mode} {peer}: gradients furthest off: " + ", ".join(
+                            f"{n} {e:.2f}" for n, e in worst_gradients(grads, ref_grads)))
+                    del grads
                 step()
                 sync(device)
             except Exception as e:  # noqa: BLE001 - a failed candidate is a result too

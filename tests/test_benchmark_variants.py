@@ -154,7 +154,14 @@ def test_gradient_check_passes_bf16_and_flags_a_wrong_backward():
     """unet_train.py checks each difflab peer's gradients against eager float32 before timing
     it (a compiled candidate with a wrong backward looked 1.5× faster on an H100): bf16
     autocast's rounding passes, a backward that loses one block's gradient does not."""
-    from unet_train import GRAD_TOLERANCE, grad_error, make_step, off_zero_init, reference_grads
+    from unet_train import (
+        GRAD_TOLERANCE,
+        grad_error,
+        make_step,
+        off_zero_init,
+        reference_grads,
+        worst_gradients,
+    )
 
     cpu = torch.device("cpu")
     want = reference_grads(CFG, 4, cpu)
@@ -172,5 +179,9 @@ def test_gradient_check_passes_bf16_and_flags_a_wrong_backward():
 
     ok = grad_error(probe(False), want)
     assert 1e-4 < ok < GRAD_TOLERANCE  # bf16 rounding: not zero, well inside
-    assert grad_error(probe(True), want) > 0.1
+    broken = probe(True)
+    assert grad_error(broken, want) > 0.1
+    # named: the lost block's own weights, whose gradients all came through that path
+    worst = worst_gradients(broken, want)
+    assert worst[0][1] > 0.9 and worst[0][0].startswith("up_blocks.1.resnets.1.")
     assert grad_error({}, want) == pytest.approx(1.0)  # a missing gradient counts as zero
