@@ -30,7 +30,15 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, parse_variant, print_table, sync, variant_help, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    machine,
+    parse_variant,
+    preset_config,
+    print_table,
+    sync,
+    variant_help,
+    write_json,
+)
 from unet_train import make_step, step_flop_counter  # noqa: E402
 
 from difflab.models.unet import PRESETS, UNetConfig  # noqa: E402
@@ -160,9 +168,7 @@ def main() -> None:
     except ValueError as e:
         ap.error(str(e))
     device = torch.device(args.device)
-    cfg = UNetConfig(**PRESETS[args.preset])
-    if args.device == "cpu" and args.preset == "small":
-        cfg = UNetConfig(**{**PRESETS["small"], "sample_size": 28})
+    cfg = preset_config(args.preset, device.type)
     torch.manual_seed(0)
     model = variant.build(cfg, device.type)
     flops = math_flops(model, cfg, args.batch)

@@ -37,6 +37,7 @@ from _common import (  # noqa: E402
     matmul_ceiling,
     median,
     parse_variant,
+    preset_config,
     print_table,
     report_failure,
     sync,
@@ -238,9 +239,7 @@ def main() -> None:
         except ValueError as e:
             ap.error(str(e))
     device = torch.device(args.device)
-    cfg = UNetConfig(**PRESETS[args.preset])
-    if args.device == "cpu" and args.preset == "small":
-        cfg = UNetConfig(**{**PRESETS["small"], "sample_size": 28})
+    cfg = preset_config(args.preset, device.type)
 
     peak = {"fp32": matmul_ceiling(device, torch.float32),
             "bf16": matmul_ceiling(device, torch.bfloat16)}
