@@ -80,9 +80,10 @@ if want mfu; then  # the matmul-rate goal (issue 5), sized to fit one call with 
 # realize_reads_threshold=6, -fold the folded upsampling (7 % fewer convolution FLOPs, no 4×
 # upsampled copy), -ck inductor's combo_kernels (the ~760 tiny kernels, weight casts and
 # per-channel statistics, launched together), -w16 bf16 weight copies kept between steps (no
-# per-step weight casts; --bf16-weights); eager bf16 difflab and diffusers (the 1.5×
-# reference) after. Each peer compiles first and is timed at once (printed: a cut-off run keeps
-# those), one that fails to compile is dropped; then all are timed interleaved.
+# per-step weight casts; --bf16-weights), -nomix and -gnops below; eager bf16 first: difflab's
+# variants, difflab in NCHW and diffusers (the 1.5× reference). Each peer's gradients are
+# checked against eager float32, then it is timed at once (printed: a cut-off run keeps
+# those); one that fails to compile is dropped; then all are timed interleaved.
 echo "== 3m. MFU: the CUDA-graph step, difflab vs its candidates ($(left) s left)"
 # (-gncl gave wrong gradients on an H100, torch 2.11: 75 % error; -nomix turns off the
 # inductor feature with that kind of bug in 2.10-2.11, pytorch/pytorch#193061; -gnops is the
@@ -98,7 +99,7 @@ MFU=(--preset "${MFU_PRESET:-ddpm-cifar10}" --batch "${MFU_BATCH:-128}"
 rm -f benchmarks/out/unet_train.json
 timeout "$(cap "${MFU_UNET_S:-350}" 150)" python3 benchmarks/unet_train.py "${MFU[@]}" \
   --iters 10 --rounds 3 --modes bf16,bf16-ro \
-  --peers "$MFU_PEERS,diffusers" --compile-peers "$MFU_PEERS" 2>&1 | tee "$OUT/mfu_unet.txt"
+  --peers "$MFU_PEERS,difflab-nchw,diffusers" --compile-peers "$MFU_PEERS" 2>&1 | tee "$OUT/mfu_unet.txt"
 cp benchmarks/out/unet_train.json "$OUT/extra/mfu_unet.json" 2>/dev/null
 # the fastest compiled candidate with right gradients: from the table, else from the
 # provisional readings of a cut-off run, else difflab
@@ -113,12 +114,15 @@ except (OSError, ValueError):  # (a peer with wrong gradients is no candidate)
 print(max(rows, key=rows.get) if rows else "difflab")' \
   benchmarks/out/unet_train.json "$OUT/mfu_unet.txt" 2>/dev/null || echo difflab)
 echo "== 3m. fastest compiled: $BEST; the whole loop with it ($(left) s left)"
-# 3m-b. the whole training loop (EMA, clipping, guard) as it is and with the fastest variant;
-# then eager (the GPU default without --compile), as it is and with --bf16-weights: the eager
-# bf16 step spent 18 % of its time in copies, autocast's weight casts among them (RESULTS.md)
+# 3m-b. the whole training loop (EMA, clipping, guard): eager first (the GPU default without
+# --compile; in the twelfth session it ran after the CUDA-graph configs, at 1,296 img/s vs
+# 1,811 in the fourth), as it is, with --bf16-weights and in NCHW (PyTorch's CUDA GroupNorm
+# copies channels-last inputs; diffusers' NCHW eager step was faster than difflab's); then
+# compiled as it is and with the fastest variant
 SUFFIX=${BEST#difflab}
 timeout "$(cap "${MFU_LOOP_S:-140}" 60)" python3 benchmarks/train_loop.py "${MFU[@]}" --steps 60 \
-  --configs "bf16-ro${SUFFIX:+,bf16-ro$SUFFIX},bf16,bf16-w16" 2>&1 | tee "$OUT/mfu_loop.txt"
+  --configs "bf16,bf16-w16,bf16-nchw,bf16-ro${SUFFIX:+,bf16-ro$SUFFIX}" 2>&1 \
+  | tee "$OUT/mfu_loop.txt"
 cp benchmarks/out/train_loop.json "$OUT/extra/mfu_loop.json" 2>/dev/null
 # 3m-c. the CUDA checks, the candidate's numbers against eager PyTorch among them
 # (tests/test_cuda.py::test_compiled_mfu_candidate_trains_like_eager_pytorch)
