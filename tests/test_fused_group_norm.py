@@ -160,12 +160,15 @@ def test_low_precision_group_norm_matches_float32_and_reaches_the_weights(dtype)
 
 
 def test_without_the_kernel_everything_falls_back():
+    # (seeded, and float32 round-off as the tolerance: the fallback computes in another order,
+    # up to ~5e-7 apart, and allclose's default atol of 1e-8 failed near zero now and then)
     code = ("import torch; from torch import nn; from difflab.nn import fused;"
+            "torch.manual_seed(0);"
             "n = nn.GroupNorm(2, 4); x = torch.randn(1, 4, 3, 3).contiguous("
             "memory_format=torch.channels_last);"
             "y = fused.group_norm_silu(n, x);"
             "print(fused.fused_group_norm_available(),"
-            " bool(torch.allclose(y, torch.nn.functional.silu(n(x)))))")
+            " bool((y - torch.nn.functional.silu(n(x))).abs().max() < 1e-5))")
     env = {**os.environ, "DIFFLAB_NO_CPP_EXTENSION": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout.split()
