@@ -93,7 +93,7 @@ def make_step(model: torch.nn.Module, batch: int, cfg: UNetConfig, device: torch
     t = torch.randint(0, 1000, (batch,), device=device, generator=g)
     noise = torch.randn_like(x0)
 
-    def step() -> None:
+    def forward_backward() -> None:
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -101,6 +101,9 @@ def make_step(model: torch.nn.Module, batch: int, cfg: UNetConfig, device: torch
             loss = torch.nn.functional.mse_loss(out.float(), noise)
         model.zero_grad(set_to_none=True)  # (with -w16 the masters' gradients are overwritten)
         loss.backward()
+
+    def step() -> None:
+        forward_backward()
         if w16:
             w16.grads_up()
         opt.step()
@@ -110,12 +113,7 @@ def make_step(model: torch.nn.Module, batch: int, cfg: UNetConfig, device: torch
     def probe() -> dict[str, torch.Tensor]:
         """The gradients of one forward + backward in this mode (no update), float32 copies by
         parameter name (with -w16 those of the module's bf16 weights)."""
-        if graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = torch.nn.functional.mse_loss(fwd(x0 + noise, t).sample.float(), noise)
-        model.zero_grad(set_to_none=True)
-        loss.backward()
+        forward_backward()
         grads = {n: p.grad.float().clone() for n, p in model.named_parameters()
                  if p.grad is not None}
         model.zero_grad(set_to_none=True)
@@ -147,14 +145,24 @@ def grad_error(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> f
     return (num / den) ** 0.5 if den else float("nan")
 
 
+def gradient_errors(got: dict[str, torch.Tensor],
+                    want: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each parameter's gradient error relative to its own size (with a floor of 0.2 % of the
+    whole gradient's, for gradients that are ~0 in exact arithmetic), by name."""
+    floor = 2e-3 * sum(float(w.pow(2).sum()) for w in want.values()) ** 0.5
+    return {n: float(d.norm()) / (float(want[n].norm()) + floor)
+            for n, d in _differences(got, want).items()}
+
+
 def worst_gradients(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor],
                     k: int = 3) -> list[tuple[str, float]]:
-    """The ``k`` parameters whose gradients are furthest off, relative to their own size (with
-    a floor of 0.2 % of the whole gradient's, for gradients that are ~0 in exact arithmetic)."""
-    floor = 2e-3 * sum(float(w.pow(2).sum()) for w in want.values()) ** 0.5
-    errs = {n: float(d.norm()) / (float(want[n].norm()) + floor)
-            for n, d in _differences(got, want).items()}
-    return sorted(errs.items(), key=lambda kv: -kv[1])[:k]
+    """The ``k`` parameters whose gradients are furthest off (:func:`gradient_errors`)."""
+    return sorted(gradient_errors(got, want).items(), key=lambda kv: -kv[1])[:k]
+
+
+def grads_wrong(err: float) -> bool:
+    """A gradient error above :data:`GRAD_TOLERANCE` (or NaN)."""
+    return not err <= GRAD_TOLERANCE
 
 
 def _differences(got: dict[str, torch.Tensor],
@@ -192,7 +200,7 @@ def reference_grads(cfg: UNetConfig, batch: int, device: torch.device) -> dict[s
 def grad_note(err: float | None) -> str:
     if err is None:
         return ""
-    return f"; grad err {err:.3f}" + (" WRONG GRADIENTS" if not err <= GRAD_TOLERANCE else "")
+    return f"; grad err {err:.3f}" + (" WRONG GRADIENTS" if grads_wrong(err) else "")
 
 
 def step_flop_counter(model: torch.nn.Module, cfg: UNetConfig, batch: int) -> FlopCounterMode:
@@ -272,7 +280,7 @@ def main() -> None:
                     ref_grads = ref_grads or reference_grads(cfg, args.batch, device)
                     grads = step.probe()
                     errors[peer] = grad_error(grads, ref_grads)
-                    if not errors[peer] <= GRAD_TOLERANCE:  # which tensors, for the diagnosis
+                    if grads_wrong(errors[peer]):  # which tensors, for the diagnosis
                         print(f"{mode} {peer}: gradients furthest off: " + ", ".join(
                             f"{n} {e:.2f}" for n, e in worst_gradients(grads, ref_grads)))
                     del grads
@@ -303,7 +311,7 @@ def main() -> None:
                          "% of matmul peak": 100 * achieved / ceiling,
                          "grad err": errors.get(p),
                          "grads": ("" if p not in errors else
-                                   "ok" if errors[p] <= GRAD_TOLERANCE else "WRONG")})
+                                   "WRONG" if grads_wrong(errors[p]) else "ok")})
             results[f"{mode}/{p}"] = rows[-1]
         print_table([r for r in rows if r["mode"] == mode])  # as it goes: a timeout keeps these
     ref = results.get("bf16/diffusers")  # diffusers' training recipe: bf16 autocast, eager

@@ -311,6 +311,15 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
             if on_checkpoint is not None:
                 on_checkpoint(ema.model if ema else acc.unwrap_model(model).task, step)
 
+    def update(weight: torch.Tensor | None = None) -> None:
+        """The optimizer step, the bf16 weight copies refreshed, the EMA step (``weight``: the
+        lazy guard's 0/1 device tensor)."""
+        opt.step()
+        if w16 is not None:
+            w16.weights_down()
+        if ema is not None:
+            ema.update(acc.unwrap_model(model).task, weight=weight, params=float_params)
+
     t0 = time.perf_counter()
     # A wall-clock budget becomes a step count, re-estimated at steps 15, 30, 60, ... and at least
     # every 5% of the budget from the rate of the latest window, and capped by a hard stop: the
@@ -361,11 +370,7 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
         if lazy:
             ok = (torch.isfinite(loss) & torch.isfinite(gnorm)).reshape(())
             getattr(opt, "optimizer", opt).found_inf = (~ok).float()
-            opt.step()
-            if w16 is not None:
-                w16.weights_down()
-            if ema is not None:
-                ema.update(acc.unwrap_model(model).task, weight=ok, params=float_params)
+            update(weight=ok)
             step += 1
             pending.append((step, ok, {k: v.detach().float() for k, v in logs.items()}))
             if len(pending) >= 16:
@@ -381,11 +386,7 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
                     raise _nonfinite_error(consecutive, step, out_dir)
                 continue
             consecutive = 0
-            opt.step()
-            if w16 is not None:
-                w16.weights_down()
-            if ema is not None:
-                ema.update(acc.unwrap_model(model).task, params=float_params)
+            update()
             step += 1
             rec = {"step": step, **{k: float(v.detach()) for k, v in logs.items()}}
             history.append(rec)
