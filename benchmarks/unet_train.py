@@ -12,10 +12,12 @@ with AdamW on an ε-MSE loss at random timesteps; runs are interleaved (A, B, A,
 median is reported. Achieved FLOP/s (counted with torch.utils.flop_counter) is compared with the
 measured matmul ceiling of the machine. Writes benchmarks/out/unet_train.json.
 
-Every difflab peer's gradients are checked before it is timed: its first forward + backward (the
-one that compiles it) on weights moved off the zero-initialised output layers, against eager
-float32 difflab on the same weights and batch ("grad err": relative L2 error over all
-parameters; bf16 autocast alone gives ~1 %). A peer above 5 % is marked WRONG: its speed is not
+Every peer's gradients are checked before it is timed: its first forward + backward (the one
+that compiles it) on weights moved off the zero-initialised output layers, against eager float32
+of the same model (difflab or diffusers) on the same weights and batch ("grad err": relative L2
+error over all parameters). The tolerance is 5 %, or 1.5× the error eager bf16 autocast itself
+makes on difflab's model where that is larger ("tol": ~1 % on small models, 5.4 % on the
+DDPM-CIFAR-10 preset at batch 128 on an H100). A peer above it is marked WRONG: its speed is not
 a result (on an H100 the compiled layout-keeping GroupNorm, -gncl, gave 75 %; RESULTS.md).
 """
 
@@ -124,7 +126,16 @@ def make_step(model: torch.nn.Module, batch: int, cfg: UNetConfig, device: torch
     return step, model
 
 
-GRAD_TOLERANCE = 0.05  # relative L2 error; bf16 autocast's own rounding gives ~0.01
+GRAD_TOLERANCE = 0.05  # relative L2 error: the least a peer is allowed
+FLOOR_FACTOR = 1.5  # ... or this times eager bf16 autocast's own error, where that is larger
+
+
+def grad_tolerance(floor: float) -> float:
+    """The gradient error above which a peer is wrong: :data:`GRAD_TOLERANCE`, or
+    :data:`FLOOR_FACTOR` × ``floor`` (the error eager bf16 autocast makes on the same weights
+    and batch: ~1 % on small models; 5.4 % on the DDPM-CIFAR-10 preset at batch 128 on an H100,
+    where rounding alone puts one convolution's weight gradient 41 % off), whichever is larger."""
+    return max(GRAD_TOLERANCE, FLOOR_FACTOR * floor)
 
 
 def off_zero_init(model: torch.nn.Module) -> torch.nn.Module:
@@ -160,9 +171,9 @@ def worst_gradients(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor],
     return sorted(gradient_errors(got, want).items(), key=lambda kv: -kv[1])[:k]
 
 
-def grads_wrong(err: float) -> bool:
-    """A gradient error above :data:`GRAD_TOLERANCE` (or NaN)."""
-    return not err <= GRAD_TOLERANCE
+def grads_wrong(err: float, tolerance: float = GRAD_TOLERANCE) -> bool:
+    """A gradient error above ``tolerance`` (:func:`grad_tolerance`), or NaN."""
+    return not err <= tolerance
 
 
 def _differences(got: dict[str, torch.Tensor],
@@ -187,20 +198,57 @@ def with_settings(step, variant: Variant, device_type: str):
     return run
 
 
-def reference_grads(cfg: UNetConfig, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """The gradients every difflab peer is checked against: eager float32 difflab, the weights
-    and batch each peer starts from (same seed, :func:`off_zero_init`, make_step's inputs)."""
+def reference_grads(cfg: UNetConfig, batch: int, device: torch.device, base: str = "difflab",
+                    mode: str = "fp32") -> dict[str, torch.Tensor]:
+    """The gradients of eager ``base`` (difflab or diffusers, as it runs by default) in ``mode``
+    on the weights and batch each peer starts from (same seed, :func:`off_zero_init`,
+    make_step's inputs): in float32 what every peer of that base is checked against."""
     torch.manual_seed(0)
-    variant = parse_variant("difflab")
+    variant = parse_variant(base)
     step, _ = make_step(off_zero_init(variant.build(cfg, device.type)), batch, cfg, device,
-                        "fp32", variant)
+                        mode, variant)
     return with_settings(step, variant, device.type).probe()
 
 
-def grad_note(err: float | None) -> str:
+class GradientCheck:
+    """Each peer's gradients against eager float32 of its base model, with the tolerance
+    :func:`grad_tolerance` gives for the precision it trains in (the float32 references and
+    eager bf16's own error are computed once, when first needed)."""
+
+    def __init__(self, cfg: UNetConfig, batch: int, device: torch.device):
+        self.cfg, self.batch, self.device = cfg, batch, device
+        self.references: dict[str, dict[str, torch.Tensor]] = {}
+        self.floors: dict[bool, float] = {False: 0.0}  # by "bf16?"
+
+    def reference(self, base: str) -> dict[str, torch.Tensor]:
+        if base not in self.references:
+            self.references[base] = reference_grads(self.cfg, self.batch, self.device, base)
+        return self.references[base]
+
+    def tolerance(self, mode: str) -> float:
+        bf16 = mode.startswith("bf16")
+        if bf16 not in self.floors:
+            own = reference_grads(self.cfg, self.batch, self.device, "difflab", "bf16")
+            self.floors[bf16] = grad_error(own, self.reference("difflab"))
+            print(f"eager bf16 autocast's own gradient error (difflab): {self.floors[bf16]:.3f}; "
+                  f"bf16 peers above {grad_tolerance(self.floors[bf16]):.3f} are WRONG",
+                  flush=True)
+        return grad_tolerance(self.floors[bf16])
+
+    def __call__(self, peer: str, mode: str, grads: dict[str, torch.Tensor]) -> float:
+        """The error of ``grads``; a wrong peer's furthest-off tensors are printed."""
+        want = self.reference(parse_variant(peer).base)
+        err = grad_error(grads, want)
+        if grads_wrong(err, self.tolerance(mode)):  # which tensors, for the diagnosis
+            print(f"{mode} {peer}: gradients furthest off: " + ", ".join(
+                f"{n} {e:.2f}" for n, e in worst_gradients(grads, want)))
+        return err
+
+
+def grad_note(err: float | None, tolerance: float) -> str:
     if err is None:
         return ""
-    return f"; grad err {err:.3f}" + (" WRONG GRADIENTS" if grads_wrong(err) else "")
+    return f"; grad err {err:.3f}" + (" WRONG GRADIENTS" if grads_wrong(err, tolerance) else "")
 
 
 def step_flop_counter(model: torch.nn.Module, cfg: UNetConfig, batch: int) -> FlopCounterMode:
@@ -253,7 +301,7 @@ def main() -> None:
             "bf16": matmul_ceiling(device, torch.bfloat16)}
     torch.manual_seed(0)
     flops = flops_per_step(UNet2DModel(cfg), cfg, args.batch)
-    rows, results, ref_grads = [], {}, None
+    rows, results, check = [], {}, GradientCheck(cfg, args.batch, device)
     for mode in args.modes.split(","):
         ceiling = peak["bf16" if mode.startswith("bf16") else "fp32"]
         steps = {}
@@ -276,14 +324,9 @@ def main() -> None:
             # one that fails to compile is reported and dropped rather than ending the run
             t0 = time.perf_counter()
             try:
-                if peer.startswith("difflab"):  # its gradients first (this call compiles)
-                    ref_grads = ref_grads or reference_grads(cfg, args.batch, device)
-                    grads = step.probe()
-                    errors[peer] = grad_error(grads, ref_grads)
-                    if grads_wrong(errors[peer]):  # which tensors, for the diagnosis
-                        print(f"{mode} {peer}: gradients furthest off: " + ", ".join(
-                            f"{n} {e:.2f}" for n, e in worst_gradients(grads, ref_grads)))
-                    del grads
+                grads = step.probe()  # its gradients first (this call compiles)
+                errors[peer] = check(peer, mode, grads)
+                del grads
                 step()
                 sync(device)
             except Exception as e:  # noqa: BLE001 - a failed candidate is a result too
@@ -295,7 +338,7 @@ def main() -> None:
             # if the run is cut off while later peers compile, this one has its number
             print(f"{mode} {peer}: first step {first:.1f} s, then {args.batch / sec:,.0f} img/s "
                   f"({100 * flops / sec / ceiling:.1f} % of the matmul peak; provisional)"
-                  f"{grad_note(errors.get(peer))}", flush=True)
+                  f"{grad_note(errors.get(peer), check.tolerance(mode))}", flush=True)
         times = {p: [] for p in steps}
         for _ in range(args.rounds):  # interleave so machine noise hits every peer alike
             for p, (step, _) in steps.items():
@@ -309,9 +352,9 @@ def main() -> None:
             rows.append({"mode": mode, "model": p, "params": params, "img/s": ips,
                          "vs first": ips / base, "GFLOP/s": achieved / 1e9,
                          "% of matmul peak": 100 * achieved / ceiling,
-                         "grad err": errors.get(p),
-                         "grads": ("" if p not in errors else
-                                   "WRONG" if grads_wrong(errors[p]) else "ok")})
+                         "grad err": errors.get(p), "tol": check.tolerance(mode),
+                         "grads": ("" if p not in errors else "WRONG"
+                                   if grads_wrong(errors[p], check.tolerance(mode)) else "ok")})
             results[f"{mode}/{p}"] = rows[-1]
         print_table([r for r in rows if r["mode"] == mode])  # as it goes: a timeout keeps these
     ref = results.get("bf16/diffusers")  # diffusers' training recipe: bf16 autocast, eager
