@@ -91,20 +91,25 @@ def _fmt(v: object) -> str:
 
 
 # A benchmark peer is named by a base model and suffixes that switch one thing each, in any
-# order: "difflab-fold-gncl-rr6" is difflab with folded upsampling, the layout-keeping
-# GroupNorm when compiled and inductor's realize_reads_threshold=6. unet_train.py (--peers),
-# train_loop.py (--configs) and profile_step.py (--variant) share these names.
+# order, starting from what difflab ships for the device: "difflab-gncl-ck" is difflab with
+# the layout-keeping GroupNorm's hand-written backward and inductor's combo kernels.
+# unet_train.py (--peers), train_loop.py (--configs) and profile_step.py (--variant) share these
+# names. difflab before the thirteenth session's CUDA defaults is "difflab-gnpt-nofold-rr4".
 VARIANT_SUFFIXES = {
     "nchw": "difflab in NCHW (it runs channels_last otherwise)",
     "cl": "diffusers in channels_last (it runs NCHW otherwise)",
-    "fold": "nearest ×2 + 3×3 conv run as one folded transposed conv on this device too "
-            "(difflab.nn.Upsample.fold_on; the CPU always folds)",
-    "gncl": "the layout-keeping GroupNorm when compiled (fused.COMPILED_CHANNELS_LAST_GROUP_NORM)",
-    "gnops": "-gncl in plain operators, its backward derived by autograd "
-             "(fused.CHANNELS_LAST_GROUP_NORM_FORM = 'ops')",
+    "fold": "nearest ×2 + 3×3 conv run as one folded transposed conv on this device, eager too "
+            "(difflab.nn.Upsample.fold_on; the CPU always folds, CUDA when compiled)",
+    "nofold": "the plain nearest ×2 + 3×3 conv on this device, compiled too",
+    "gncl": "the layout-keeping GroupNorm when compiled, with its hand-written backward "
+            "(fused.CHANNELS_LAST_GROUP_NORM_FORM = 'function'; wrong gradients on an H100)",
+    "gnops": "the layout-keeping GroupNorm when compiled, in plain operators (autograd's "
+             "backward; fused.COMPILED_CHANNELS_LAST_GROUP_NORM, CUDA's default)",
+    "gnpt": "PyTorch's GroupNorm when compiled (CUDA's default before the thirteenth session)",
     "gn16": "GroupNorm kept in bf16 under CUDA autocast (fused.LOW_PRECISION_GPU_GROUP_NORM)",
     "bench": "torch.backends.cudnn.benchmark (cuDNN picks algorithms by timing them)",
-    "rr6": "inductor's realize_reads_threshold=6 when compiled",
+    "rr6": "inductor's realize_reads_threshold=6 when compiled (CUDA's default)",
+    "rr4": "inductor's realize_reads_threshold=4 when compiled (inductor's own default)",
     "ck": "inductor's combo_kernels (independent small kernels launched as one)",
     "cdt": "inductor's coordinate_descent_tuning (block sizes tuned per kernel)",
     "nomix": "inductor's mix-order reductions off (triton.mix_order_reduction; Triton only; "
@@ -112,10 +117,25 @@ VARIANT_SUFFIXES = {
     "w16": "bf16 copies of the conv/linear weights kept between steps, float32 masters in "
            "AdamW (TrainConfig.bf16_weights, difflab.training.precision)",
 }
-_INDUCTOR_SUFFIXES = {"rr6": {"realize_reads_threshold": 6}, "ck": {"combo_kernels": True},
+_INDUCTOR_SUFFIXES = {"rr6": {"realize_reads_threshold": 6},
+                      "rr4": {"realize_reads_threshold": 4}, "ck": {"combo_kernels": True},
                       "cdt": {"coordinate_descent_tuning": True},
                       "nomix": {"triton.mix_order_reduction": False}}
-_DIFFLAB_ONLY = {"nchw", "fold", "gncl", "gnops", "gn16"}
+_DIFFLAB_ONLY = {"nchw", "fold", "nofold", "gncl", "gnops", "gnpt", "gn16"}
+_EXCLUSIVE = ({"fold", "nofold"}, {"gncl", "gnops", "gnpt"}, {"rr6", "rr4"})
+
+
+def _shipped() -> tuple[frozenset[str], str, dict[str, dict[str, object]]]:
+    """What difflab ships: the compiled GroupNorm's device types and form, the inductor
+    settings per device type (read once, before a benchmark changes them)."""
+    from difflab.nn import fused
+    from difflab.training import loop
+
+    return (fused.COMPILED_CHANNELS_LAST_GROUP_NORM, fused.CHANNELS_LAST_GROUP_NORM_FORM,
+            {k: dict(v) for k, v in loop.COMPILE_OPTIONS.items()})
+
+
+_SHIPPED = _shipped()
 
 
 @dataclass(frozen=True)
@@ -130,11 +150,13 @@ class Variant:
     def channels_last(self) -> bool:
         return "cl" in self.flags if self.base == "diffusers" else "nchw" not in self.flags
 
-    @property
-    def inductor_options(self) -> dict | None:
-        """Inductor settings for torch.compile's ``options`` (None: the mode's own)."""
-        options = {k: v for f in sorted(self.flags & set(_INDUCTOR_SUFFIXES))
-                   for k, v in _INDUCTOR_SUFFIXES[f].items()}
+    def inductor_options(self, device_type: str) -> dict | None:
+        """Inductor settings for torch.compile's ``options``: difflab's for the device type
+        (``loop.COMPILE_OPTIONS``; diffusers gets inductor's own) with the suffixes' on top
+        (None: the mode's own)."""
+        shipped = _SHIPPED[2].get(device_type, {}) if self.base == "difflab" else {}
+        options = {**shipped, **{k: v for f in sorted(self.flags & set(_INDUCTOR_SUFFIXES))
+                                 for k, v in _INDUCTOR_SUFFIXES[f].items()}}
         return options or None
 
     def build(self, cfg, device_type: str):
@@ -148,10 +170,13 @@ class Variant:
         from difflab.nn import Upsample
 
         model = UNet2DModel(cfg)
-        if "fold" in self.flags:
-            for m in model.modules():
-                if isinstance(m, Upsample):  # per instance: compiled peers guard on it
+        for m in model.modules():
+            if isinstance(m, Upsample):  # per instance: compiled peers guard on it
+                if "fold" in self.flags:
                     m.fold_on = Upsample.fold_on | {device_type}
+                if "nofold" in self.flags:
+                    m.fold_on = Upsample.fold_on - {device_type}
+                    m.fold_compiled_on = Upsample.fold_compiled_on - {device_type}
         return model
 
     def apply(self, device_type: str) -> None:
@@ -161,10 +186,12 @@ class Variant:
 
         torch.backends.cudnn.benchmark = "bench" in self.flags
         fused.LOW_PRECISION_GPU_GROUP_NORM = "gn16" in self.flags
-        fused.COMPILED_CHANNELS_LAST_GROUP_NORM = (frozenset({device_type})
-                                                   if self.flags & {"gncl", "gnops"}
-                                                   else frozenset())
-        fused.CHANNELS_LAST_GROUP_NORM_FORM = "ops" if "gnops" in self.flags else "function"
+        devices, form, _ = _SHIPPED
+        if self.flags & {"gncl", "gnops"}:
+            devices, form = devices | {device_type}, "function" if "gncl" in self.flags else "ops"
+        if "gnpt" in self.flags:
+            devices = devices - {device_type}
+        fused.COMPILED_CHANNELS_LAST_GROUP_NORM, fused.CHANNELS_LAST_GROUP_NORM_FORM = devices, form
 
 
 def parse_variant(name: str) -> Variant:
@@ -180,6 +207,10 @@ def parse_variant(name: str) -> Variant:
     if base == "diffusers" and flags & _DIFFLAB_ONLY:
         raise ValueError(f"peer {name!r}: {', '.join(sorted(flags & _DIFFLAB_ONLY))} "
                          f"only apply to difflab")
+    for group in _EXCLUSIVE:
+        if len(flags & group) > 1:
+            raise ValueError(f"peer {name!r}: {' and '.join(sorted(flags & group))} exclude "
+                             f"each other")
     if base == "difflab" and "cl" in flags:
         raise ValueError(f"peer {name!r}: difflab runs channels_last already (-nchw switches)")
     return Variant(name, base, flags)

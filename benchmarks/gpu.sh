@@ -9,16 +9,17 @@
 #  3. profile_step.py: the eager bf16 step's kernels by kind (convolutions, Triton, elementwise,
 #     copies...) and the convolutions' achieved TFLOP/s, cuDNN's algorithm search off and on;
 #     part "mfu" (not in the default PARTS, ~9 min, one call: PARTS=mfu, timeout_s=590): the
-#     CUDA-graph step of difflab vs its candidate variants (-fold-gncl-rr6-w16-nomix,
-#     -fold-gnops-rr6-w16), each one's gradients checked against eager float32 first, and eager diffusers,
-#     then the whole loop with the fastest right one, the CUDA tests (the candidates against
-#     eager PyTorch) and a kernel profile of the fastest one — the measurements for the
-#     matmul-rate goal;
+#     CUDA-graph step of difflab as it ships (since the thirteenth session: the layout-keeping
+#     GroupNorm in plain operators, folded upsampling, realize_reads_threshold=6 when compiled
+#     on CUDA) vs difflab before (-gnpt-nofold-rr4) and a candidate (-w16-ck), each one's
+#     gradients checked against eager float32 first, and eager diffusers; then the whole loop,
+#     the CUDA test of the shipped compiled model against eager PyTorch and a kernel profile
+#     — the measurements for the matmul-rate goal;
 #     part "gncl" (~3 min): why the compiled layout-keeping GroupNorm's gradients were wrong on
 #     an H100 (tests/test_cuda.py, narrowed down by op, block, form and inductor setting);
 #  4. train_loop.py: difflab's whole training loop (EMA, clipping, guard) on the same preset,
-#     with and without --deterministic (what repeatable kernels cost), and CUDA graphs with the
-#     layout-keeping GroupNorm + realize_reads_threshold=6 (bf16-ro-gncl-rr6);
+#     with and without --deterministic (what repeatable kernels cost), and CUDA graphs as it
+#     ships and as before the thirteenth session's CUDA defaults (bf16-ro-gnpt-nofold-rr4);
 #  5. the training tests, whose loop then runs on CUDA.  PARTS=sampling,loop,... picks parts;
 #     with the race in PARTS and TESTS_BESIDE_RACE=1 they run beside it (they time nothing).
 #  6. (not in the default PARTS; ~6 min; ran in the seventh session) the quality race replayed:
@@ -74,32 +75,25 @@ cp benchmarks/out/unet_train.json "$OUT/extra/" 2>/dev/null
 fi
 
 if want mfu; then  # the matmul-rate goal (issue 5), sized to fit one call with the start
-# 3m-a. The CUDA-graph step (reduce-overhead) of difflab as it is and of the candidates the CPU
-# byte counts favour (benchmarks/RESULTS.md, tenth to twelfth sessions; suffixes in
-# benchmarks/_common.py): -gncl the layout-keeping GroupNorm when compiled, -rr6 inductor's
-# realize_reads_threshold=6, -fold the folded upsampling (7 % fewer convolution FLOPs, no 4×
-# upsampled copy), -ck inductor's combo_kernels (the ~760 tiny kernels, weight casts and
-# per-channel statistics, launched together), -w16 bf16 weight copies kept between steps (no
-# per-step weight casts; --bf16-weights), -nomix and -gnops below; eager bf16 first: difflab's
-# variants, difflab in NCHW and diffusers (the 1.5× reference). Each peer's gradients are
-# checked against eager float32, then it is timed at once (printed: a cut-off run keeps
-# those); one that fails to compile is dropped; then all are timed interleaved.
-echo "== 3m. MFU: the CUDA-graph step, difflab vs its candidates ($(left) s left)"
-# (-gncl gave wrong gradients on an H100, torch 2.11: 75 % error; -nomix turns off the
-# inductor feature with that kind of bug in 2.10-2.11, pytorch/pytorch#193061; -gnops is the
-# same GroupNorm in plain operators, differentiated by autograd; part gncl narrows it down)
-# (compiles take ~100 s each: about three fit beside the rest, so the candidates come first and
-# difflab as it is last — measured twice before: 20.2 %, 20.7 %; eager runs first, so that
-# diffusers' reference is measured whatever the cap cuts)
-MFU_PEERS=${MFU_PEERS:-difflab-fold-gncl-rr6-w16-nomix,difflab-fold-gnops-rr6-w16,\
-difflab-fold-gncl-rr6-w16-nomix-ck,difflab}
+# 3m-a. The CUDA-graph step (reduce-overhead) of difflab as it ships for CUDA (the
+# thirteenth session's defaults: -gnops, -fold and -rr6 when compiled; 6,536 img/s, 31.3 % on
+# an H100, one reading), difflab before them (-gnpt-nofold-rr4: 4,349 img/s, 20.7 %, twelfth
+# session) and a candidate: -w16 bf16 weight copies kept between steps (--bf16-weights), -ck
+# inductor's combo_kernels (the ~760 tiny kernels, per-channel statistics, launched together);
+# suffixes in benchmarks/_common.py. Eager bf16 first (difflab, the candidate, diffusers: the
+# 1.5× reference). Each peer's gradients are checked against eager float32 of its own model
+# (tolerance: 1.5× eager bf16's own error), then it is timed at once (printed: a cut-off run
+# keeps those); one that fails to compile is dropped; then all are timed interleaved.
+echo "== 3m. MFU: the CUDA-graph step, difflab vs before and a candidate ($(left) s left)"
+# (compiles take ~80-110 s each: three fit beside the rest)
+MFU_PEERS=${MFU_PEERS:-difflab,difflab-gnpt-nofold-rr4,difflab-w16-ck}
 # (a dry run of this part's logic on a CPU: MFU_DEVICE=cpu MFU_PRESET=small MFU_BATCH=8)
 MFU=(--preset "${MFU_PRESET:-ddpm-cifar10}" --batch "${MFU_BATCH:-128}"
      --device "${MFU_DEVICE:-cuda}")
 rm -f benchmarks/out/unet_train.json
 timeout "$(cap "${MFU_UNET_S:-350}" 150)" python3 benchmarks/unet_train.py "${MFU[@]}" \
   --iters 10 --rounds 3 --modes bf16,bf16-ro \
-  --peers "$MFU_PEERS,difflab-nchw,diffusers" --compile-peers "$MFU_PEERS" 2>&1 | tee "$OUT/mfu_unet.txt"
+  --peers "$MFU_PEERS,diffusers" --compile-peers "$MFU_PEERS" 2>&1 | tee "$OUT/mfu_unet.txt"
 cp benchmarks/out/unet_train.json "$OUT/extra/mfu_unet.json" 2>/dev/null
 # the fastest compiled candidate with right gradients: from the table, else from the
 # provisional readings of a cut-off run, else difflab
@@ -115,21 +109,19 @@ except (OSError, ValueError):  # (a peer with wrong gradients is no candidate)
 print(max(rows, key=rows.get) if rows else "difflab")' \
   benchmarks/out/unet_train.json "$OUT/mfu_unet.txt" 2>/dev/null || echo difflab)
 echo "== 3m. fastest compiled: $BEST; the whole loop with it ($(left) s left)"
-# 3m-b. the whole training loop (EMA, clipping, guard): eager first (the GPU default without
-# --compile; in the twelfth session it ran after the CUDA-graph configs, at 1,296 img/s vs
-# 1,811 in the fourth), as it is, with --bf16-weights and in NCHW (PyTorch's CUDA GroupNorm
-# copies channels-last inputs; diffusers' NCHW eager step was faster than difflab's); then
-# compiled as it is and with the fastest variant
+# 3m-b. the whole training loop (EMA, clipping, guard): eager as it ships and with
+# --bf16-weights (+4 % and +5.8 % on H100s, one run each), then compiled as it ships and, if
+# a variant was faster, with that
 SUFFIX=${BEST#difflab}
 timeout "$(cap "${MFU_LOOP_S:-140}" 60)" python3 benchmarks/train_loop.py "${MFU[@]}" --steps 60 \
-  --configs "bf16,bf16-w16,bf16-nchw,bf16-ro${SUFFIX:+,bf16-ro$SUFFIX}" 2>&1 \
+  --configs "bf16,bf16-w16,bf16-ro${SUFFIX:+,bf16-ro$SUFFIX}" 2>&1 \
   | tee "$OUT/mfu_loop.txt"
 cp benchmarks/out/train_loop.json "$OUT/extra/mfu_loop.json" 2>/dev/null
-# 3m-c. the CUDA checks, the candidate's numbers against eager PyTorch among them
+# 3m-c. the shipped compiled model against eager PyTorch on the GPU, and the plain compile
 # (tests/test_cuda.py::test_compiled_mfu_candidate_trains_like_eager_pytorch)
 echo "== 3m. tests/test_cuda.py ($(left) s left)"
 timeout "$(cap "${MFU_TESTS_S:-90}" 20)" python3 -m pytest -q -p no:cacheprovider -rf \
-  tests/test_cuda.py -k "bf16_weights or (mfu_candidate and not fold and (nomix or gnops))" 2>&1 | grep -v DEBUG | tail -15 \
+  tests/test_cuda.py -k "mfu_candidate and (shipped or plain)" 2>&1 | grep -v DEBUG | tail -15 \
   | tee "$OUT/mfu_tests.txt"
 # 3m-d. where the fastest variant's step time goes now (kernels by kind, data-moving operators)
 echo "== 3m. profile of $BEST ($(left) s left)"
@@ -157,7 +149,7 @@ fi
 if want loop; then
 echo "== 4. difflab's whole training loop ($(left) s left)"
 timeout "$(( $(left) - 60 ))" python3 benchmarks/train_loop.py --preset ddpm-cifar10 \
-  --batch 128 --steps 60 --configs ${LOOP_CONFIGS:-bf16,bf16-ro,bf16-ro-gncl-rr6,bf16-det,bf16-ro-det} 2>&1 | tee "$OUT/train_loop.txt"
+  --batch 128 --steps 60 --configs ${LOOP_CONFIGS:-bf16,bf16-ro,bf16-ro-gnpt-nofold-rr4,bf16-det,bf16-ro-det} 2>&1 | tee "$OUT/train_loop.txt"
 cp benchmarks/out/train_loop.json "$OUT/extra/" 2>/dev/null
 fi
 

@@ -66,7 +66,7 @@ def run(cfg: UNetConfig, batch: int, steps: int, config: str, device: str) -> di
     variant = loop_variant(config)
     dev_type = torch.device(device).type
     variant.apply(dev_type)
-    options = variant.inductor_options
+    options = variant.inductor_options(dev_type)
     loop.COMPILE_OPTIONS = {dev_type: options} if options else {}
     torch.manual_seed(0)
     task = _Timed(variant.build(cfg, dev_type), DiffusionConfig())

@@ -86,7 +86,7 @@ def make_step(model: torch.nn.Module, batch: int, cfg: UNetConfig, device: torch
     graphs = mode.endswith("-ro")
     if "compile" in mode or graphs:
         fwd = torch.compile(model, **compile_kwargs("reduce-overhead" if graphs else "default",
-                                                    variant.inductor_options))
+                                                    variant.inductor_options(device.type)))
     g = torch.Generator(device=device).manual_seed(0)
     size = cfg.sample_size
     x0 = torch.randn(batch, cfg.in_channels, size, size, device=device, generator=g)

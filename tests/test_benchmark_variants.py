@@ -23,16 +23,24 @@ def test_suffixes_in_any_order_give_the_same_variant():
     a = parse_variant("difflab-fold-gncl-rr6-ck")
     b = parse_variant("difflab-ck-rr6-gncl-fold")
     assert a.flags == b.flags and a.base == b.base == "difflab"
-    assert a.inductor_options == {"realize_reads_threshold": 6, "combo_kernels": True}
-    assert parse_variant("difflab-gncl").inductor_options is None
-    assert parse_variant("difflab-gncl-nomix").inductor_options == {
+    assert a.inductor_options("cpu") == {"realize_reads_threshold": 6, "combo_kernels": True}
+    assert parse_variant("difflab-gncl").inductor_options("cpu") is None
+    assert parse_variant("difflab-gncl-nomix").inductor_options("cpu") == {
         "triton.mix_order_reduction": False}
+    # on CUDA difflab's own inductor settings come first, a suffix overrides them; diffusers
+    # compiles with inductor's own
+    assert parse_variant("difflab").inductor_options("cuda") == {"realize_reads_threshold": 6}
+    assert parse_variant("difflab-rr4-ck").inductor_options("cuda") == {
+        "realize_reads_threshold": 4, "combo_kernels": True}
+    assert parse_variant("diffusers").inductor_options("cuda") is None
     layouts = [parse_variant(n).channels_last
                for n in ("difflab", "difflab-nchw", "diffusers", "diffusers-cl")]
     assert layouts == [True, False, False, True]
 
 
-@pytest.mark.parametrize("name", ["difflab-gncl-rr7", "ddpm", "diffusers-fold", "difflab-cl"])
+@pytest.mark.parametrize("name", ["difflab-gncl-rr7", "ddpm", "diffusers-fold", "difflab-cl",
+                                  "difflab-fold-nofold", "difflab-gncl-gnpt", "difflab-rr4-rr6",
+                                  "diffusers-gnpt"])
 def test_bad_names_are_refused(name):
     with pytest.raises(ValueError, match=repr(name)):
         parse_variant(name)
@@ -40,33 +48,43 @@ def test_bad_names_are_refused(name):
 
 def test_train_loop_configs_name_the_same_variants():
     v = loop_variant("bf16-ro-gncl-rr6")
-    assert v.flags == {"gncl", "rr6"} and v.inductor_options == {"realize_reads_threshold": 6}
+    assert v.flags == {"gncl", "rr6"}
+    assert v.inductor_options("cpu") == {"realize_reads_threshold": 6}
     assert loop_variant("bf16-ro-det").flags == frozenset()
     with pytest.raises(ValueError, match="unknown suffix 'r06'"):
         loop_variant("bf16-r06")
 
 
 def test_fold_is_set_per_model_and_switches_per_call(monkeypatch):
-    monkeypatch.setattr(fused, "COMPILED_CHANNELS_LAST_GROUP_NORM", frozenset())
-    monkeypatch.setattr(fused, "CHANNELS_LAST_GROUP_NORM_FORM", "function")
+    """Each peer starts from what difflab ships for the device (CUDA: the layout-keeping
+    GroupNorm in plain operators and the folded upsampling when compiled) and its suffixes
+    switch one thing each; an interleaved run's next peer gets the shipped settings back."""
+    monkeypatch.setattr(fused, "COMPILED_CHANNELS_LAST_GROUP_NORM", frozenset({"cuda"}))
+    monkeypatch.setattr(fused, "CHANNELS_LAST_GROUP_NORM_FORM", "ops")
     monkeypatch.setattr(fused, "LOW_PRECISION_GPU_GROUP_NORM", False)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     folded = parse_variant("difflab-fold").build(CFG, "cuda")
     plain = parse_variant("difflab").build(CFG, "cuda")
+    old = parse_variant("difflab-nofold").build(CFG, "cuda")
     ups = [m for m in folded.modules() if isinstance(m, Upsample)]
     assert ups and all("cuda" in m.fold_on and "cpu" in m.fold_on for m in ups)
-    assert all("cuda" not in m.fold_on for m in plain.modules() if isinstance(m, Upsample))
-    assert "cuda" not in Upsample.fold_on  # the class default is untouched
+    shipped = [m for m in plain.modules() if isinstance(m, Upsample)]
+    assert all(not m.folds("cuda") and "cuda" in m.fold_compiled_on for m in shipped)
+    assert all(not m.folds("cuda") and not m.fold_compiled_on and m.folds("cpu")
+               for m in old.modules() if isinstance(m, Upsample))
+    assert "cuda" not in Upsample.fold_on and "cuda" in Upsample.fold_compiled_on  # untouched
     parse_variant("difflab-gncl-gn16-bench").apply("cuda")
     assert fused.COMPILED_CHANNELS_LAST_GROUP_NORM == {"cuda"}
     assert fused.LOW_PRECISION_GPU_GROUP_NORM and torch.backends.cudnn.benchmark
     assert fused.CHANNELS_LAST_GROUP_NORM_FORM == "function"
-    parse_variant("difflab-gnops").apply("cuda")
-    assert fused.COMPILED_CHANNELS_LAST_GROUP_NORM == {"cuda"}
+    parse_variant("difflab-gnpt").apply("cuda")
+    assert fused.COMPILED_CHANNELS_LAST_GROUP_NORM == frozenset()
+    parse_variant("difflab-gnops").apply("cpu")
+    assert fused.COMPILED_CHANNELS_LAST_GROUP_NORM == {"cpu", "cuda"}
     assert fused.CHANNELS_LAST_GROUP_NORM_FORM == "ops"
     parse_variant("difflab").apply("cuda")  # the next peer of an interleaved run
-    assert fused.COMPILED_CHANNELS_LAST_GROUP_NORM == frozenset()
-    assert fused.CHANNELS_LAST_GROUP_NORM_FORM == "function"
+    assert fused.COMPILED_CHANNELS_LAST_GROUP_NORM == {"cuda"}
+    assert fused.CHANNELS_LAST_GROUP_NORM_FORM == "ops"
     assert not fused.LOW_PRECISION_GPU_GROUP_NORM and not torch.backends.cudnn.benchmark
 
 

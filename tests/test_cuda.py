@@ -191,7 +191,7 @@ def test_compiled_resnet_block_with_layout_keeping_group_norm_matches_eager(monk
     _assert_close(_grad_errors(run, {"x": x, "temb": temb, **dict(block.named_parameters())}))
 
 
-@pytest.mark.parametrize("variant", ["plain", "rr6", "fold", "fold-rr6", "gncl",
+@pytest.mark.parametrize("variant", ["shipped", "plain", "rr6", "fold", "fold-rr6", "gncl",
                                      "fold-gncl-rr6", "gncl-nomix", "fold-gncl-rr6-nomix",
                                      "gnops", "fold-gnops-rr6"])
 def test_compiled_mfu_candidate_trains_like_eager_pytorch(monkeypatch, variant):
@@ -201,9 +201,10 @@ def test_compiled_mfu_candidate_trains_like_eager_pytorch(monkeypatch, variant):
     and the plain upsampling: same loss, same gradients to bf16 accuracy. It must hold before
     any of them becomes a GPU default (-gncl failed on an H100: 75 % gradient error; -nomix
     turns off the inductor feature suspected of it; -gnops is the same GroupNorm
-    differentiated by autograd)."""
+    differentiated by autograd). "shipped" is difflab's CUDA default since the thirteenth
+    session (fold-gnops-rr6, when compiled), the others switch each part alone."""
     from difflab.nn import Upsample
-    from difflab.training.loop import compile_kwargs
+    from difflab.training.loop import COMPILE_OPTIONS, compile_kwargs
 
     torch._dynamo.reset()
     flags = set(variant.split("-"))
@@ -217,19 +218,22 @@ def test_compiled_mfu_candidate_trains_like_eager_pytorch(monkeypatch, variant):
         for p in eager.parameters():
             p.add_(torch.randn_like(p), alpha=0.02)
     fast.load_state_dict(eager.state_dict())
-    if "fold" in flags:
-        for m in fast.modules():
-            if isinstance(m, Upsample):
-                m.fold_on = frozenset({"cpu", "cuda"})
+    for m in fast.modules():
+        if isinstance(m, Upsample) and variant != "shipped":  # (shipped: folds when compiled)
+            m.fold_on, m.fold_compiled_on = frozenset({"cpu", "cuda"} if "fold" in flags
+                                                      else {"cpu"}), frozenset()
     x = torch.randn(8, 3, 16, 16, device="cuda").contiguous(memory_format=torch.channels_last)
     t = torch.randint(0, 1000, (8,), device="cuda")
     noise = torch.randn_like(x)
-    monkeypatch.setattr(fused, "COMPILED_CHANNELS_LAST_GROUP_NORM",
-                        frozenset({"cuda"}) if flags & {"gncl", "gnops"} else frozenset())
-    monkeypatch.setattr(fused, "CHANNELS_LAST_GROUP_NORM_FORM",
-                        "ops" if "gnops" in flags else "function")
-    options = {**({"realize_reads_threshold": 6} if "rr6" in flags else {}),
-               **({"triton.mix_order_reduction": False} if "nomix" in flags else {})}
+    if variant == "shipped":
+        options = COMPILE_OPTIONS.get("cuda")
+    else:
+        monkeypatch.setattr(fused, "COMPILED_CHANNELS_LAST_GROUP_NORM",
+                            frozenset({"cuda"}) if flags & {"gncl", "gnops"} else frozenset())
+        monkeypatch.setattr(fused, "CHANNELS_LAST_GROUP_NORM_FORM",
+                            "ops" if "gnops" in flags else "function")
+        options = {**({"realize_reads_threshold": 6} if "rr6" in flags else {}),
+                   **({"triton.mix_order_reduction": False} if "nomix" in flags else {})}
     compiled = torch.compile(fast, **compile_kwargs("default", options or None))
 
     def run(use_compiled):

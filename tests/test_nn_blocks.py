@@ -111,6 +111,28 @@ def test_fold_on_selects_the_path_per_instance():
     assert not any("conv_transpose" in e.key for e in prof.key_averages())
 
 
+def test_fold_compiled_on_folds_only_inside_torch_compile():
+    """CUDA folds the upsampling in compiled models only (``Upsample.fold_compiled_on``):
+    checked here with the CPU put in its place — eager runs the plain pair, the traced graph
+    the folded transposed convolution, with the same numbers."""
+    torch.manual_seed(0)
+    up = Upsample(4).double()
+    up.fold_on, up.fold_compiled_on = frozenset(), frozenset({"cpu"})
+    x = torch.randn(1, 4, 3, 3, dtype=torch.float64)
+    assert not up.folds("cpu")
+    graphs = []
+
+    def backend(gm, _inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(up, backend=backend, fullgraph=True)(x)
+    assert len(graphs) == 1 and "conv_transpose2d" in graphs[0]
+    torch.testing.assert_close(out, up(x), rtol=1e-12, atol=1e-12)
+    assert Upsample.fold_compiled_on == frozenset({"cuda"})  # the class default is untouched
+
+
 def _dense_in(t: torch.Tensor, fmt: torch.memory_format) -> bool:
     return t.is_contiguous(memory_format=fmt)
 

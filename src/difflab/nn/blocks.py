@@ -129,9 +129,12 @@ class Upsample(nn.Module):
     pair, and no 4× upsampled copy: ~2× faster forward + backward (benchmarks/RESULTS.md).
     """
 
-    # Device types that run the folded form. GPUs keep the plain pair until measured there
-    # (``benchmarks/unet_train.py --peers difflab-fold`` sets it per model instance).
+    # Device types that run the folded form: always (the CPU), and inside torch.compile only
+    # (CUDA: part of the compiled step timed on an H100 with right gradients, 31 % of the bf16
+    # matmul rate; benchmarks/RESULTS.md, "Thirteenth session"; eager CUDA keeps the plain
+    # pair, not timed alone). Settable per instance (benchmarks/_common.py's -fold, -nofold).
     fold_on: frozenset[str] = frozenset({"cpu"})
+    fold_compiled_on: frozenset[str] = frozenset({"cuda"})
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -139,7 +142,7 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         doubled = size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1])
-        if doubled and x.device.type in self.fold_on:
+        if doubled and self.folds(x.device.type):
             return F.conv_transpose2d(x, folded_upsample_kernel(self.conv.weight),
                                       self.conv.bias, stride=2, padding=1)
         if doubled:
@@ -147,6 +150,11 @@ class Upsample(nn.Module):
         else:
             x = F.interpolate(x, size=size, mode="nearest")
         return self.conv(x)
+
+    def folds(self, device_type: str) -> bool:
+        """Whether a ×2 upsampling on ``device_type`` runs folded here (now: compiling or not)."""
+        return device_type in self.fold_on or (device_type in self.fold_compiled_on
+                                               and torch.compiler.is_compiling())
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:

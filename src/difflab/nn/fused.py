@@ -200,18 +200,22 @@ def low_precision_group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tenso
 # per-channel broadcasts only, which keep any layout: no NCHW buffer from GroupNorm, and 13 %
 # fewer bytes moved by the compiled step's fused kernels (15.8 vs 18.2 GB at batch 128, counted
 # on a CPU by inductor's GPU rules; 14.9 with realize_reads_threshold=6). It applies while
-# compiling, to channels-last inputs on the device types listed here — none by default: on a
-# CPU it gains nothing (inductor's C++ kernels transpose cheaply), and on a GPU it is WRONG:
-# compiled on an H100 (2026-11-27) the U-Net's gradients came out 75 % off (eager, and compiled
-# on a CPU, it is right; RESULTS.md, "Twelfth session"; tests/test_cuda.py narrows it down).
-# Do not switch it on for "cuda" until those tests pass there.
-COMPILED_CHANNELS_LAST_GROUP_NORM: frozenset[str] = frozenset()
+# compiling, to channels-last inputs on the device types listed here: CUDA (in the "ops" form
+# below; with realize_reads_threshold=6 and the folded upsampling the compiled step of the
+# DDPM-CIFAR-10 preset ran at 31 % of an H100's bf16 matmul rate instead of 21 %, gradients
+# within eager bf16's own rounding of float32; RESULTS.md, "Thirteenth session"), not the CPU
+# (inductor's C++ kernels transpose cheaply: it gains nothing there).
+COMPILED_CHANNELS_LAST_GROUP_NORM: frozenset[str] = frozenset({"cuda"})
 
-# How that GroupNorm is differentiated: "function", the autograd function below (its own
-# backward, 10 bytes per element); "ops", the same forward in plain differentiable operators,
-# whose backward AOTAutograd derives (no custom autograd function for dynamo to trace: the
-# suspect of the H100's wrong gradients, besides inductor's Triton code).
-CHANNELS_LAST_GROUP_NORM_FORM = "function"
+# How that GroupNorm is differentiated: "ops" (the default), the forward in plain
+# differentiable operators, whose backward AOTAutograd derives; "function", the autograd
+# function below with its own backward (10 bytes per element, 3.5 % faster compiled on an H100
+# — but there, in torch 2.11, its compiled gradients came out 75 % off, the last ResNet
+# block's tensors lost whole, with inductor's mix-order reductions off too; eager, and compiled
+# on a CPU, it is right: RESULTS.md, "Twelfth" and "Thirteenth session"; tests/test_cuda.py).
+# Eager code that needs the layout-keeping GroupNorm (:func:`_pytorch_backward_would_crash`)
+# uses the form set here as well.
+CHANNELS_LAST_GROUP_NORM_FORM = "ops"
 
 
 class _ChannelsLastGroupNorm(torch.autograd.Function):
