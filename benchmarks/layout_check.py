@@ -314,6 +314,35 @@ def kernel_floor(kernel_bytes: list[float], bandwidth: float, min_s: float) -> d
             "ms of the small ones": 1e3 * min_s * len(small)}
 
 
+def variant_patches(variant: str, device: torch.device, gpu_path: bool) -> list:
+    """The patches (context managers) that make the model and switches a --variants entry
+    names (``--gpu-path``: also the GPU's code path on a CPU; turns oneDNN off)."""
+    patches = []
+    if gpu_path:
+        patches.append(torch.backends.mkldnn.flags(enabled=False))
+        patches.append(mock.patch.object(fused, "_kernel_ready", lambda: False))
+        if device.type == "cpu":
+            patches += cuda_autocast_forms()
+    if variant == "plain":
+        patches += plain_forms()
+    if variant == "diffusers":  # the peer, same configuration and layout
+        patches.append(mock.patch.object(sys.modules[__name__], "_model", _diffusers_model))
+    if "fold" in variant.split("-"):  # folded upsampling on the GPU path too
+        patches.append(mock.patch.object(sys.modules[__name__], "_KEEP_FOLD", True))
+    if "w16" in variant.split("-"):  # bf16 weights kept between steps
+        patches.append(mock.patch.object(sys.modules[__name__], "_BF16_WEIGHTS", True))
+    if variant.startswith(("gncl", "gnops")):  # the layout-keeping GroupNorm while compiling
+        # (gncl: its hand-written backward; gnops: in plain operators, autograd's backward)
+        patches.append(mock.patch.object(
+            fused, "COMPILED_CHANNELS_LAST_GROUP_NORM", frozenset({device.type})))
+        patches.append(mock.patch.object(
+            fused, "CHANNELS_LAST_GROUP_NORM_FORM",
+            "ops" if variant.startswith("gnops") else "function"))
+    if "gn16" in variant.split("-"):  # GroupNorm in bf16 under CUDA autocast
+        patches.append(mock.patch.object(fused, "LOW_PRECISION_GPU_GROUP_NORM", True))
+    return patches
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="ddpm-cifar10", choices=sorted(PRESETS))
@@ -370,32 +399,8 @@ def main() -> None:
     rows = []
     for variant in args.variants.split(","):
         with ExitStack() as stack:
-            if args.gpu_path:
-                torch.backends.mkldnn.enabled = False
-                stack.enter_context(mock.patch.object(fused, "_kernel_ready", lambda: False))
-                if device.type == "cpu":
-                    for patch in cuda_autocast_forms():
-                        stack.enter_context(patch)
-            if variant == "plain":
-                for patch in plain_forms():
-                    stack.enter_context(patch)
-            if variant == "diffusers":  # the peer, same configuration and layout
-                stack.enter_context(mock.patch.object(sys.modules[__name__], "_model",
-                                                      _diffusers_model))
-            if "fold" in variant.split("-"):  # folded upsampling on the GPU path too
-                stack.enter_context(mock.patch.object(sys.modules[__name__], "_KEEP_FOLD", True))
-            if "w16" in variant.split("-"):  # bf16 weights kept between steps
-                stack.enter_context(mock.patch.object(sys.modules[__name__], "_BF16_WEIGHTS",
-                                                      True))
-            if variant.startswith(("gncl", "gnops")):  # the layout-keeping GroupNorm while
-                # compiling (gnops: in plain operators, autograd's backward)
-                stack.enter_context(mock.patch.object(
-                    fused, "COMPILED_CHANNELS_LAST_GROUP_NORM", frozenset({device.type})))
-                if variant.startswith("gnops"):
-                    stack.enter_context(mock.patch.object(
-                        fused, "CHANNELS_LAST_GROUP_NORM_FORM", "ops"))
-            if "gn16" in variant.split("-"):  # GroupNorm in bf16 under CUDA autocast
-                stack.enter_context(mock.patch.object(fused, "LOW_PRECISION_GPU_GROUP_NORM", True))
+            for patch in variant_patches(variant, device, args.gpu_path):
+                stack.enter_context(patch)
             res = classify(cfg, args.batch, device, args.precision, args.layout == "channels_last",
                            args.gpu_path)
             if args.inductor:

@@ -235,3 +235,27 @@ def test_gradient_tolerance_follows_bf16_rounding_and_each_model_has_its_own_ref
     assert 1e-4 < check("diffusers", "bf16", grads) < GRAD_TOLERANCE
     # against difflab's float32 gradients (other initial weights) the same numbers are far off
     assert grad_error(grads, check.reference("difflab")) > 0.5
+
+
+def test_layout_check_variants_set_the_group_norm_they_name():
+    """layout_check.py's gncl is the hand-written backward, gnops the plain operators, whatever
+    difflab ships (its default form became "ops" for CUDA: gncl had silently counted gnops)."""
+    from contextlib import ExitStack
+
+    from layout_check import variant_patches
+
+    cpu = torch.device("cpu")
+    shipped = (fused.COMPILED_CHANNELS_LAST_GROUP_NORM, fused.CHANNELS_LAST_GROUP_NORM_FORM)
+    for variant, form in (("gncl", "function"), ("gncl-fold", "function"), ("gnops", "ops")):
+        with ExitStack() as stack:
+            for patch in variant_patches(variant, cpu, gpu_path=True):
+                stack.enter_context(patch)
+            assert fused.COMPILED_CHANNELS_LAST_GROUP_NORM == {"cpu"}
+            assert fused.CHANNELS_LAST_GROUP_NORM_FORM == form
+            assert not torch.backends.mkldnn.enabled
+    assert torch.backends.mkldnn.enabled
+    with ExitStack() as stack:
+        for patch in variant_patches("difflab", cpu, gpu_path=False):
+            stack.enter_context(patch)
+        assert (fused.COMPILED_CHANNELS_LAST_GROUP_NORM,
+                fused.CHANNELS_LAST_GROUP_NORM_FORM) == shipped
