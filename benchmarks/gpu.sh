@@ -12,9 +12,10 @@
 #     CUDA-graph step of difflab as it ships (since the thirteenth session: the layout-keeping
 #     GroupNorm in plain operators, folded upsampling, realize_reads_threshold=6 when compiled
 #     on CUDA) vs difflab before (-gnpt-nofold-rr4) and a candidate (-w16-ck), each one's
-#     gradients checked against eager float32 first, and eager diffusers; then the whole loop,
-#     the CUDA test of the shipped compiled model against eager PyTorch and a kernel profile
-#     — the measurements for the matmul-rate goal;
+#     gradients checked against eager float32 first, and eager diffusers; then the whole loop
+#     and the CUDA test of the shipped compiled model against eager PyTorch — the measurements
+#     for the matmul-rate goal; part "mfuprof" (~2-3 min, a second call at once on the warm
+#     machine): the kernel profile of the fastest;
 #     part "gncl" (~3 min): why the compiled layout-keeping GroupNorm's gradients were wrong on
 #     an H100 (tests/test_cuda.py, narrowed down by op, block, form and inductor setting);
 #  4. train_loop.py: difflab's whole training loop (EMA, clipping, guard) on the same preset,
@@ -74,6 +75,10 @@ timeout "${UNET_S:-$(( $(left) - 120 ))}" python3 benchmarks/unet_train.py --pre
 cp benchmarks/out/unet_train.json "$OUT/extra/" 2>/dev/null
 fi
 
+# parts mfu and mfuprof: the model and batch (a dry run of their logic on a CPU:
+# MFU_DEVICE=cpu MFU_PRESET=small MFU_BATCH=8)
+MFU=(--preset "${MFU_PRESET:-ddpm-cifar10}" --batch "${MFU_BATCH:-128}"
+     --device "${MFU_DEVICE:-cuda}")
 if want mfu; then  # the matmul-rate goal (issue 5), sized to fit one call with the start
 # 3m-a. The CUDA-graph step (reduce-overhead) of difflab as it ships for CUDA (the
 # thirteenth session's defaults: -gnops, -fold and -rr6 when compiled; 6,536 img/s, 31.3 % on
@@ -87,9 +92,6 @@ if want mfu; then  # the matmul-rate goal (issue 5), sized to fit one call with 
 echo "== 3m. MFU: the CUDA-graph step, difflab vs before and a candidate ($(left) s left)"
 # (compiles take ~80-110 s each: three fit beside the rest)
 MFU_PEERS=${MFU_PEERS:-difflab,difflab-gnpt-nofold-rr4,difflab-w16-ck}
-# (a dry run of this part's logic on a CPU: MFU_DEVICE=cpu MFU_PRESET=small MFU_BATCH=8)
-MFU=(--preset "${MFU_PRESET:-ddpm-cifar10}" --batch "${MFU_BATCH:-128}"
-     --device "${MFU_DEVICE:-cuda}")
 rm -f benchmarks/out/unet_train.json
 timeout "$(cap "${MFU_UNET_S:-350}" 150)" python3 benchmarks/unet_train.py "${MFU[@]}" \
   --iters 10 --rounds 3 --modes bf16,bf16-ro \
@@ -109,24 +111,28 @@ except (OSError, ValueError):  # (a peer with wrong gradients is no candidate)
 print(max(rows, key=rows.get) if rows else "difflab")' \
   benchmarks/out/unet_train.json "$OUT/mfu_unet.txt" 2>/dev/null || echo difflab)
 echo "== 3m. fastest compiled: $BEST; the whole loop with it ($(left) s left)"
-# 3m-b. the whole training loop (EMA, clipping, guard): eager as it ships and with
-# --bf16-weights (+4 % and +5.8 % on H100s, one run each), then compiled as it ships and, if
-# a variant was faster, with that
+# 3m-b. the whole training loop (EMA, clipping, guard) compiled as it ships and, if a variant
+# was faster, with that (its eager configs were measured in the twelfth and thirteenth
+# sessions: 1,296-1,487 img/s, --bf16-weights +4-6 %)
 SUFFIX=${BEST#difflab}
 timeout "$(cap "${MFU_LOOP_S:-140}" 60)" python3 benchmarks/train_loop.py "${MFU[@]}" --steps 60 \
-  --configs "bf16,bf16-w16,bf16-ro${SUFFIX:+,bf16-ro$SUFFIX}" 2>&1 \
-  | tee "$OUT/mfu_loop.txt"
+  --configs "bf16-ro${SUFFIX:+,bf16-ro$SUFFIX}" 2>&1 | tee "$OUT/mfu_loop.txt"
 cp benchmarks/out/train_loop.json "$OUT/extra/mfu_loop.json" 2>/dev/null
-# 3m-c. the shipped compiled model against eager PyTorch on the GPU, and the plain compile
-# (tests/test_cuda.py::test_compiled_mfu_candidate_trains_like_eager_pytorch)
+# 3m-c. the shipped compiled model against eager PyTorch on the GPU
+# (tests/test_cuda.py::test_compiled_mfu_candidate_trains_like_eager_pytorch[shipped])
 echo "== 3m. tests/test_cuda.py ($(left) s left)"
-timeout "$(cap "${MFU_TESTS_S:-90}" 20)" python3 -m pytest -q -p no:cacheprovider -rf \
-  tests/test_cuda.py -k "mfu_candidate and (shipped or plain)" 2>&1 | grep -v DEBUG | tail -15 \
+timeout "$(cap "${MFU_TESTS_S:-60}" 10)" python3 -m pytest -q -p no:cacheprovider -rf \
+  tests/test_cuda.py -k "mfu_candidate and shipped" 2>&1 | grep -v DEBUG | tail -15 \
   | tee "$OUT/mfu_tests.txt"
-# 3m-d. where the fastest variant's step time goes now (kernels by kind, data-moving operators)
-echo "== 3m. profile of $BEST ($(left) s left)"
-timeout "$(cap 600 15)" python3 benchmarks/profile_step.py "${MFU[@]}" --mode bf16-ro \
-  --variant "$BEST" --iters 3 --top 30 --copies 2>&1 | tee "$OUT/mfu_profile.txt"
+echo "$BEST" > "$OUT/mfu_best.txt"
+fi
+
+if want mfuprof; then  # (~2-3 min; a second call right after part mfu, on the warm machine:
+# PARTS=mfuprof MFU_VARIANT=<part mfu's fastest> GPU_BUDGET_S=<what is left>) where the
+# compiled step's time goes now: kernels by kind, data-moving operators by shape
+echo "== 3p. profile of ${MFU_VARIANT:=difflab} ($(left) s left)"
+timeout "$(cap 600 5)" python3 benchmarks/profile_step.py "${MFU[@]}" --mode bf16-ro \
+  --variant "$MFU_VARIANT" --iters 3 --top 30 --copies 2>&1 | tee "$OUT/mfu_profile.txt"
 cp benchmarks/out/profile_step.json "$OUT/extra/mfu_profile.json" 2>/dev/null
 fi
 

@@ -14,16 +14,19 @@ measured matmul ceiling of the machine. Writes benchmarks/out/unet_train.json.
 
 Every peer's gradients are checked before it is timed: its first forward + backward (the one
 that compiles it) on weights moved off the zero-initialised output layers, against eager float32
-of the same model (difflab or diffusers) on the same weights and batch ("grad err": relative L2
-error over all parameters). The tolerance is 5 %, or 1.5× the error eager bf16 autocast itself
-makes on difflab's model where that is larger ("tol": ~1 % on small models, 5.4 % on the
-DDPM-CIFAR-10 preset at batch 128 on an H100). A peer above it is marked WRONG: its speed is not
-a result (on an H100 the compiled layout-keeping GroupNorm, -gncl, gave 75 %; RESULTS.md).
+of the same model (difflab or diffusers) on the same weights and batch, computed without cuDNN
+and TF32 (on a GPU the error of cuDNN's own float32 gradients is printed too) ("grad err":
+relative L2 error over all parameters). The tolerance is 5 %, or 1.5× the error eager bf16
+autocast itself makes on difflab's model where that is larger ("tol": ~1 % on small models,
+5.4 % on the DDPM-CIFAR-10 preset at batch 128 on an H100). A peer above it is marked WRONG:
+its speed is not a result (on an H100 the compiled layout-keeping GroupNorm, -gncl, gave 75 %;
+RESULTS.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import sys
 import time
@@ -199,19 +202,37 @@ def with_settings(step, variant: Variant, device_type: str):
 
 
 def reference_grads(cfg: UNetConfig, batch: int, device: torch.device, base: str = "difflab",
-                    mode: str = "fp32") -> dict[str, torch.Tensor]:
+                    mode: str = "fp32", exact: bool = False) -> dict[str, torch.Tensor]:
     """The gradients of eager ``base`` (difflab or diffusers, as it runs by default) in ``mode``
     on the weights and batch each peer starts from (same seed, :func:`off_zero_init`,
-    make_step's inputs): in float32 what every peer of that base is checked against."""
+    make_step's inputs); ``exact``: with :func:`exact_kernels` — in float32 what every peer of
+    that base is checked against."""
     torch.manual_seed(0)
     variant = parse_variant(base)
     step, _ = make_step(off_zero_init(variant.build(cfg, device.type)), batch, cfg, device,
                         mode, variant)
-    return with_settings(step, variant, device.type).probe()
+    with exact_kernels() if exact else contextlib.nullcontext():
+        return with_settings(step, variant, device.type).probe()
+
+
+@contextlib.contextmanager
+def exact_kernels():
+    """cuDNN off (PyTorch's own convolutions, im2col + matrix products) and TF32 off: a float32
+    reference that does not rest on cuDNN's kernels, whose gradients on H100s can be far off
+    (pytorch/pytorch#150700; on the thirteenth session's H100 eager NCHW bf16 was 48 % off the
+    cuDNN float32 reference, channels-last 5.4 %). Nothing changes on a CPU."""
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
 
 
 class GradientCheck:
-    """Each peer's gradients against eager float32 of its base model, with the tolerance
+    """Each peer's gradients against eager float32 of its base model (without cuDNN and TF32:
+    :func:`exact_kernels`), with the tolerance
     :func:`grad_tolerance` gives for the precision it trains in (the float32 references and
     eager bf16's own error are computed once, when first needed)."""
 
@@ -219,10 +240,18 @@ class GradientCheck:
         self.cfg, self.batch, self.device = cfg, batch, device
         self.references: dict[str, dict[str, torch.Tensor]] = {}
         self.floors: dict[bool, float] = {False: 0.0}  # by "bf16?"
+        self.notes: dict[str, float] = {}  # the reference kernels' own errors, for the JSON
 
     def reference(self, base: str) -> dict[str, torch.Tensor]:
         if base not in self.references:
-            self.references[base] = reference_grads(self.cfg, self.batch, self.device, base)
+            self.references[base] = reference_grads(self.cfg, self.batch, self.device, base,
+                                                    exact=True)
+            if self.device.type == "cuda":  # how far cuDNN's own float32 gradients are
+                cudnn = grad_error(reference_grads(self.cfg, self.batch, self.device, base),
+                                   self.references[base])
+                self.notes[f"{base} eager float32 with cuDNN"] = cudnn
+                print(f"eager float32 {base} with cuDNN (TF32 convolutions) vs without: gradient "
+                      f"error {cudnn:.3f}", flush=True)
         return self.references[base]
 
     def tolerance(self, mode: str) -> float:
@@ -230,6 +259,7 @@ class GradientCheck:
         if bf16 not in self.floors:
             own = reference_grads(self.cfg, self.batch, self.device, "difflab", "bf16")
             self.floors[bf16] = grad_error(own, self.reference("difflab"))
+            self.notes["difflab eager bf16"] = self.floors[bf16]
             print(f"eager bf16 autocast's own gradient error (difflab): {self.floors[bf16]:.3f}; "
                   f"bf16 peers above {grad_tolerance(self.floors[bf16]):.3f} are WRONG",
                   flush=True)
@@ -368,7 +398,8 @@ def main() -> None:
     path = write_json("unet_train", {"machine": machine(), "preset": args.preset,
                                      "batch": args.batch, "flops_per_step": flops,
                                      "allocator": args.allocator,
-                                     "peak_flops": peak, "rows": rows})
+                                     "peak_flops": peak, "gradient errors": check.notes,
+                                     "rows": rows})
     print(f"wrote {path}")
 
 

@@ -259,3 +259,24 @@ def test_layout_check_variants_set_the_group_norm_they_name():
             stack.enter_context(patch)
         assert (fused.COMPILED_CHANNELS_LAST_GROUP_NORM,
                 fused.CHANNELS_LAST_GROUP_NORM_FORM) == shipped
+
+
+def test_exact_reference_kernels_switch_cudnn_and_tf32_off_and_back():
+    """The float32 reference is computed without cuDNN and TF32 (cuDNN's own gradients can be
+    far off on H100s, pytorch/pytorch#150700); the process's settings come back after, and on
+    a CPU the reference is the same numbers."""
+    from unet_train import exact_kernels, reference_grads
+
+    before = (torch.backends.cudnn.enabled, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with exact_kernels():
+            assert not torch.backends.cudnn.enabled
+            assert not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.enabled and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before[1]
+    cpu = torch.device("cpu")
+    exact, plain = reference_grads(CFG, 2, cpu, exact=True), reference_grads(CFG, 2, cpu)
+    assert exact.keys() == plain.keys()
+    assert all(torch.equal(exact[k], plain[k]) for k in exact)
