@@ -50,7 +50,7 @@ import json
 import re
 import sys
 from collections import Counter
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from unittest import mock
 
@@ -314,12 +314,24 @@ def kernel_floor(kernel_bytes: list[float], bandwidth: float, min_s: float) -> d
             "ms of the small ones": 1e3 * min_s * len(small)}
 
 
+@contextmanager
+def _onednn_off():
+    """oneDNN off for the block, back as it was after (``torch.backends.mkldnn.flags`` would
+    also set oneDNN's TF32 switch, which warns on CPUs)."""
+    was = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = was
+
+
 def variant_patches(variant: str, device: torch.device, gpu_path: bool) -> list:
     """The patches (context managers) that make the model and switches a --variants entry
     names (``--gpu-path``: also the GPU's code path on a CPU; turns oneDNN off)."""
     patches = []
     if gpu_path:
-        patches.append(torch.backends.mkldnn.flags(enabled=False))
+        patches.append(_onednn_off())
         patches.append(mock.patch.object(fused, "_kernel_ready", lambda: False))
         if device.type == "cpu":
             patches += cuda_autocast_forms()
