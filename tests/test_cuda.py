@@ -17,6 +17,7 @@ from difflab.training import TrainConfig, train
 from difflab.training.objectives import DiffusionConfig, DiffusionObjective
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _common import parse_variant  # noqa: E402
 from unet_train import grad_error, gradient_errors  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -191,9 +192,18 @@ def test_compiled_resnet_block_with_layout_keeping_group_norm_matches_eager(monk
     _assert_close(_grad_errors(run, {"x": x, "temb": temb, **dict(block.named_parameters())}))
 
 
-@pytest.mark.parametrize("variant", ["shipped", "plain", "rr6", "fold", "fold-rr6", "gncl",
-                                     "fold-gncl-rr6", "gncl-nomix", "fold-gncl-rr6-nomix",
-                                     "gnops", "fold-gnops-rr6"])
+# The candidates by test id, as benchmarks' peers (benchmarks/_common.py: suffixes switch one
+# thing each from what difflab ships for CUDA; -rr4 is inductor's own default)
+_CANDIDATES = {"shipped": "difflab", "plain": "difflab-gnpt-nofold-rr4",
+               "rr6": "difflab-gnpt-nofold-rr6", "fold": "difflab-gnpt-fold-rr4",
+               "fold-rr6": "difflab-gnpt-fold-rr6", "gncl": "difflab-gncl-nofold-rr4",
+               "fold-gncl-rr6": "difflab-fold-gncl-rr6",
+               "gncl-nomix": "difflab-gncl-nofold-rr4-nomix",
+               "fold-gncl-rr6-nomix": "difflab-fold-gncl-rr6-nomix",
+               "gnops": "difflab-gnops-nofold-rr4", "fold-gnops-rr6": "difflab-fold-gnops-rr6"}
+
+
+@pytest.mark.parametrize("variant", list(_CANDIDATES))
 def test_compiled_mfu_candidate_trains_like_eager_pytorch(monkeypatch, variant):
     """Each candidate of benchmarks/gpu.sh part mfu (-fold: folded upsampling on the GPU,
     -gncl: the layout-keeping GroupNorm, -rr6: inductor's realize_reads_threshold=6), compiled
@@ -203,38 +213,29 @@ def test_compiled_mfu_candidate_trains_like_eager_pytorch(monkeypatch, variant):
     turns off the inductor feature suspected of it; -gnops is the same GroupNorm
     differentiated by autograd). "shipped" is difflab's CUDA default since the thirteenth
     session (fold-gnops-rr6, when compiled), the others switch each part alone."""
-    from difflab.nn import Upsample
-    from difflab.training.loop import COMPILE_OPTIONS, compile_kwargs
+    from difflab.training.loop import compile_kwargs
 
     torch._dynamo.reset()
-    flags = set(variant.split("-"))
+    peer = parse_variant(_CANDIDATES[variant])
+    for name in ("COMPILED_CHANNELS_LAST_GROUP_NORM", "CHANNELS_LAST_GROUP_NORM_FORM",
+                 "LOW_PRECISION_GPU_GROUP_NORM"):  # the peer's switches, restored after
+        monkeypatch.setattr(fused, name, getattr(fused, name))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+    peer.apply("cuda")
     cfg = UNetConfig(block_out_channels=(32, 64), layers_per_block=1,
                      attention_levels=(False, True), norm_num_groups=8, attention_head_dim=16,
                      sample_size=16, dropout=0.0, in_channels=3, out_channels=3)
     torch.manual_seed(0)
     eager = UNet2DModel(cfg).cuda().to(memory_format=torch.channels_last)
-    fast = UNet2DModel(cfg).cuda().to(memory_format=torch.channels_last)
+    fast = peer.build(cfg, "cuda").cuda().to(memory_format=torch.channels_last)
     with torch.no_grad():  # off the zero-initialised output layers: every weight gets a gradient
         for p in eager.parameters():
             p.add_(torch.randn_like(p), alpha=0.02)
     fast.load_state_dict(eager.state_dict())
-    for m in fast.modules():
-        if isinstance(m, Upsample) and variant != "shipped":  # (shipped: folds when compiled)
-            m.fold_on, m.fold_compiled_on = frozenset({"cpu", "cuda"} if "fold" in flags
-                                                      else {"cpu"}), frozenset()
     x = torch.randn(8, 3, 16, 16, device="cuda").contiguous(memory_format=torch.channels_last)
     t = torch.randint(0, 1000, (8,), device="cuda")
     noise = torch.randn_like(x)
-    if variant == "shipped":
-        options = COMPILE_OPTIONS.get("cuda")
-    else:
-        monkeypatch.setattr(fused, "COMPILED_CHANNELS_LAST_GROUP_NORM",
-                            frozenset({"cuda"}) if flags & {"gncl", "gnops"} else frozenset())
-        monkeypatch.setattr(fused, "CHANNELS_LAST_GROUP_NORM_FORM",
-                            "ops" if "gnops" in flags else "function")
-        options = {**({"realize_reads_threshold": 6} if "rr6" in flags else {}),
-                   **({"triton.mix_order_reduction": False} if "nomix" in flags else {})}
-    compiled = torch.compile(fast, **compile_kwargs("default", options or None))
+    compiled = torch.compile(fast, **compile_kwargs("default", peer.inductor_options("cuda")))
 
     def run(use_compiled):
         with torch.autocast("cuda", dtype=torch.bfloat16):
