@@ -94,7 +94,8 @@ def _fmt(v: object) -> str:
 # order, starting from what difflab ships for the device: "difflab-gncl-ck" is difflab with
 # the layout-keeping GroupNorm's hand-written backward and inductor's combo kernels.
 # unet_train.py (--peers), train_loop.py (--configs) and profile_step.py (--variant) share these
-# names. difflab before the thirteenth session's CUDA defaults is "difflab-gnpt-nofold-rr4".
+# names. difflab before the thirteenth session's CUDA defaults is "difflab-gnpt-nofold-rr4-tpsplit",
+# before the fourteenth's "difflab-tpsplit".
 VARIANT_SUFFIXES = {
     "nchw": "difflab in NCHW (it runs channels_last otherwise)",
     "cl": "diffusers in channels_last (it runs NCHW otherwise)",
@@ -105,6 +106,8 @@ VARIANT_SUFFIXES = {
             "(fused.CHANNELS_LAST_GROUP_NORM_FORM = 'function'; wrong gradients on an H100)",
     "gnops": "the layout-keeping GroupNorm when compiled, in plain operators (autograd's "
              "backward; fused.COMPILED_CHANNELS_LAST_GROUP_NORM, CUDA's default)",
+    "gnsum": "the layout-keeping GroupNorm when compiled, in plain operators, its statistics "
+             "from per-channel sums (fused.CHANNELS_LAST_GROUP_NORM_FORM = 'sums')",
     "gnpt": "PyTorch's GroupNorm when compiled (CUDA's default before the thirteenth session)",
     "gn16": "GroupNorm kept in bf16 under CUDA autocast (fused.LOW_PRECISION_GPU_GROUP_NORM)",
     "bench": "torch.backends.cudnn.benchmark (cuDNN picks algorithms by timing them)",
@@ -114,6 +117,9 @@ VARIANT_SUFFIXES = {
     "cdt": "inductor's coordinate_descent_tuning (block sizes tuned per kernel)",
     "nomix": "inductor's mix-order reductions off (triton.mix_order_reduction; Triton only; "
              "pytorch/pytorch#193061: wrong norm gradients in torch 2.10-2.11)",
+    "tpsplit": "one SiLU and one small matrix product per residual block for the time "
+               "projections (difflab before the fourteenth session; "
+               "nn.blocks.GROUPED_TIME_PROJECTIONS)",
     "w16": "bf16 copies of the conv/linear weights kept between steps, float32 masters in "
            "AdamW (TrainConfig.bf16_weights, difflab.training.precision)",
 }
@@ -121,8 +127,9 @@ _INDUCTOR_SUFFIXES = {"rr6": {"realize_reads_threshold": 6},
                       "rr4": {"realize_reads_threshold": 4}, "ck": {"combo_kernels": True},
                       "cdt": {"coordinate_descent_tuning": True},
                       "nomix": {"triton.mix_order_reduction": False}}
-_DIFFLAB_ONLY = {"nchw", "fold", "nofold", "gncl", "gnops", "gnpt", "gn16"}
-_EXCLUSIVE = ({"fold", "nofold"}, {"gncl", "gnops", "gnpt"}, {"rr6", "rr4"})
+_DIFFLAB_ONLY = {"nchw", "fold", "nofold", "gncl", "gnops", "gnsum", "gnpt", "gn16", "tpsplit"}
+_EXCLUSIVE = ({"fold", "nofold"}, {"gncl", "gnops", "gnsum", "gnpt"}, {"rr6", "rr4"})
+_GROUP_NORM_FORMS = {"gncl": "function", "gnops": "ops", "gnsum": "sums"}
 
 
 def _shipped() -> tuple[frozenset[str], str, dict[str, dict[str, object]]]:
@@ -182,13 +189,14 @@ class Variant:
     def apply(self, device_type: str) -> None:
         """Set the process-wide switches this variant runs with (call before each step when
         peers are interleaved: torch.compile guards on them and keeps one graph per setting)."""
-        from difflab.nn import fused
+        from difflab.nn import blocks, fused
 
         torch.backends.cudnn.benchmark = "bench" in self.flags
+        blocks.GROUPED_TIME_PROJECTIONS = "tpsplit" not in self.flags
         fused.LOW_PRECISION_GPU_GROUP_NORM = "gn16" in self.flags
         devices, form, _ = _SHIPPED
-        if self.flags & {"gncl", "gnops"}:
-            devices, form = devices | {device_type}, "function" if "gncl" in self.flags else "ops"
+        for flag in self.flags & set(_GROUP_NORM_FORMS):
+            devices, form = devices | {device_type}, _GROUP_NORM_FORMS[flag]
         if "gnpt" in self.flags:
             devices = devices - {device_type}
         fused.COMPILED_CHANNELS_LAST_GROUP_NORM, fused.CHANNELS_LAST_GROUP_NORM_FORM = devices, form

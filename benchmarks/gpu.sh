@@ -11,7 +11,8 @@
 #     part "mfu" (not in the default PARTS, ~9 min, one call: PARTS=mfu, timeout_s=590): the
 #     CUDA-graph step of difflab as it ships (since the thirteenth session: the layout-keeping
 #     GroupNorm in plain operators, folded upsampling, realize_reads_threshold=6 when compiled
-#     on CUDA) vs difflab before (-gnpt-nofold-rr4) and a candidate (-w16-ck), each one's
+#     on CUDA; since the fourteenth: all time projections in one product) vs difflab before
+#     (-tpsplit) and a candidate (-gnsum-w16), each one's
 #     gradients checked against eager float32 first, and eager diffusers; then the whole loop
 #     and the CUDA test of the shipped compiled model against eager PyTorch — the measurements
 #     for the matmul-rate goal; part "mfuprof" (~2-3 min, a second call at once on the warm
@@ -81,17 +82,18 @@ MFU=(--preset "${MFU_PRESET:-ddpm-cifar10}" --batch "${MFU_BATCH:-128}"
      --device "${MFU_DEVICE:-cuda}")
 if want mfu; then  # the matmul-rate goal (issue 5), sized to fit one call with the start
 # 3m-a. The CUDA-graph step (reduce-overhead) of difflab as it ships for CUDA (the
-# thirteenth session's defaults: -gnops, -fold and -rr6 when compiled; 6,536 img/s, 31.3 % on
-# an H100, one reading), difflab before them (-gnpt-nofold-rr4: 4,349 img/s, 20.7 %, twelfth
-# session) and a candidate: -w16 bf16 weight copies kept between steps (--bf16-weights), -ck
-# inductor's combo_kernels (the ~760 tiny kernels, per-channel statistics, launched together);
-# suffixes in benchmarks/_common.py. Eager bf16 first (difflab, the candidate, diffusers: the
+# thirteenth session's defaults: -gnops, -fold and -rr6 when compiled, with -w16 6,536 img/s,
+# 31.3 % on an H100, one reading; the fourteenth's: the 22 residual blocks' time projections
+# in one product, 63 fewer matrix-product kernels per step), difflab before the fourteenth
+# (-tpsplit) and a candidate: -gnsum GroupNorm statistics from per-channel sums (~100 fewer
+# small kernels, 0.8 GB less by a CPU count), -w16 bf16 weight copies kept between steps
+# (--bf16-weights); suffixes in benchmarks/_common.py. Eager bf16 first (difflab, the candidate, diffusers: the
 # 1.5× reference). Each peer's gradients are checked against eager float32 of its own model
 # (tolerance: 1.5× eager bf16's own error), then it is timed at once (printed: a cut-off run
 # keeps those); one that fails to compile is dropped; then all are timed interleaved.
 echo "== 3m. MFU: the CUDA-graph step, difflab vs before and a candidate ($(left) s left)"
 # (compiles take ~80-110 s each: three fit beside the rest)
-MFU_PEERS=${MFU_PEERS:-difflab,difflab-gnpt-nofold-rr4,difflab-w16-ck}
+MFU_PEERS=${MFU_PEERS:-difflab,difflab-tpsplit,difflab-gnsum-w16}
 rm -f benchmarks/out/unet_train.json
 timeout "$(cap "${MFU_UNET_S:-350}" 150)" python3 benchmarks/unet_train.py "${MFU[@]}" \
   --iters 10 --rounds 3 --modes bf16,bf16-ro \
@@ -118,11 +120,11 @@ SUFFIX=${BEST#difflab}
 timeout "$(cap "${MFU_LOOP_S:-140}" 60)" python3 benchmarks/train_loop.py "${MFU[@]}" --steps 60 \
   --configs "bf16-ro${SUFFIX:+,bf16-ro$SUFFIX}" 2>&1 | tee "$OUT/mfu_loop.txt"
 cp benchmarks/out/train_loop.json "$OUT/extra/mfu_loop.json" 2>/dev/null
-# 3m-c. the shipped compiled model against eager PyTorch on the GPU
-# (tests/test_cuda.py::test_compiled_mfu_candidate_trains_like_eager_pytorch[shipped])
+# 3m-c. the shipped compiled model and the -gnsum candidate against eager PyTorch on the GPU
+# (tests/test_cuda.py::test_compiled_mfu_candidate_trains_like_eager_pytorch[shipped, gnsum])
 echo "== 3m. tests/test_cuda.py ($(left) s left)"
 timeout "$(cap "${MFU_TESTS_S:-60}" 10)" python3 -m pytest -q -p no:cacheprovider -rf \
-  tests/test_cuda.py -k "mfu_candidate and shipped" 2>&1 | grep -v DEBUG | tail -15 \
+  tests/test_cuda.py -k "mfu_candidate and (shipped or gnsum)" 2>&1 | grep -v DEBUG | tail -15 \
   | tee "$OUT/mfu_tests.txt"
 echo "$BEST" > "$OUT/mfu_best.txt"
 fi

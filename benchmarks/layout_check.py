@@ -25,7 +25,8 @@ it in bf16), and with ``--inductor`` lets inductor decide what to store by its G
 (``gpu_realize_rules``); variant ``gn16`` keeps GroupNorm in bf16
 (``LOW_PRECISION_GPU_GROUP_NORM``), ``gncl-gn16`` both; a ``fold`` variant (or suffix:
 ``gncl-fold``) keeps the folded upsampling on the GPU path (``Upsample.fold_on``), ``w16``
-holds the convolution and linear weights in bf16 (``difflab.training.precision``).
+holds the convolution and linear weights in bf16 (``difflab.training.precision``), ``tpsplit``
+projects the time embedding block by block (``nn.blocks.GROUPED_TIME_PROJECTIONS`` off).
 
 ``--inductor`` also compiles each variant with inductor and counts the activation buffers of the
 generated code by layout: the traced strides do not show the layouts inductor picks itself
@@ -343,13 +344,16 @@ def variant_patches(variant: str, device: torch.device, gpu_path: bool) -> list:
         patches.append(mock.patch.object(sys.modules[__name__], "_KEEP_FOLD", True))
     if "w16" in variant.split("-"):  # bf16 weights kept between steps
         patches.append(mock.patch.object(sys.modules[__name__], "_BF16_WEIGHTS", True))
-    if variant.startswith(("gncl", "gnops")):  # the layout-keeping GroupNorm while compiling
-        # (gncl: its hand-written backward; gnops: in plain operators, autograd's backward)
+    forms = {"gncl": "function", "gnops": "ops", "gnsum": "sums"}
+    if variant.split("-")[0] in forms:  # the layout-keeping GroupNorm while compiling (gncl: its
+        # hand-written backward; gnops: in plain operators, autograd's backward; gnsum: the same
+        # with per-channel sums for the statistics)
         patches.append(mock.patch.object(
             fused, "COMPILED_CHANNELS_LAST_GROUP_NORM", frozenset({device.type})))
         patches.append(mock.patch.object(
-            fused, "CHANNELS_LAST_GROUP_NORM_FORM",
-            "ops" if variant.startswith("gnops") else "function"))
+            fused, "CHANNELS_LAST_GROUP_NORM_FORM", forms[variant.split("-")[0]]))
+    if "tpsplit" in variant.split("-"):  # one small product per block's time projection
+        patches.append(mock.patch.object(blocks, "GROUPED_TIME_PROJECTIONS", False))
     if "gn16" in variant.split("-"):  # GroupNorm in bf16 under CUDA autocast
         patches.append(mock.patch.object(fused, "LOW_PRECISION_GPU_GROUP_NORM", True))
     return patches
@@ -371,7 +375,8 @@ def main() -> None:
                     "in plain operators, autograd's backward); gn16: GroupNorm "
                     "in bf16 under CUDA autocast; gncl-gn16: both; fold (also as a suffix, "
                     "e.g. gncl-fold): the folded upsampling kept on the GPU path; w16 (also as a "
-                    "suffix): conv/linear weights held in bf16; diffusers: its UNet2DModel, "
+                    "suffix): conv/linear weights held in bf16; tpsplit (suffix): one small "
+                    "product per block's time projection; diffusers: its UNet2DModel, "
                     "same configuration")
     ap.add_argument("--inductor", action="store_true",
                     help="also compile each variant with inductor (minutes on a CPU) and count "
@@ -447,8 +452,8 @@ def main() -> None:
             for g in ("forward", "backward"):
                 row[f"NCHW buffers, {g}"] = sum(v for k, v in buffers[g].items()
                                                 if k.startswith("nchw"))
-            row["fused kernels"] = sum(buffers["traffic"][g]["fused kernels"]
-                                       for g in ("forward", "backward"))
+            for kind in ("fused kernels", "extern kernels"):
+                row[kind] = sum(buffers["traffic"][g][kind] for g in ("forward", "backward"))
             row[f"MB moved at batch {args.batch}"] = round(sum(
                 buffers["traffic"][g]["bytes"] for g in ("forward", "backward")) / 1e6)
         if args.extrapolate:

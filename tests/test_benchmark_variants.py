@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from difflab.models.unet import UNetConfig
-from difflab.nn import Upsample, fused
+from difflab.nn import Upsample, blocks, fused
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _common import parse_variant  # noqa: E402
@@ -62,6 +62,7 @@ def test_fold_is_set_per_model_and_switches_per_call(monkeypatch):
     monkeypatch.setattr(fused, "COMPILED_CHANNELS_LAST_GROUP_NORM", frozenset({"cuda"}))
     monkeypatch.setattr(fused, "CHANNELS_LAST_GROUP_NORM_FORM", "ops")
     monkeypatch.setattr(fused, "LOW_PRECISION_GPU_GROUP_NORM", False)
+    monkeypatch.setattr(blocks, "GROUPED_TIME_PROJECTIONS", True)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     folded = parse_variant("difflab-fold").build(CFG, "cuda")
     plain = parse_variant("difflab").build(CFG, "cuda")
@@ -82,9 +83,11 @@ def test_fold_is_set_per_model_and_switches_per_call(monkeypatch):
     parse_variant("difflab-gnops").apply("cpu")
     assert fused.COMPILED_CHANNELS_LAST_GROUP_NORM == {"cpu", "cuda"}
     assert fused.CHANNELS_LAST_GROUP_NORM_FORM == "ops"
+    parse_variant("difflab-gnsum-tpsplit").apply("cuda")
+    assert fused.CHANNELS_LAST_GROUP_NORM_FORM == "sums" and not blocks.GROUPED_TIME_PROJECTIONS
     parse_variant("difflab").apply("cuda")  # the next peer of an interleaved run
     assert fused.COMPILED_CHANNELS_LAST_GROUP_NORM == {"cuda"}
-    assert fused.CHANNELS_LAST_GROUP_NORM_FORM == "ops"
+    assert fused.CHANNELS_LAST_GROUP_NORM_FORM == "ops" and blocks.GROUPED_TIME_PROJECTIONS
     assert not fused.LOW_PRECISION_GPU_GROUP_NORM and not torch.backends.cudnn.benchmark
 
 
@@ -246,14 +249,16 @@ def test_layout_check_variants_set_the_group_norm_they_name():
 
     cpu = torch.device("cpu")
     shipped = (fused.COMPILED_CHANNELS_LAST_GROUP_NORM, fused.CHANNELS_LAST_GROUP_NORM_FORM)
-    for variant, form in (("gncl", "function"), ("gncl-fold", "function"), ("gnops", "ops")):
+    for variant, form in (("gncl", "function"), ("gncl-fold", "function"), ("gnops", "ops"),
+                          ("gnsum-fold-w16-tpsplit", "sums")):
         with ExitStack() as stack:
             for patch in variant_patches(variant, cpu, gpu_path=True):
                 stack.enter_context(patch)
             assert fused.COMPILED_CHANNELS_LAST_GROUP_NORM == {"cpu"}
             assert fused.CHANNELS_LAST_GROUP_NORM_FORM == form
+            assert blocks.GROUPED_TIME_PROJECTIONS == ("tpsplit" not in variant)
             assert not torch.backends.mkldnn.enabled
-    assert torch.backends.mkldnn.enabled
+    assert torch.backends.mkldnn.enabled and blocks.GROUPED_TIME_PROJECTIONS
     with ExitStack() as stack:
         for patch in variant_patches("difflab", cpu, gpu_path=False):
             stack.enter_context(patch)

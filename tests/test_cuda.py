@@ -12,7 +12,7 @@ from torch import nn
 
 from difflab.data import load_dataset
 from difflab.models.unet import UNet2DModel, UNetConfig
-from difflab.nn import fused
+from difflab.nn import blocks, fused
 from difflab.training import TrainConfig, train
 from difflab.training.objectives import DiffusionConfig, DiffusionObjective
 
@@ -200,7 +200,8 @@ _CANDIDATES = {"shipped": "difflab", "plain": "difflab-gnpt-nofold-rr4",
                "fold-gncl-rr6": "difflab-fold-gncl-rr6",
                "gncl-nomix": "difflab-gncl-nofold-rr4-nomix",
                "fold-gncl-rr6-nomix": "difflab-fold-gncl-rr6-nomix",
-               "gnops": "difflab-gnops-nofold-rr4", "fold-gnops-rr6": "difflab-fold-gnops-rr6"}
+               "gnops": "difflab-gnops-nofold-rr4", "fold-gnops-rr6": "difflab-fold-gnops-rr6",
+               "gnsum": "difflab-gnsum", "tpsplit": "difflab-tpsplit"}
 
 
 @pytest.mark.parametrize("variant", list(_CANDIDATES))
@@ -211,8 +212,10 @@ def test_compiled_mfu_candidate_trains_like_eager_pytorch(monkeypatch, variant):
     and the plain upsampling: same loss, same gradients to bf16 accuracy. It must hold before
     any of them becomes a GPU default (-gncl failed on an H100: 75 % gradient error; -nomix
     turns off the inductor feature suspected of it; -gnops is the same GroupNorm
-    differentiated by autograd). "shipped" is difflab's CUDA default since the thirteenth
-    session (fold-gnops-rr6, when compiled), the others switch each part alone."""
+    differentiated by autograd; -gnsum the same with per-channel sums for the statistics).
+    "shipped" is difflab's CUDA default since the thirteenth session (fold-gnops-rr6, when
+    compiled; since the fourteenth the time projections in one product, -tpsplit without),
+    the others switch each part alone."""
     from difflab.training.loop import compile_kwargs
 
     torch._dynamo.reset()
@@ -220,6 +223,7 @@ def test_compiled_mfu_candidate_trains_like_eager_pytorch(monkeypatch, variant):
     for name in ("COMPILED_CHANNELS_LAST_GROUP_NORM", "CHANNELS_LAST_GROUP_NORM_FORM",
                  "LOW_PRECISION_GPU_GROUP_NORM"):  # the peer's switches, restored after
         monkeypatch.setattr(fused, name, getattr(fused, name))
+    monkeypatch.setattr(blocks, "GROUPED_TIME_PROJECTIONS", blocks.GROUPED_TIME_PROJECTIONS)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
     peer.apply("cuda")
     cfg = UNetConfig(block_out_channels=(32, 64), layers_per_block=1,

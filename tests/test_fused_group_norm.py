@@ -7,6 +7,7 @@ import subprocess
 import sys
 from contextlib import ExitStack
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -179,7 +180,7 @@ def test_without_the_kernel_everything_falls_back():
 # (fused.COMPILED_CHANNELS_LAST_GROUP_NORM): the same function as PyTorch's, written so that
 # inductor keeps every activation buffer channels-last.
 
-@pytest.mark.parametrize("form", ["function", "ops"])
+@pytest.mark.parametrize("form", ["function", "ops", "sums"])
 @pytest.mark.parametrize("silu", [False, True])
 @pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format],
                          ids=["channels_last", "nchw"])
@@ -191,14 +192,55 @@ def test_layout_keeping_group_norm_is_group_norm_in_float64(silu, layout, form):
     b = torch.randn(12, generator=g, dtype=torch.float64).requires_grad_()
 
     def f(x, w, b):
-        if form == "ops":  # autograd's own backward of the same forward
-            return fused._group_norm_by_ops(x, w, b, 3, 1e-5, silu, torch.float64)
+        if form in ("ops", "sums"):  # autograd's own backward of the same forward
+            return fused._group_norm_by_ops(x, w, b, 3, 1e-5, silu, torch.float64,
+                                            form == "sums")
         return fused._ChannelsLastGroupNorm.apply(x, w, b, 3, 1e-5, silu, torch.float64)
 
     assert torch.autograd.gradcheck(f, (x, w, b))
     y = f(x, w, b)
     assert (y - reference(x, w, b, 3, 1e-5, silu)).abs().max() < 1e-12
     assert y.is_contiguous(memory_format=layout)
+
+
+def test_statistics_by_channel_sums_are_var_mean_to_bf16s_own_rounding():
+    """The "sums" form's statistics (E[x²] − E[x]² from per-channel sums): in float64 the same
+    function as var_mean, gradients included; in float32 on bf16 inputs whose mean is r times
+    their spread, off by less than rounding the input to bf16 moved the variance (the reason
+    the form takes bf16 inputs only: float32 inputs keep var_mean)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 5, 4, generator=g, dtype=torch.float64) + 3
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: fused._group_var_mean_by_channel_sums(x, 3), (x,))
+    for got, want in zip(fused._group_var_mean_by_channel_sums(x, 3),
+                         torch.var_mean(x.unflatten(1, (3, -1)), dim=(2, 3, 4), correction=0)):
+        assert (got - want).abs().max() < 1e-12
+    for r in (1.0, 30.0, 300.0):
+        exact = torch.randn(4, 64, 16, 16, generator=g, dtype=torch.float64) + r
+        quantised = exact.to(torch.bfloat16)
+        want_var = torch.var_mean(quantised.double().unflatten(1, (8, -1)), dim=(2, 3, 4),
+                                  correction=0)[0]
+        var, _ = fused._group_var_mean_by_channel_sums(quantised.float(), 8)
+        rounding = (want_var - torch.var_mean(exact.unflatten(1, (8, -1)), dim=(2, 3, 4),
+                                              correction=0)[0]).abs()
+        err = (var.double() - want_var).abs()
+        assert err.max() < 1e-6 * want_var.max() + 2 * rounding.max(), r
+    # dispatch: bf16 inputs take the sums, float32 inputs var_mean
+    norm = nn.GroupNorm(2, 4)
+    calls = []
+    real = fused._group_var_mean_by_channel_sums
+
+    def spy(xf, groups):
+        calls.append(xf.dtype)
+        return real(xf, groups)
+
+    with mock.patch.object(fused, "_group_var_mean_by_channel_sums", spy):
+        for dtype in (torch.float32, torch.bfloat16):
+            xin = torch.randn(2, 4, 3, 3).to(dtype)
+            y = fused._group_norm_by_ops(xin, norm.weight, norm.bias, 2, 1e-5, False,
+                                         torch.float32, True)
+            assert (y - norm(xin.float())).abs().max() < 1e-4
+    assert calls == [torch.float32]  # once: for the bf16 input, widened to float32
 
 
 def test_layout_keeping_group_norm_returns_pytorchs_dtypes():
@@ -258,7 +300,7 @@ def _compiled_block_step(monkeypatch, devices, backend, bf16=False, channels=16,
     return out.detach(), [p.grad for p in block.parameters()]
 
 
-@pytest.mark.parametrize("form", ["function", "ops"])
+@pytest.mark.parametrize("form", ["function", "ops", "sums"])
 def test_layout_keeping_group_norm_is_traced_only_when_switched_on_and_compiling(monkeypatch,
                                                                                 form):
     graphs = []
@@ -281,7 +323,7 @@ def test_layout_keeping_group_norm_is_traced_only_when_switched_on_and_compiling
                                      .next_functions[0][0]).__name__
 
 
-@pytest.mark.parametrize("form", ["function", "ops"])
+@pytest.mark.parametrize("form", ["function", "ops", "sums"])
 def test_inductor_keeps_every_activation_buffer_channels_last(monkeypatch, form):
     """Why the switch exists: compiled by inductor along a GPU's code path (bf16 autocast,
     PyTorch's GroupNorm, no oneDNN), PyTorch's GroupNorm backward decomposition lays activation

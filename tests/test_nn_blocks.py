@@ -245,3 +245,50 @@ def test_every_attention_runs_sdpa_in_float32_under_cpu_bf16(monkeypatch):
     assert outs[0].dtype == outs[1].dtype == torch.bfloat16  # (the U-Net's adds its fp32 input)
     with torch.no_grad():  # and the same numbers as float32 attention, to bf16 precision
         torch.testing.assert_close(outs[1].float(), cross_attn(x, ctx), rtol=0.05, atol=0.02)
+
+
+@pytest.mark.parametrize("model", ["unet", "unet_condition"])
+def test_time_projections_in_one_product_are_the_blocks_own(monkeypatch, model):
+    """The U-Nets project the time embedding for every residual block in one matrix product
+    (stacked weights): in float64 each block gets what its own ``time_emb_proj(silu(temb))``
+    gives, and the model's output and every parameter's gradient equal the block-by-block
+    computation's."""
+    from difflab.models.unet_condition import UNet2DConditionConfig, UNet2DConditionModel
+    from difflab.nn import ResnetBlock, blocks, time_projections
+
+    torch.manual_seed(0)
+    if model == "unet":
+        net = UNet2DModel(UNetConfig(sample_size=8, block_out_channels=(8, 16),
+                                     attention_levels=(False, True), norm_num_groups=4,
+                                     attention_head_dim=8, layers_per_block=1)).double()
+        extra = {}
+    else:
+        net = UNet2DConditionModel(UNet2DConditionConfig(
+            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+            norm_num_groups=4, cross_attention_dim=12, attention_head_dim=2)).double()
+        extra = {"encoder_hidden_states": torch.randn(2, 3, 12, dtype=torch.float64)}
+    resnets = [m for m in net.modules() if isinstance(m, ResnetBlock)]
+    for r in resnets:  # diffusers-style zero init would hide a mix-up: random projections
+        torch.nn.init.normal_(r.time_emb_proj.weight, std=0.5)
+        torch.nn.init.normal_(r.time_emb_proj.bias)
+    temb = torch.randn(2, resnets[0].time_emb_proj.in_features, dtype=torch.float64)
+    for r, p in zip(resnets, time_projections(resnets, temb)):
+        torch.testing.assert_close(p, r.time_emb_proj(F.silu(temb)), rtol=0, atol=1e-12)
+    x = torch.randn(2, net.config.in_channels, 8, 8, dtype=torch.float64)
+
+    def run(grouped):
+        monkeypatch.setattr(blocks, "GROUPED_TIME_PROJECTIONS", grouped)
+        net.zero_grad()
+        out = net(x, torch.tensor([3, 700]), **extra).sample
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}
+
+    (out, grads), (out_split, grads_split) = run(True), run(False)
+    torch.testing.assert_close(out, out_split, rtol=0, atol=1e-12)
+    assert grads.keys() == grads_split.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(g, grads_split[name], rtol=1e-10, atol=1e-12, msg=name)
+    assert all(grads[f"{n}.time_emb_proj.weight"].abs().sum() > 0  # every block's reached
+               for n, m in net.named_modules() if isinstance(m, ResnetBlock))

@@ -27,6 +27,7 @@ from difflab.nn import (
     TimestepEmbedding,
     Upsample,
     dense_gradient,
+    time_projections,
     timestep_embedding,
 )
 from difflab.nn.fused import group_norm_silu
@@ -182,11 +183,15 @@ class UNet2DModel(ModelMixin):
                 raise ValueError("this U-Net is class-conditional: pass class_labels")
             temb = temb + self.class_embedding(class_labels).to(temb.dtype)
 
+        # every residual block's time projection in one product, taken in calling order
+        resnets = [r for b in (*self.down_blocks, self.mid_block, *self.up_blocks)
+                   for r in b.resnets]
+        projs = iter(time_projections(resnets, temb))
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
             for j, resnet in enumerate(block.resnets):
-                h = resnet(h, temb)
+                h = resnet(h, temb_proj=next(projs))
                 if block.attentions is not None:
                     h = block.attentions[j](h)
                 skips.append(h)
@@ -194,14 +199,15 @@ class UNet2DModel(ModelMixin):
                 h = block.downsamplers[0](h)
                 skips.append(h)
 
-        h = self.mid_block.resnets[0](h, temb)
+        h = self.mid_block.resnets[0](h, temb_proj=next(projs))
         if self.mid_block.attentions is not None:
             h = self.mid_block.attentions[0](h)
-        h = self.mid_block.resnets[1](h, temb)
+        h = self.mid_block.resnets[1](h, temb_proj=next(projs))
 
         for block in self.up_blocks:
             for j, resnet in enumerate(block.resnets):
-                h = resnet(torch.cat([dense_gradient(h), skips.pop()], dim=1), temb)
+                h = resnet(torch.cat([dense_gradient(h), skips.pop()], dim=1),
+                           temb_proj=next(projs))
                 if block.attentions is not None:
                     h = block.attentions[j](h)
             if hasattr(block, "upsamplers"):

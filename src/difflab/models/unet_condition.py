@@ -19,6 +19,7 @@ block_out_channels (320, 640, 1280, 1280), 2 layers per block, 8 heads, cross_at
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ from difflab.nn import (
     TimestepEmbedding,
     Upsample,
     dense_gradient,
+    time_projections,
     timestep_embedding,
 )
 from difflab.nn.fused import group_norm_silu
@@ -183,10 +185,11 @@ class DownBlock(nn.Module):
         self.attentions = nn.ModuleList(attentions) if attentions else None
         self.downsamplers = nn.ModuleList([downsample]) if downsample is not None else None
 
-    def forward(self, h: Tensor, temb: Tensor, context: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def forward(self, h: Tensor, projs: Iterator[Tensor], context: Tensor
+                ) -> tuple[Tensor, list[Tensor]]:
         skips = []
         for j, resnet in enumerate(self.resnets):
-            h = resnet(h, temb)
+            h = resnet(h, temb_proj=next(projs))
             if self.attentions is not None:
                 h = self.attentions[j](h, context)
             skips.append(h)
@@ -206,9 +209,10 @@ class UpBlock(nn.Module):
         self.attentions = nn.ModuleList(attentions) if attentions else None
         self.upsamplers = nn.ModuleList([upsample]) if upsample is not None else None
 
-    def forward(self, h: Tensor, skips: list[Tensor], temb: Tensor, context: Tensor) -> Tensor:
+    def forward(self, h: Tensor, skips: list[Tensor], projs: Iterator[Tensor],
+                context: Tensor) -> Tensor:
         for j, resnet in enumerate(self.resnets):
-            h = resnet(torch.cat([dense_gradient(h), skips.pop()], dim=1), temb)
+            h = resnet(torch.cat([dense_gradient(h), skips.pop()], dim=1), temb_proj=next(projs))
             if self.attentions is not None:
                 h = self.attentions[j](h, context)
         if self.upsamplers is not None:
@@ -224,10 +228,10 @@ class MidBlock(nn.Module):
         self.resnets = nn.ModuleList(resnets)
         self.attentions = nn.ModuleList([attention])
 
-    def forward(self, h: Tensor, temb: Tensor, context: Tensor) -> Tensor:
-        h = self.resnets[0](h, temb)
+    def forward(self, h: Tensor, projs: Iterator[Tensor], context: Tensor) -> Tensor:
+        h = self.resnets[0](h, temb_proj=next(projs))
         h = self.attentions[0](h, context)
-        return self.resnets[1](h, temb)
+        return self.resnets[1](h, temb_proj=next(projs))
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,12 +310,16 @@ class UNet2DConditionModel(ModelMixin):
                                   freq_shift=self.config.freq_shift).to(x.dtype)
         temb = self.time_embedding(temb)  # (B, 4·C0)
 
+        # every residual block's time projection in one product, taken in calling order
+        resnets = [r for b in (*self.down_blocks, self.mid_block, *self.up_blocks)
+                   for r in b.resnets]
+        projs = iter(time_projections(resnets, temb))
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
-            h, block_skips = block(h, temb, context)
+            h, block_skips = block(h, projs, context)
             skips += block_skips
-        h = self.mid_block(h, temb, context)
+        h = self.mid_block(h, projs, context)
         for block in self.up_blocks:
-            h = block(h, skips, temb, context)
+            h = block(h, skips, projs, context)
         return UNet2DConditionOutput(self.conv_out(group_norm_silu(self.conv_norm_out, h)))

@@ -213,6 +213,12 @@ COMPILED_CHANNELS_LAST_GROUP_NORM: frozenset[str] = frozenset({"cuda"})
 # — but there, in torch 2.11, its compiled gradients came out 75 % off, the last ResNet
 # block's tensors lost whole, with inductor's mix-order reductions off too; eager, and compiled
 # on a CPU, it is right: RESULTS.md, "Twelfth" and "Thirteenth session"; tests/test_cuda.py).
+# "sums": the "ops" form with the statistics of bf16 inputs from per-channel sums
+# (:func:`_group_var_mean_by_channel_sums`): counted on a CPU by inductor's GPU rules for the
+# DDPM-CIFAR-10 step at batch 128 (with folded upsampling, bf16 weights, realize_reads=6),
+# 560 instead of 666 fused kernels and 15.7 instead of 16.7 GB, 5.3 instead of 5.8 ms at an
+# H100's bandwidth (RESULTS.md, "Fourteenth session"); not yet timed on a GPU (benchmarks'
+# -gnsum; benchmarks/gpu.sh part mfu).
 # Eager code that needs the layout-keeping GroupNorm (:func:`_pytorch_backward_would_crash`)
 # uses the form set here as well.
 CHANNELS_LAST_GROUP_NORM_FORM = "ops"
@@ -271,14 +277,33 @@ def _stored(t: torch.Tensor) -> torch.Tensor:
 
 
 def _normalisation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
-                   eps: float):
+                   eps: float, by_channel_sums: bool = False):
     """``x`` in float32 (float64 stays), its (N, G) mean and 1/std, and GroupNorm as
-    ``x·scale + shift`` with (N, C, 1, 1) ``scale`` and ``shift``."""
+    ``x·scale + shift`` with (N, C, 1, 1) ``scale`` and ``shift``; the statistics of a bf16
+    ``x`` by :func:`_group_var_mean_by_channel_sums` if ``by_channel_sums``."""
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    # splitting C into (G, C/G) is a view in any layout
-    var, mean = torch.var_mean(xf.unflatten(1, (groups, -1)), dim=(2, 3, 4), correction=0)
+    if by_channel_sums and x.dtype == torch.bfloat16:
+        var, mean = _group_var_mean_by_channel_sums(xf, groups)
+    else:  # splitting C into (G, C/G) is a view in any layout
+        var, mean = torch.var_mean(xf.unflatten(1, (groups, -1)), dim=(2, 3, 4), correction=0)
     rstd = torch.rsqrt(var + eps)  # (N, G)
     return (xf, mean, rstd, *_per_channel(mean, rstd, weight, bias))
+
+
+def _group_var_mean_by_channel_sums(xf: torch.Tensor, groups: int
+                                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, G) variance and mean of ``xf`` (N, C, H, W) as E[x²] − E[x]² and E[x] from the sums
+    of x and x² per (sample, channel) over (H, W): reductions of one pass over ``xf`` that keep
+    its layout, autograd's backward of them a per-channel ``a·x + b``. In float32 E[x²] − E[x]²
+    loses ~1e-6·(mean/std)² of the variance to cancellation: no more than rounding the input to
+    bf16 already moved it (~1.3e-6·(mean/std)², half an ulp of 2⁻⁸ relative, uniform), so
+    :func:`_normalisation` uses it for bf16 inputs only."""
+    n, c, h, w = xf.shape
+    m = c // groups * h * w
+    s1 = xf.sum((2, 3)).unflatten(1, (groups, -1)).sum(2)  # (N, G)
+    s2 = xf.square().sum((2, 3)).unflatten(1, (groups, -1)).sum(2)
+    mean = s1 / m
+    return s2 / m - mean * mean, mean
 
 
 def _per_channel(mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
@@ -296,18 +321,20 @@ def channels_last_group_norm_silu(norm: nn.GroupNorm, x: torch.Tensor,
     PyTorch's GroupNorm returns: float32 under CUDA autocast (unless
     :data:`LOW_PRECISION_GPU_GROUP_NORM`), the input's dtype otherwise."""
     out_dtype = autocast_group_norm_dtype(x)
-    if CHANNELS_LAST_GROUP_NORM_FORM == "ops":
+    if CHANNELS_LAST_GROUP_NORM_FORM in ("ops", "sums"):
         return _group_norm_by_ops(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu,
-                                  out_dtype)
+                                  out_dtype, CHANNELS_LAST_GROUP_NORM_FORM == "sums")
     return _ChannelsLastGroupNorm.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps,
                                         silu, out_dtype)
 
 
 def _group_norm_by_ops(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
-                       eps: float, silu: bool, out_dtype: torch.dtype) -> torch.Tensor:
+                       eps: float, silu: bool, out_dtype: torch.dtype,
+                       by_channel_sums: bool = False) -> torch.Tensor:
     """:class:`_ChannelsLastGroupNorm`'s forward, differentiated by autograd: reductions over
-    (C/G, H, W) of a view and per-channel broadcasts, which keep any layout."""
-    xf, _, _, scale, shift = _normalisation(x, weight, bias, groups, eps)
+    (C/G, H, W) of a view (or over (H, W) per channel, ``by_channel_sums``) and per-channel
+    broadcasts, which keep any layout."""
+    xf, _, _, scale, shift = _normalisation(x, weight, bias, groups, eps, by_channel_sums)
     z = xf * scale + shift
     return (F.silu(z) if silu else z).to(out_dtype)
 
