@@ -118,8 +118,10 @@ VARIANT_SUFFIXES = {
     "nomix": "inductor's mix-order reductions off (triton.mix_order_reduction; Triton only; "
              "pytorch/pytorch#193061: wrong norm gradients in torch 2.10-2.11)",
     "tpsplit": "one SiLU and one small matrix product per residual block for the time "
-               "projections (difflab before the fourteenth session; "
-               "nn.blocks.GROUPED_TIME_PROJECTIONS)",
+               "projections on this device (CUDA's before the fourteenth session, the CPU's "
+               "default; nn.blocks.GROUPED_TIME_PROJECTIONS)",
+    "tpgroup": "all residual blocks' time projections in one matrix product on this device "
+               "(CUDA's default since the fourteenth session)",
     "w16": "bf16 copies of the conv/linear weights kept between steps, float32 masters in "
            "AdamW (TrainConfig.bf16_weights, difflab.training.precision)",
 }
@@ -127,19 +129,22 @@ _INDUCTOR_SUFFIXES = {"rr6": {"realize_reads_threshold": 6},
                       "rr4": {"realize_reads_threshold": 4}, "ck": {"combo_kernels": True},
                       "cdt": {"coordinate_descent_tuning": True},
                       "nomix": {"triton.mix_order_reduction": False}}
-_DIFFLAB_ONLY = {"nchw", "fold", "nofold", "gncl", "gnops", "gnsum", "gnpt", "gn16", "tpsplit"}
-_EXCLUSIVE = ({"fold", "nofold"}, {"gncl", "gnops", "gnsum", "gnpt"}, {"rr6", "rr4"})
+_DIFFLAB_ONLY = {"nchw", "fold", "nofold", "gncl", "gnops", "gnsum", "gnpt", "gn16", "tpsplit",
+                 "tpgroup"}
+_EXCLUSIVE = ({"fold", "nofold"}, {"gncl", "gnops", "gnsum", "gnpt"}, {"rr6", "rr4"},
+              {"tpsplit", "tpgroup"})
 _GROUP_NORM_FORMS = {"gncl": "function", "gnops": "ops", "gnsum": "sums"}
 
 
-def _shipped() -> tuple[frozenset[str], str, dict[str, dict[str, object]]]:
+def _shipped() -> tuple[frozenset[str], str, dict[str, dict[str, object]], frozenset[str]]:
     """What difflab ships: the compiled GroupNorm's device types and form, the inductor
-    settings per device type (read once, before a benchmark changes them)."""
-    from difflab.nn import fused
+    settings per device type, the device types of the grouped time projections (read once,
+    before a benchmark changes them)."""
+    from difflab.nn import blocks, fused
     from difflab.training import loop
 
     return (fused.COMPILED_CHANNELS_LAST_GROUP_NORM, fused.CHANNELS_LAST_GROUP_NORM_FORM,
-            {k: dict(v) for k, v in loop.COMPILE_OPTIONS.items()})
+            {k: dict(v) for k, v in loop.COMPILE_OPTIONS.items()}, blocks.GROUPED_TIME_PROJECTIONS)
 
 
 _SHIPPED = _shipped()
@@ -192,9 +197,13 @@ class Variant:
         from difflab.nn import blocks, fused
 
         torch.backends.cudnn.benchmark = "bench" in self.flags
-        blocks.GROUPED_TIME_PROJECTIONS = "tpsplit" not in self.flags
         fused.LOW_PRECISION_GPU_GROUP_NORM = "gn16" in self.flags
-        devices, form, _ = _SHIPPED
+        devices, form, _, grouped = _SHIPPED
+        if "tpsplit" in self.flags:
+            grouped = grouped - {device_type}
+        if "tpgroup" in self.flags:
+            grouped = grouped | {device_type}
+        blocks.GROUPED_TIME_PROJECTIONS = grouped
         for flag in self.flags & set(_GROUP_NORM_FORMS):
             devices, form = devices | {device_type}, _GROUP_NORM_FORMS[flag]
         if "gnpt" in self.flags:

@@ -26,7 +26,8 @@ it in bf16), and with ``--inductor`` lets inductor decide what to store by its G
 (``LOW_PRECISION_GPU_GROUP_NORM``), ``gncl-gn16`` both; a ``fold`` variant (or suffix:
 ``gncl-fold``) keeps the folded upsampling on the GPU path (``Upsample.fold_on``), ``w16``
 holds the convolution and linear weights in bf16 (``difflab.training.precision``), ``tpsplit``
-projects the time embedding block by block (``nn.blocks.GROUPED_TIME_PROJECTIONS`` off).
+projects the time embedding block by block on the GPU path (``nn.blocks.GROUPED_TIME_PROJECTIONS``,
+which ``--gpu-path`` otherwise sets as for CUDA: all blocks in one product).
 
 ``--inductor`` also compiles each variant with inductor and counts the activation buffers of the
 generated code by layout: the traced strides do not show the layouts inductor picks itself
@@ -352,8 +353,10 @@ def variant_patches(variant: str, device: torch.device, gpu_path: bool) -> list:
             fused, "COMPILED_CHANNELS_LAST_GROUP_NORM", frozenset({device.type})))
         patches.append(mock.patch.object(
             fused, "CHANNELS_LAST_GROUP_NORM_FORM", forms[variant.split("-")[0]]))
-    if "tpsplit" in variant.split("-"):  # one small product per block's time projection
-        patches.append(mock.patch.object(blocks, "GROUPED_TIME_PROJECTIONS", False))
+    if gpu_path:  # the time projections as CUDA does them (in one product), unless tpsplit
+        patches.append(mock.patch.object(
+            blocks, "GROUPED_TIME_PROJECTIONS",
+            frozenset() if "tpsplit" in variant.split("-") else frozenset({device.type})))
     if "gn16" in variant.split("-"):  # GroupNorm in bf16 under CUDA autocast
         patches.append(mock.patch.object(fused, "LOW_PRECISION_GPU_GROUP_NORM", True))
     return patches

@@ -62,7 +62,7 @@ def test_fold_is_set_per_model_and_switches_per_call(monkeypatch):
     monkeypatch.setattr(fused, "COMPILED_CHANNELS_LAST_GROUP_NORM", frozenset({"cuda"}))
     monkeypatch.setattr(fused, "CHANNELS_LAST_GROUP_NORM_FORM", "ops")
     monkeypatch.setattr(fused, "LOW_PRECISION_GPU_GROUP_NORM", False)
-    monkeypatch.setattr(blocks, "GROUPED_TIME_PROJECTIONS", True)
+    monkeypatch.setattr(blocks, "GROUPED_TIME_PROJECTIONS", frozenset({"cuda"}))
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     folded = parse_variant("difflab-fold").build(CFG, "cuda")
     plain = parse_variant("difflab").build(CFG, "cuda")
@@ -85,9 +85,12 @@ def test_fold_is_set_per_model_and_switches_per_call(monkeypatch):
     assert fused.CHANNELS_LAST_GROUP_NORM_FORM == "ops"
     parse_variant("difflab-gnsum-tpsplit").apply("cuda")
     assert fused.CHANNELS_LAST_GROUP_NORM_FORM == "sums" and not blocks.GROUPED_TIME_PROJECTIONS
+    parse_variant("difflab-tpgroup").apply("cpu")
+    assert blocks.GROUPED_TIME_PROJECTIONS == {"cpu", "cuda"}
     parse_variant("difflab").apply("cuda")  # the next peer of an interleaved run
     assert fused.COMPILED_CHANNELS_LAST_GROUP_NORM == {"cuda"}
-    assert fused.CHANNELS_LAST_GROUP_NORM_FORM == "ops" and blocks.GROUPED_TIME_PROJECTIONS
+    assert fused.CHANNELS_LAST_GROUP_NORM_FORM == "ops"
+    assert blocks.GROUPED_TIME_PROJECTIONS == {"cuda"}
     assert not fused.LOW_PRECISION_GPU_GROUP_NORM and not torch.backends.cudnn.benchmark
 
 
@@ -256,9 +259,9 @@ def test_layout_check_variants_set_the_group_norm_they_name():
                 stack.enter_context(patch)
             assert fused.COMPILED_CHANNELS_LAST_GROUP_NORM == {"cpu"}
             assert fused.CHANNELS_LAST_GROUP_NORM_FORM == form
-            assert blocks.GROUPED_TIME_PROJECTIONS == ("tpsplit" not in variant)
+            assert bool(blocks.GROUPED_TIME_PROJECTIONS) == ("tpsplit" not in variant)
             assert not torch.backends.mkldnn.enabled
-    assert torch.backends.mkldnn.enabled and blocks.GROUPED_TIME_PROJECTIONS
+    assert torch.backends.mkldnn.enabled and blocks.GROUPED_TIME_PROJECTIONS == {"cuda"}
     with ExitStack() as stack:
         for patch in variant_patches("difflab", cpu, gpu_path=False):
             stack.enter_context(patch)

@@ -250,9 +250,9 @@ def test_every_attention_runs_sdpa_in_float32_under_cpu_bf16(monkeypatch):
 @pytest.mark.parametrize("model", ["unet", "unet_condition"])
 def test_time_projections_in_one_product_are_the_blocks_own(monkeypatch, model):
     """The U-Nets project the time embedding for every residual block in one matrix product
-    (stacked weights): in float64 each block gets what its own ``time_emb_proj(silu(temb))``
-    gives, and the model's output and every parameter's gradient equal the block-by-block
-    computation's."""
+    (stacked weights; CUDA's default, switched on for the CPU here): in float64 each block gets
+    what its own ``time_emb_proj(silu(temb))`` gives, and the model's output and every
+    parameter's gradient equal the block-by-block computation's."""
     from difflab.models.unet_condition import UNet2DConditionConfig, UNet2DConditionModel
     from difflab.nn import ResnetBlock, blocks, time_projections
 
@@ -274,12 +274,14 @@ def test_time_projections_in_one_product_are_the_blocks_own(monkeypatch, model):
         torch.nn.init.normal_(r.time_emb_proj.weight, std=0.5)
         torch.nn.init.normal_(r.time_emb_proj.bias)
     temb = torch.randn(2, resnets[0].time_emb_proj.in_features, dtype=torch.float64)
+    monkeypatch.setattr(blocks, "GROUPED_TIME_PROJECTIONS", frozenset({"cpu"}))
     for r, p in zip(resnets, time_projections(resnets, temb)):
         torch.testing.assert_close(p, r.time_emb_proj(F.silu(temb)), rtol=0, atol=1e-12)
     x = torch.randn(2, net.config.in_channels, 8, 8, dtype=torch.float64)
 
     def run(grouped):
-        monkeypatch.setattr(blocks, "GROUPED_TIME_PROJECTIONS", grouped)
+        monkeypatch.setattr(blocks, "GROUPED_TIME_PROJECTIONS",
+                            frozenset({"cpu"}) if grouped else frozenset())
         net.zero_grad()
         out = net(x, torch.tensor([3, 700]), **extra).sample
         (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()

@@ -55,20 +55,24 @@ class ResnetBlock(nn.Module):
         return out
 
 
-# False: one SiLU and one product per block, as before (benchmarks/_common.py's -tpsplit)
-GROUPED_TIME_PROJECTIONS = True
+# Device types whose U-Nets project the time embedding for all blocks in one product: CUDA,
+# where it removes 63 of a DDPM-CIFAR-10 training step's small matrix-product kernels
+# (benchmarks/RESULTS.md, "Fourteenth session"); elsewhere one SiLU and one product per block
+# as before (on this project's CPU the two are alike within noise, and CPU results stay bit for
+# bit as they were). Benchmarks: -tpsplit / -tpgroup (benchmarks/_common.py).
+GROUPED_TIME_PROJECTIONS: frozenset[str] = frozenset({"cuda"})
 
 
 def time_projections(blocks: Sequence[ResnetBlock], temb: torch.Tensor) -> list[torch.Tensor]:
-    """Each block's ``time_emb_proj(silu(temb))`` (B, C_out), in the blocks' order, from one
-    matrix product with the projections' weights stacked: the same numbers (up to the matrix
-    product's rounding) in one product, one SiLU and, backward, two products, instead of one
-    SiLU and three small products per block (22 blocks in the DDPM-CIFAR-10 U-Net, 66 small
-    kernels of a GPU training step)."""
+    """Each block's ``time_emb_proj(silu(temb))`` (B, C_out), in the blocks' order: on the device
+    types in :data:`GROUPED_TIME_PROJECTIONS` from one matrix product with the projections'
+    weights stacked — the same numbers (up to the matrix product's rounding) in one product, one
+    SiLU and, backward, two products, instead of one SiLU and three small products per block (22
+    blocks in the DDPM-CIFAR-10 U-Net, 66 small kernels of a GPU training step)."""
     projs = [b.time_emb_proj for b in blocks]
     if any(p is None for p in projs):
         raise ValueError("time_projections: every block needs a time_emb_proj")
-    if not GROUPED_TIME_PROJECTIONS:
+    if temb.device.type not in GROUPED_TIME_PROJECTIONS:
         return [p(F.silu(temb)) for p in projs]
     weight = torch.cat([p.weight for p in projs])
     bias = torch.cat([p.bias for p in projs])
