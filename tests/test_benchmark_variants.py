@@ -32,6 +32,8 @@ def test_suffixes_in_any_order_give_the_same_variant():
     assert parse_variant("difflab").inductor_options("cuda") == {"realize_reads_threshold": 6}
     assert parse_variant("difflab-rr4-ck").inductor_options("cuda") == {
         "realize_reads_threshold": 4, "combo_kernels": True}
+    assert parse_variant("difflab-gnsum-w16-pc32").inductor_options("cuda") == {
+        "realize_reads_threshold": 6, "max_pointwise_cat_inputs": 32}
     assert parse_variant("diffusers").inductor_options("cuda") is None
     layouts = [parse_variant(n).channels_last
                for n in ("difflab", "difflab-nchw", "diffusers", "diffusers-cl")]

@@ -216,7 +216,7 @@ COMPILED_CHANNELS_LAST_GROUP_NORM: frozenset[str] = frozenset({"cuda"})
 # "sums": the "ops" form with the statistics of bf16 inputs from per-channel sums
 # (:func:`_group_var_mean_by_channel_sums`): counted on a CPU by inductor's GPU rules for the
 # DDPM-CIFAR-10 step at batch 128 (with folded upsampling, bf16 weights, realize_reads=6),
-# 560 instead of 666 fused kernels and 15.7 instead of 16.7 GB, 5.3 instead of 5.8 ms at an
+# 649 instead of 755 fused kernels and 16.1 instead of 17.1 GB, 5.6 instead of 6.05 ms at an
 # H100's bandwidth (RESULTS.md, "Fourteenth session"); not yet timed on a GPU (benchmarks'
 # -gnsum; benchmarks/gpu.sh part mfu).
 # Eager code that needs the layout-keeping GroupNorm (:func:`_pytorch_backward_would_crash`)
