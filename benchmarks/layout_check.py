@@ -104,14 +104,36 @@ def cuda_autocast_forms() -> list:
                               lambda x: torch.float32 if widen(x) else x.dtype)]
 
 
+@contextmanager
 def gpu_realize_rules():
-    """A patch that makes inductor decide which elementwise results to store (rather than
-    recompute in each consumer) by its GPU rules on a CPU tensor too. Its CPU rules, the only
-    users of ``ir.is_cpu`` in torch 2.13, store every reused result that computes an exp,
-    sigmoid or tanh, and use other read and operation-count limits."""
-    import torch._inductor.ir as inductor_ir
+    """Make inductor decide by its GPU rules on CPU tensors too: which elementwise results to
+    store rather than recompute in each consumer (its CPU rules, the only users of
+    ``ir.is_cpu`` in torch 2.13, store every reused result that computes an exp, sigmoid or
+    tanh, and use other read and operation-count limits), and how to concatenate (its CPU
+    lowering always copies input by input; a GPU's concatenates simple inputs in one pointwise
+    kernel, up to ``max_pointwise_cat_inputs``): ``cat``'s lowering is rebuilt from its own
+    source with the device test answered "not a CPU"."""
+    import inspect
+    import textwrap
 
-    return mock.patch.object(inductor_ir, "is_cpu", lambda _node: False)
+    import torch._inductor.ir as inductor_ir
+    import torch._inductor.lowering as lowering
+
+    src = textwrap.dedent(inspect.getsource(lowering.cat.__wrapped__))
+    src = src[src.index("def cat("):]
+    device_test = 'cpu_device = inputs[0].get_device().type == "cpu"'
+    if device_test not in src:
+        raise RuntimeError("gpu_realize_rules: inductor's cat lowering changed; update the patch")
+    namespace = dict(vars(lowering))
+    exec(compile(src.replace(device_test, "cpu_device = False"), "<gpu cat>", "exec"), namespace)
+    gpu_cat = lowering._register_lowering(
+        torch.ops.aten.cat, namespace["cat"], broadcast=False,
+        type_promotion_kind=lowering.ELEMENTWISE_TYPE_PROMOTION_KIND.DEFAULT,
+        convert_input_to_bool=False, lowering_dict={})
+    with mock.patch.object(inductor_ir, "is_cpu", lambda _node: False), \
+            mock.patch.dict(lowering.lowerings, {torch.ops.aten.cat: gpu_cat,
+                                                 torch.ops.aten.cat.default: gpu_cat}):
+        yield
 
 
 # variant "fold": the GPU path with folded upsampling (difflab.nn.Upsample.fold_on) kept;
@@ -218,6 +240,39 @@ def _by_origin(kernels) -> dict[str, dict]:
     return out
 
 
+@contextmanager
+def graph_metrics():
+    """The metrics inductor logs per compiled graph (a list, one dict per graph, filled while
+    compiling): it counts the bytes of each kernel only when its metrics log is on."""
+    import torch._inductor.compile_fx as compile_fx
+
+    metrics: list[dict] = []
+
+    class Log:
+        def isEnabledFor(self, _level) -> bool:
+            return True
+
+        def info(self, _msg, graph_metrics) -> None:
+            metrics.append(graph_metrics)
+
+    with mock.patch.object(compile_fx, "inductor_metrics_log", Log()):
+        yield metrics
+
+
+def split_kernels(graph: dict) -> tuple[list[int], list[tuple[object, int]]]:
+    """A graph's metrics → the extern kernels' bytes and the generated kernels as (scheduler
+    node, bytes): no "nop" nodes (a concatenation whose inputs are written in place by their
+    producers launches nothing and moves no bytes). A CPU compile may merge several of these
+    nodes into one C++ function; on a GPU each is a kernel."""
+    from torch._inductor.scheduler import ExternKernelSchedulerNode, NopKernelSchedulerNode
+
+    nodes = graph["nodes_num_elem"]  # (scheduler node, bytes // 4)
+    extern = [4 * b for n, b in nodes if isinstance(n, ExternKernelSchedulerNode)]
+    fused = [(n, 4 * b) for n, b in nodes
+             if not isinstance(n, (ExternKernelSchedulerNode, NopKernelSchedulerNode))]
+    return extern, fused
+
+
 def inductor_buffers(cfg: UNetConfig, batch: int, device: torch.device, precision: str,
                      gpu_path: bool, options: dict | None = None,
                      top: int = 0) -> dict[str, dict]:
@@ -227,9 +282,7 @@ def inductor_buffers(cfg: UNetConfig, batch: int, device: torch.device, precisio
     fake-tensor strides of the traced graph do not show where inductor picks its own layout: a
     buffer whose layout it may choose is laid out NCHW as soon as a reshape needs it
     contiguous, e.g. the (N, C, H·W) views of PyTorch's GroupNorm backward decomposition."""
-    import torch._inductor.compile_fx as compile_fx
     from torch._inductor import config as inductor_config
-    from torch._inductor.scheduler import ExternKernelSchedulerNode, NopKernelSchedulerNode
     from torch._inductor.utils import run_and_get_code
 
     torch.manual_seed(0)
@@ -242,17 +295,8 @@ def inductor_buffers(cfg: UNetConfig, batch: int, device: torch.device, precisio
             out = step(x, t).sample
         (out.float() - noise).square().mean().backward()
 
-    metrics: list[dict] = []
-
-    class Metrics:  # inductor counts the bytes per kernel only when its metrics log is on
-        def isEnabledFor(self, _level) -> bool:
-            return True
-
-        def info(self, _msg, graph_metrics) -> None:
-            metrics.append(graph_metrics)
-
     with ExitStack() as stack:
-        stack.enter_context(mock.patch.object(compile_fx, "inductor_metrics_log", Metrics()))
+        metrics = stack.enter_context(graph_metrics())
         # no FX graph cache: a cache hit would skip the count
         stack.enter_context(inductor_config.patch(fx_graph_cache=False, **(options or {})))
         if gpu_path and device.type == "cpu":
@@ -261,14 +305,9 @@ def inductor_buffers(cfg: UNetConfig, batch: int, device: torch.device, precisio
     torch._dynamo.reset()
     traffic = {}
     for name, m in zip(("forward", "backward"), metrics):
-        nodes = m["nodes_num_elem"]  # (scheduler node, bytes // 4)
-        extern = [b for n, b in nodes if isinstance(n, ExternKernelSchedulerNode)]
-        # the generated kernels: no extern ones, and no "nop" nodes (a concatenation whose inputs
-        # are written in place by their producers launches nothing and moves no bytes)
-        fused = [(n, 4 * b) for n, b in nodes
-                 if not isinstance(n, (ExternKernelSchedulerNode, NopKernelSchedulerNode))]
+        extern, fused = split_kernels(m)
         kernels = _by_origin(fused)
-        traffic[name] = {"bytes": m["num_bytes_accessed"], "extern bytes": 4 * sum(extern),
+        traffic[name] = {"bytes": m["num_bytes_accessed"], "extern bytes": sum(extern),
                          "fused kernels": len(fused), "extern kernels": len(extern),
                          "fused kernel bytes": kernels,
                          "largest fused": sorted(kernels.values(),

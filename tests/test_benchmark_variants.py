@@ -290,3 +290,29 @@ def test_exact_reference_kernels_switch_cudnn_and_tf32_off_and_back():
     exact, plain = reference_grads(CFG, 2, cpu, exact=True), reference_grads(CFG, 2, cpu)
     assert exact.keys() == plain.keys()
     assert all(torch.equal(exact[k], plain[k]) for k in exact)
+
+
+def test_gpu_rules_concatenate_simple_inputs_in_one_kernel_as_a_gpu_compile_does():
+    """layout_check.py counts a GPU's compile on a CPU: with the GPU's concatenation rules, a
+    concatenation of parameters (plain graph inputs) is one pointwise kernel up to inductor's
+    max_pointwise_cat_inputs (8 by default) and one copy kernel per input above it — how the
+    22 stacked time-projection weights are concatenated, and what -pc32 changes."""
+    from contextlib import nullcontext
+
+    from layout_check import gpu_realize_rules, graph_metrics, split_kernels
+    from torch._inductor import config as inductor_config
+
+    def kernels(n, rules, **options):
+        pieces = [torch.randn(4, 3) for _ in range(n)]
+        torch._dynamo.reset()
+        with graph_metrics() as metrics, rules(), \
+                inductor_config.patch(fx_graph_cache=False, **options):
+            torch.compile(lambda x, *w: x @ torch.cat(w).t())(torch.randn(2, 3), *pieces)
+        torch._dynamo.reset()
+        (graph,) = metrics
+        return len(split_kernels(graph)[1])
+
+    assert kernels(6, nullcontext) == 6  # the CPU's rule: a copy per input
+    assert kernels(6, gpu_realize_rules) == 1
+    assert kernels(10, gpu_realize_rules) == 10
+    assert kernels(10, gpu_realize_rules, max_pointwise_cat_inputs=32) == 1
