@@ -94,8 +94,8 @@ def _fmt(v: object) -> str:
 # order, starting from what difflab ships for the device: "difflab-gncl-ck" is difflab with
 # the layout-keeping GroupNorm's hand-written backward and inductor's combo kernels.
 # unet_train.py (--peers), train_loop.py (--configs) and profile_step.py (--variant) share these
-# names. difflab before the thirteenth session's CUDA defaults is "difflab-gnpt-nofold-rr4-tpsplit",
-# before the fourteenth's "difflab-tpsplit".
+# names. difflab before the thirteenth session's CUDA defaults is
+# "difflab-gnpt-nofold-rr4-tpsplit-pc8", before the fourteenth's "difflab-tpsplit-pc8".
 VARIANT_SUFFIXES = {
     "nchw": "difflab in NCHW (it runs channels_last otherwise)",
     "cl": "diffusers in channels_last (it runs NCHW otherwise)",
@@ -115,9 +115,9 @@ VARIANT_SUFFIXES = {
     "rr4": "inductor's realize_reads_threshold=4 when compiled (inductor's own default)",
     "ck": "inductor's combo_kernels (independent small kernels launched as one)",
     "cdt": "inductor's coordinate_descent_tuning (block sizes tuned per kernel)",
-    "pc32": "inductor's max_pointwise_cat_inputs=32 (default 8): on a GPU the 22 stacked "
-            "time-projection weights and biases concatenated by one kernel each instead of "
-            "one copy kernel per piece (a CPU compile always copies piece by piece)",
+    "pc8": "inductor's max_pointwise_cat_inputs=8 (its own default; CUDA's is 32 since the "
+           "fourteenth session: the 22 stacked time-projection weights and biases concatenated "
+           "by one kernel each instead of one copy kernel per piece)",
     "nomix": "inductor's mix-order reductions off (triton.mix_order_reduction; Triton only; "
              "pytorch/pytorch#193061: wrong norm gradients in torch 2.10-2.11)",
     "tpsplit": "one SiLU and one small matrix product per residual block for the time "
@@ -131,7 +131,7 @@ VARIANT_SUFFIXES = {
 _INDUCTOR_SUFFIXES = {"rr6": {"realize_reads_threshold": 6},
                       "rr4": {"realize_reads_threshold": 4}, "ck": {"combo_kernels": True},
                       "cdt": {"coordinate_descent_tuning": True},
-                      "pc32": {"max_pointwise_cat_inputs": 32},
+                      "pc8": {"max_pointwise_cat_inputs": 8},
                       "nomix": {"triton.mix_order_reduction": False}}
 _DIFFLAB_ONLY = {"nchw", "fold", "nofold", "gncl", "gnops", "gnsum", "gnpt", "gn16", "tpsplit",
                  "tpgroup"}

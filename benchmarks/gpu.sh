@@ -12,7 +12,7 @@
 #     CUDA-graph step of difflab as it ships (since the thirteenth session: the layout-keeping
 #     GroupNorm in plain operators, folded upsampling, realize_reads_threshold=6 when compiled
 #     on CUDA; since the fourteenth: all time projections in one product) vs difflab before
-#     (-tpsplit) and a candidate (-gnsum-w16-pc32), each one's
+#     (-tpsplit-pc8) and a candidate (-gnsum-w16), each one's
 #     gradients checked against eager float32 first, and eager diffusers; then the whole loop
 #     and the CUDA test of the shipped compiled model against eager PyTorch — the measurements
 #     for the matmul-rate goal; part "mfuprof" (~2-3 min, a second call at once on the warm
@@ -21,7 +21,7 @@
 #     an H100 (tests/test_cuda.py, narrowed down by op, block, form and inductor setting);
 #  4. train_loop.py: difflab's whole training loop (EMA, clipping, guard) on the same preset,
 #     with and without --deterministic (what repeatable kernels cost), and CUDA graphs as it
-#     ships and as before the thirteenth session's CUDA defaults (bf16-ro-gnpt-nofold-rr4);
+#     ships and as before the thirteenth session's CUDA defaults (bf16-ro-gnpt-nofold-rr4-tpsplit-pc8);
 #  5. the training tests, whose loop then runs on CUDA.  PARTS=sampling,loop,... picks parts;
 #     with the race in PARTS and TESTS_BESIDE_RACE=1 they run beside it (they time nothing).
 #  6. (not in the default PARTS; ~6 min; ran in the seventh session) the quality race replayed:
@@ -84,17 +84,17 @@ if want mfu; then  # the matmul-rate goal (issue 5), sized to fit one call with 
 # 3m-a. The CUDA-graph step (reduce-overhead) of difflab as it ships for CUDA (the
 # thirteenth session's defaults: -gnops, -fold and -rr6 when compiled, with -w16 6,536 img/s,
 # 31.3 % on an H100, one reading; the fourteenth's: the 22 residual blocks' time projections
-# in one product, 63 fewer matrix-product kernels per step), difflab before the fourteenth
-# (-tpsplit) and a candidate: -gnsum GroupNorm statistics from per-channel sums (~100 fewer
-# small kernels, 1 GB less by a CPU count), -w16 bf16 weight copies kept between steps
-# (--bf16-weights), -pc32 the stacked time-projection weights concatenated by one kernel
-# (inductor's max_pointwise_cat_inputs); suffixes in benchmarks/_common.py. Eager bf16 first (difflab, the candidate, diffusers: the
+# in one product, 63 fewer matrix-product kernels per step, their stacked weights concatenated
+# by one kernel: max_pointwise_cat_inputs=32), difflab before the fourteenth (-tpsplit-pc8)
+# and a candidate: -gnsum GroupNorm statistics from per-channel sums (~100 fewer small
+# kernels, 1 GB less by a CPU count), -w16 bf16 weight copies kept between steps
+# (--bf16-weights); suffixes in benchmarks/_common.py. Eager bf16 first (difflab, the candidate, diffusers: the
 # 1.5× reference). Each peer's gradients are checked against eager float32 of its own model
 # (tolerance: 1.5× eager bf16's own error), then it is timed at once (printed: a cut-off run
 # keeps those); one that fails to compile is dropped; then all are timed interleaved.
 echo "== 3m. MFU: the CUDA-graph step, difflab vs before and a candidate ($(left) s left)"
 # (compiles take ~80-110 s each: three fit beside the rest)
-MFU_PEERS=${MFU_PEERS:-difflab,difflab-tpsplit,difflab-gnsum-w16-pc32}
+MFU_PEERS=${MFU_PEERS:-difflab,difflab-tpsplit-pc8,difflab-gnsum-w16}
 rm -f benchmarks/out/unet_train.json
 timeout "$(cap "${MFU_UNET_S:-350}" 150)" python3 benchmarks/unet_train.py "${MFU[@]}" \
   --iters 10 --rounds 3 --modes bf16,bf16-ro \
@@ -158,7 +158,7 @@ fi
 if want loop; then
 echo "== 4. difflab's whole training loop ($(left) s left)"
 timeout "$(( $(left) - 60 ))" python3 benchmarks/train_loop.py --preset ddpm-cifar10 \
-  --batch 128 --steps 60 --configs ${LOOP_CONFIGS:-bf16,bf16-ro,bf16-ro-gnpt-nofold-rr4,bf16-det,bf16-ro-det} 2>&1 | tee "$OUT/train_loop.txt"
+  --batch 128 --steps 60 --configs ${LOOP_CONFIGS:-bf16,bf16-ro,bf16-ro-gnpt-nofold-rr4-tpsplit-pc8,bf16-det,bf16-ro-det} 2>&1 | tee "$OUT/train_loop.txt"
 cp benchmarks/out/train_loop.json "$OUT/extra/" 2>/dev/null
 fi
 

@@ -29,11 +29,10 @@ def test_suffixes_in_any_order_give_the_same_variant():
         "triton.mix_order_reduction": False}
     # on CUDA difflab's own inductor settings come first, a suffix overrides them; diffusers
     # compiles with inductor's own
-    assert parse_variant("difflab").inductor_options("cuda") == {"realize_reads_threshold": 6}
-    assert parse_variant("difflab-rr4-ck").inductor_options("cuda") == {
-        "realize_reads_threshold": 4, "combo_kernels": True}
-    assert parse_variant("difflab-gnsum-w16-pc32").inductor_options("cuda") == {
+    assert parse_variant("difflab").inductor_options("cuda") == {
         "realize_reads_threshold": 6, "max_pointwise_cat_inputs": 32}
+    assert parse_variant("difflab-rr4-ck-pc8").inductor_options("cuda") == {
+        "realize_reads_threshold": 4, "combo_kernels": True, "max_pointwise_cat_inputs": 8}
     assert parse_variant("diffusers").inductor_options("cuda") is None
     layouts = [parse_variant(n).channels_last
                for n in ("difflab", "difflab-nchw", "diffusers", "diffusers-cl")]
@@ -296,7 +295,8 @@ def test_gpu_rules_concatenate_simple_inputs_in_one_kernel_as_a_gpu_compile_does
     """layout_check.py counts a GPU's compile on a CPU: with the GPU's concatenation rules, a
     concatenation of parameters (plain graph inputs) is one pointwise kernel up to inductor's
     max_pointwise_cat_inputs (8 by default) and one copy kernel per input above it — how the
-    22 stacked time-projection weights are concatenated, and what -pc32 changes."""
+    22 stacked time-projection weights are concatenated, and what CUDA's
+    max_pointwise_cat_inputs=32 changes."""
     from contextlib import nullcontext
 
     from layout_check import gpu_realize_rules, graph_metrics, split_kernels

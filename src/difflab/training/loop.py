@@ -122,7 +122,13 @@ MIXED_PRECISIONS = ("no", "bf16", "fp16", "auto")
 # kernels (counted on a CPU by inductor's GPU rules), and together with it and the folded
 # upsampling the compiled step ran at 31 % of an H100's bf16 matmul rate instead of 21 %, its
 # gradients as right as eager bf16's (benchmarks/RESULTS.md, "Tenth" to "Thirteenth session").
-COMPILE_OPTIONS: dict[str, dict[str, object]] = {"cuda": {"realize_reads_threshold": 6}}
+# max_pointwise_cat_inputs=32 (inductor's default 8): the U-Nets' stacked time-projection
+# weights and biases (22 pieces each, difflab.nn.time_projections) concatenated by one kernel
+# each instead of one copy kernel per piece, 42 fewer kernels per DDPM-CIFAR-10 step (counted
+# by inductor's GPU rules, "Fourteenth session"); no other concatenation of difflab's models
+# has more than 8 inputs.
+COMPILE_OPTIONS: dict[str, dict[str, object]] = {
+    "cuda": {"realize_reads_threshold": 6, "max_pointwise_cat_inputs": 32}}
 
 
 def compile_kwargs(mode: str, extra: dict[str, object] | None = None) -> dict[str, object]:
