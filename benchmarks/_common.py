@@ -137,7 +137,7 @@ _DIFFLAB_ONLY = {"nchw", "fold", "nofold", "gncl", "gnops", "gnsum", "gnpt", "gn
                  "tpgroup"}
 _EXCLUSIVE = ({"fold", "nofold"}, {"gncl", "gnops", "gnsum", "gnpt"}, {"rr6", "rr4"},
               {"tpsplit", "tpgroup"})
-_GROUP_NORM_FORMS = {"gncl": "function", "gnops": "ops", "gnsum": "sums"}
+GROUP_NORM_FORMS = {"gncl": "function", "gnops": "ops", "gnsum": "sums"}
 
 
 def _shipped() -> tuple[frozenset[str], str, dict[str, dict[str, object]], frozenset[str]]:
@@ -208,8 +208,8 @@ class Variant:
         if "tpgroup" in self.flags:
             grouped = grouped | {device_type}
         blocks.GROUPED_TIME_PROJECTIONS = grouped
-        for flag in self.flags & set(_GROUP_NORM_FORMS):
-            devices, form = devices | {device_type}, _GROUP_NORM_FORMS[flag]
+        for flag in self.flags & set(GROUP_NORM_FORMS):
+            devices, form = devices | {device_type}, GROUP_NORM_FORMS[flag]
         if "gnpt" in self.flags:
             devices = devices - {device_type}
         fused.COMPILED_CHANNELS_LAST_GROUP_NORM, fused.CHANNELS_LAST_GROUP_NORM_FORM = devices, form

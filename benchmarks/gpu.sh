@@ -88,8 +88,8 @@ if want mfu; then  # the matmul-rate goal (issue 5), sized to fit one call with 
 # by one kernel: max_pointwise_cat_inputs=32), difflab before the fourteenth (-tpsplit-pc8)
 # and a candidate: -gnsum GroupNorm statistics from per-channel sums (~100 fewer small
 # kernels, 1 GB less by a CPU count), -w16 bf16 weight copies kept between steps
-# (--bf16-weights); suffixes in benchmarks/_common.py. Eager bf16 first (difflab, the candidate, diffusers: the
-# 1.5× reference). Each peer's gradients are checked against eager float32 of its own model
+# (--bf16-weights); suffixes in benchmarks/_common.py. Eager bf16 first (difflab, the
+# candidate, diffusers: the 1.5× reference). Each peer's gradients are checked against eager float32 of its own model
 # (tolerance: 1.5× eager bf16's own error), then it is timed at once (printed: a cut-off run
 # keeps those); one that fails to compile is dropped; then all are timed interleaved.
 echo "== 3m. MFU: the CUDA-graph step, difflab vs before and a candidate ($(left) s left)"

@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, print_table, write_json  # noqa: E402
+from _common import GROUP_NORM_FORMS, machine, print_table, write_json  # noqa: E402
 
 import difflab.models.unet as unet_module  # noqa: E402
 import difflab.nn.blocks as blocks  # noqa: E402
@@ -384,14 +384,13 @@ def variant_patches(variant: str, device: torch.device, gpu_path: bool) -> list:
         patches.append(mock.patch.object(sys.modules[__name__], "_KEEP_FOLD", True))
     if "w16" in variant.split("-"):  # bf16 weights kept between steps
         patches.append(mock.patch.object(sys.modules[__name__], "_BF16_WEIGHTS", True))
-    forms = {"gncl": "function", "gnops": "ops", "gnsum": "sums"}
-    if variant.split("-")[0] in forms:  # the layout-keeping GroupNorm while compiling (gncl: its
-        # hand-written backward; gnops: in plain operators, autograd's backward; gnsum: the same
-        # with per-channel sums for the statistics)
+    form = GROUP_NORM_FORMS.get(variant.split("-")[0])
+    if form:  # the layout-keeping GroupNorm while compiling (gncl: its hand-written backward;
+        # gnops: in plain operators, autograd's backward; gnsum: the same with per-channel sums
+        # for the statistics)
         patches.append(mock.patch.object(
             fused, "COMPILED_CHANNELS_LAST_GROUP_NORM", frozenset({device.type})))
-        patches.append(mock.patch.object(
-            fused, "CHANNELS_LAST_GROUP_NORM_FORM", forms[variant.split("-")[0]]))
+        patches.append(mock.patch.object(fused, "CHANNELS_LAST_GROUP_NORM_FORM", form))
     if gpu_path:  # the time projections as CUDA does them (in one product), unless tpsplit
         patches.append(mock.patch.object(
             blocks, "GROUPED_TIME_PROJECTIONS",

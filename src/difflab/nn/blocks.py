@@ -72,11 +72,12 @@ def time_projections(blocks: Sequence[ResnetBlock], temb: torch.Tensor) -> list[
     projs = [b.time_emb_proj for b in blocks]
     if any(p is None for p in projs):
         raise ValueError("time_projections: every block needs a time_emb_proj")
+    act = F.silu(temb)
     if temb.device.type not in GROUPED_TIME_PROJECTIONS:
-        return [p(F.silu(temb)) for p in projs]
+        return [p(act) for p in projs]
     weight = torch.cat([p.weight for p in projs])
     bias = torch.cat([p.bias for p in projs])
-    return list(F.linear(F.silu(temb), weight, bias).split([p.out_features for p in projs], 1))
+    return list(F.linear(act, weight, bias).split([p.out_features for p in projs], 1))
 
 
 def _add_into(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
