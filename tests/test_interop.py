@@ -297,6 +297,110 @@ def test_folder_errors(folder_copy):
         load_pipeline(folder_copy / "nope")
 
 
+def test_missing_config_keys_take_the_peers_defaults():
+    """A key a config.json lacks (diffusers < 0.11 wrote no VAE scaling_factor) means the
+    peer's default — diffusers' or transformers' —, never difflab's own training default."""
+    import inspect
+
+    import diffusers
+    import transformers
+
+    from difflab.interop.diffusers_format import vae_config_from_diffusers
+    from difflab.models.clip_text import CLIPTextConfig
+    from difflab.models.unet_condition import UNet2DConditionConfig
+
+    ref = {k: p.default for k, p in inspect.signature(diffusers.AutoencoderKL).parameters.items()}
+    vae = vae_config_from_diffusers({})
+    assert vae.scaling_factor == ref["scaling_factor"] == 0.18215
+    assert vae.image_size == ref["sample_size"]
+    for key in ("in_channels", "block_out_channels", "layers_per_block", "latent_channels",
+                "norm_num_groups", "use_quant_conv", "use_post_quant_conv",
+                "mid_block_add_attention"):
+        assert getattr(vae, key) == ref[key], key
+    ref = {k: p.default for k, p in
+           inspect.signature(diffusers.UNet2DConditionModel).parameters.items()}
+    unet = UNet2DConditionConfig.from_diffusers_config({})
+    for key in set(unet.to_dict()) - {"sample_size"}:  # diffusers: None (no default size)
+        assert getattr(unet, key) == ref[key], key
+    ref = transformers.CLIPTextConfig()
+    text = CLIPTextConfig.from_transformers_config({})
+    for key in text.to_dict():
+        assert getattr(text, key) == getattr(ref, key), key
+
+
+def test_added_token_textual_inversion(tiny, folder_copy, tmp_path):
+    """A pipeline with a token added after training (textual inversion: the tokenizer gets
+    ``<cat-toy>``, the text encoder one more embedding row) encodes prompts as diffusers does;
+    a tokenizer whose ids the text encoder cannot embed is refused."""
+    import diffusers
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder_copy)
+    pipe.tokenizer.add_tokens(["<cat-toy>"])
+    pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer))
+    with torch.no_grad():
+        pipe.text_encoder.get_input_embeddings().weight[-1] = torch.randn(32)
+    pipe.save_pretrained(tmp_path / "ti", safe_serialization=True)
+    ours = load_pipeline(tmp_path / "ti")
+    prompts = ["a <cat-toy> photo", "a photo of a cat"]
+    with torch.no_grad():
+        ref, _ = pipe.encode_prompt(prompts, "cpu", 1, False)
+        got = ours.encode_prompt(prompts)
+    assert ours.tokenizer(prompts[:1])[0, 2] == len(pipe.tokenizer) - 1
+    torch.testing.assert_close(got, ref, atol=TOL, rtol=0)
+
+    pipe.tokenizer.save_pretrained(folder_copy / "tokenizer")  # text encoder not resized
+    with pytest.raises(CheckpointError, match="embeds only"):
+        load_pipeline(folder_copy)
+
+
+def test_image_conditioned_unets_are_refused(folder_copy):
+    """An inpainting U-Net (9 input channels: latents + mask + masked image) or one attending
+    to another text width is refused when loading, not halfway through sampling."""
+    cfg = folder_copy / "unet" / "config.json"
+    text = cfg.read_text()
+    cfg.write_text(text.replace('"in_channels": 4', '"in_channels": 9'))
+    with pytest.raises(CheckpointError, match="text-to-image"):
+        load_pipeline(folder_copy)
+    cfg.write_text(text.replace('"cross_attention_dim": 32', '"cross_attention_dim": 48'))
+    with pytest.raises(CheckpointError, match="attends to width 48"):
+        load_pipeline(folder_copy)
+
+
+def test_full_precision_weights_before_the_fp16_variant(tiny, folder_copy):
+    """diffusers loads full precision, single or sharded, unless asked for a variant: so does
+    difflab, even with an fp16 file beside sharded float32 weights; fp16 alone (single or
+    sharded: ``…safetensors.index.fp16.json``) still loads."""
+    import json
+
+    reference = _first_image(tiny[4])
+    unet = folder_copy / "unet"
+    state = load_file(str(unet / "diffusion_pytorch_model.safetensors"))
+    (unet / "diffusion_pytorch_model.safetensors").unlink()
+    keys = sorted(state)
+
+    def shard(dtype, names, index):
+        weight_map = {}
+        for i, name in enumerate(names):
+            part = {k: state[k].to(dtype).contiguous() for k in keys[i::len(names)]}
+            save_file(part, str(unet / name))
+            weight_map.update(dict.fromkeys(part, name))
+        (unet / index).write_text(json.dumps({"weight_map": weight_map}))
+
+    shard(torch.float32, ["a.safetensors", "b.safetensors"],
+          "diffusion_pytorch_model.safetensors.index.json")
+    save_file({k: torch.zeros_like(v, dtype=torch.float16) for k, v in state.items()},
+              str(unet / "diffusion_pytorch_model.fp16.safetensors"))
+    assert torch.equal(_first_image(load_pipeline(folder_copy)), reference)
+    for f in ("a.safetensors", "b.safetensors", "diffusion_pytorch_model.safetensors.index.json",
+              "diffusion_pytorch_model.fp16.safetensors"):
+        (unet / f).unlink()
+    shard(torch.float16, ["a.fp16.safetensors", "b.fp16.safetensors"],
+          "diffusion_pytorch_model.safetensors.index.fp16.json")
+    image = _first_image(load_pipeline(folder_copy))
+    assert not torch.equal(image, reference)
+    torch.testing.assert_close(image, reference, atol=2e-2, rtol=0)
+
+
 def test_dtype_cast(tiny):
     pipe = load_pipeline(tiny[1], torch.bfloat16)
     assert {p.dtype for m in (pipe.unet, pipe.vae, pipe.text_encoder)

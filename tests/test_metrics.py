@@ -145,6 +145,21 @@ def test_precision_recall_toy_distributions():
     assert pr["precision"] > 0.85 and pr["recall"] < 0.35
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_or_mismatched_features_are_refused_by_every_score(bad):
+    """A NaN or infinite feature (a diverged model's samples) is a ValueError for FID, KID and
+    precision/recall alike, never a number; so are feature sets of different widths."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(60, 4)), rng.normal(size=(50, 4))
+    a[3, 2] = bad
+    for score in (fid_from_features, lambda x, y: kid(x, y, subset_size=20), precision_recall):
+        for x, y in ((a, b), (b, a)):
+            with pytest.raises(ValueError, match="NaN or infinite"):
+                score(x, y)
+        with pytest.raises(ValueError, match="differ|do not match"):
+            score(b, rng.normal(size=(50, 5)))
+
+
 def test_knn_radii_exclude_the_point_itself():
     pts = torch.tensor([[0.0], [1.0], [3.0], [6.0]], dtype=torch.float64)
     assert knn_radii(pts, k=1).tolist() == [1.0, 1.0, 2.0, 3.0]

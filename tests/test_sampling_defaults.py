@@ -50,3 +50,28 @@ def test_pixel_dpm_solver_default_is_the_sde_form_and_seeded():
     ode = sample_images(b, 2, scheduler="dpm++", steps=5, seed=0,
                         overrides={"algorithm_type": "dpmsolver++"}).images
     assert not torch.equal(one, ode)
+
+
+def test_readme_api_snippet_runs_on_a_saved_model(tmp_path, monkeypatch):
+    """The README's "diffusers-style API" block, run as written on a saved (untrained) model:
+    a DDPM config swapped into DPM-Solver++ keeps the model's noise schedule."""
+    import re
+    import types
+    from pathlib import Path
+
+    from difflab.runs.diffusion import save_bundle
+
+    b = _bundle()
+    data = types.SimpleNamespace(name="digits", class_names=[], image_shape=(1, 8, 8))
+    save_bundle(tmp_path / "runs" / "fm", b.unet, b.diffusion, data)
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("## The diffusers-style API", 1)[1]
+    code = re.search(r"```python\n(.*?)```", block, re.S).group(1)
+    code = code.replace("(16, 1, 28, 28)", "(2, 1, 8, 8)")  # the tiny model's images
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["images"].shape == (2, 1, 8, 8) and scope["images"].isfinite().all()
+    sched = scope["sched"]
+    assert type(sched).__name__ == "DPMSolverMultistepScheduler"
+    torch.testing.assert_close(sched.alphas_cumprod, b.scheduler("ddpm").alphas_cumprod)

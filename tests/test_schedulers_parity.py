@@ -134,6 +134,9 @@ FEATURE_CASES = [
                    "sample_max_value": 1.0, "timestep_spacing": "trailing",
                    "beta_schedule": "squaredcos_cap_v2"}, 20),
     Case("dpm++", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}, 10),
+    # the last σ (σ_min) exceeds the rebuilt Karras σ_min by one ulp: e^{−2h} > 1
+    Case("dpm++", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True,
+                   "final_sigmas_type": "sigma_min"}, 3),
 ]
 GRID = grid()
 
@@ -268,7 +271,7 @@ def test_config_keys_and_files_interchange(name: str, tmp_path: Any) -> None:
     ref_keys = {k for k in ref.config if not k.startswith("_")}
     extensions = type(ours).extensions
     assert not extensions & ref_keys  # an extension diffusers has would need parity instead
-    shared = set(ours.config) - extensions
+    shared = {k for k in ours.config if not k.startswith("_")} - extensions
     assert shared <= ref_keys
     assert ref_keys - shared == set(type(ours).unsupported)
 
@@ -294,3 +297,33 @@ def test_lambda_min_clipped_starts_the_grid_where_lambda_allows():
     t0 = int(s.timesteps[0])
     assert lam[t0] >= -5.1 - 1e-6 and t0 < 999
     assert lam[min(t0 + 2, 999)] < -5.1  # and not further down than needed
+
+
+SWAP_SOURCES: list[dict[str, Any]] = [
+    {},  # every key at the source's defaults: the target keeps its own
+    {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+     "prediction_type": "v_prediction", "timestep_spacing": "trailing", "steps_offset": 1,
+     "variance_type": "fixed_large"},  # DDPM's: DPM-Solver++ takes the config all the same
+    {"clip_sample": True, "beta_schedule": "squaredcos_cap_v2"},  # DDPM's / DDIM's own key
+]
+
+
+@pytest.mark.parametrize("source", list(ORACLES))
+def test_from_config_swaps_like_diffusers(source: str) -> None:
+    """``Target.from_config(source.config)`` gives the target the config diffusers gives it:
+    keys left at the source's defaults (``_use_default_values``) take the target's defaults
+    (Euler's ``linspace`` grid, not DDIM's ``leading``), the keys set carry over, and DDPM's
+    ``clip_sample`` never turns on difflab's x̂₀ clipping in a σ-space sampler."""
+    for kwargs in SWAP_SOURCES:
+        keys = set(inspect.signature(ORACLES[source]).parameters) & \
+            set(SCHEDULERS[source]().config)  # DPM-Solver++ takes DDPM's variance_type unread
+        kwargs = {k: v for k, v in kwargs.items() if k in keys}
+        ours_src, ref_src = SCHEDULERS[source](**kwargs), ORACLES[source](**kwargs)
+        for target, oracle in ORACLES.items():
+            ours, ref = SCHEDULERS[target].from_config(ours_src.config), \
+                oracle.from_config(ref_src.config)
+            public = {k: v for k, v in ours.config.items() if not k.startswith("_")}
+            for k in set(public) - type(ours).extensions:
+                assert public[k] == ref.config[k], (source, kwargs, target, k)
+            for k in type(ours).extensions:  # diffusers' class lacks them: difflab's default
+                assert public[k] == getattr(type(ours).config_class(), k), (source, target, k)

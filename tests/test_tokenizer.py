@@ -48,6 +48,7 @@ PROMPTS = [
     "mixed123abc456",
     "!!!???...",
     "sharp focus, studio lighting, octane render, unreal engine, concept art",
+    "a\x1cb \x1f c",  # str.isspace() holds for U+001C…U+001F; the regex's \s does not
 ]
 
 
@@ -164,3 +165,43 @@ def test_missing_or_bad_files(tmp_path):
     (tmp_path / "vocab.json").write_text(json.dumps({"a": 0}))
     with pytest.raises(CheckpointError, match="no '<|startoftext|>' token"):
         CLIPTokenizer.from_pretrained(tmp_path)
+
+
+ADDED = ["<cat-toy>", "sks", "<cat-toy-xl>"]  # textual inversion, DreamBooth, a longer overlap
+ADDED_PROMPTS = ["a <cat-toy> photo", "a <CAT-TOY> photo", "x<cat-toy>y", "<cat-toy><cat-toy>",
+                 "sks dog sksdog", "A SKS dog", "<cat-toy-xl> x", "the <cat-toy>s",
+                 "a<|endoftext|>b <cat-toy>"]
+
+
+def test_added_tokens_match_transformers(vocab_dir, tmp_path):
+    """Tokens added after training are cut out of the normalised text (leftmost, longest) in
+    all three places transformers keeps them: tokenizer.json (transformers 5),
+    tokenizer_config.json's added_tokens_decoder and added_tokens.json (transformers 4)."""
+    from transformers import CLIPTokenizer as HFTokenizer
+
+    hf = HFTokenizer.from_pretrained(vocab_dir, model_max_length=77)
+    hf.add_tokens(ADDED)
+    hf.save_pretrained(tmp_path / "v5")
+    expected = _hf_ids(hf, ADDED_PROMPTS)
+    assert expected != _hf_ids(HFTokenizer.from_pretrained(vocab_dir), ADDED_PROMPTS)
+    ours = CLIPTokenizer.from_pretrained(tmp_path / "v5")
+    assert ours(ADDED_PROMPTS).tolist() == expected
+    assert ours.max_token_id == len(hf) - 1
+
+    ids = {t: hf.convert_tokens_to_ids(t) for t in ADDED}
+    for name, content in (
+            ("added_tokens.json", ids),
+            ("tokenizer_config.json", {"added_tokens_decoder": {
+                str(i): {"content": t, "normalized": True, "special": False}
+                for t, i in ids.items()}})):
+        folder = tmp_path / name
+        for f in ("vocab.json", "merges.txt"):
+            (folder / f).parent.mkdir(exist_ok=True)
+            (folder / f).write_bytes((vocab_dir / f).read_bytes())
+        (folder / name).write_text(json.dumps(content))
+        assert CLIPTokenizer.from_pretrained(folder)(ADDED_PROMPTS).tolist() == expected, name
+
+    (folder / name).write_text(json.dumps({"added_tokens_decoder": {"900": {
+        "content": "<x>", "single_word": True}}}))
+    with pytest.raises(CheckpointError, match="single_word"):
+        CLIPTokenizer.from_pretrained(folder)

@@ -42,12 +42,15 @@ from difflab.schedulers import SCHEDULERS, Scheduler
 DEFAULT_SCHEDULER = "dpm++"
 
 EXPECTED_CLASSES = {  # model_index.json entries difflab can read
-    "unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel",
-    "tokenizer": "CLIPTokenizer",
+    "unet": ("UNet2DConditionModel",), "vae": ("AutoencoderKL",),
+    "text_encoder": ("CLIPTextModel",), "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
 }
+# Weights files, best first: full precision before the fp16 variant (what diffusers loads when
+# no variant is asked for); each name may also be sharded (``<name>.index.json`` for
+# ``foo.safetensors``, ``foo.safetensors.index.fp16.json`` for the fp16 variant).
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
-                "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors",
-                "diffusion_pytorch_model.bin", "pytorch_model.bin")
+                "diffusion_pytorch_model.bin", "pytorch_model.bin",
+                "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors")
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,11 +137,18 @@ VAE_FIXED: dict[str, Any] = {  # diffusers keys accepted only at these values
     "act_fn": "silu", "shift_factor": None, "latents_mean": None, "latents_std": None,
 }
 VAE_IGNORED = ("force_upcast",)  # a dtype hint for fp16 users, not part of the model
+# diffusers' defaults for keys a config may lack (folders saved before diffusers 0.11 have no
+# scaling_factor): difflab's own training defaults differ and must not stand in for them.
+VAE_DIFFUSERS_DEFAULTS: dict[str, Any] = {
+    "in_channels": 3, "block_out_channels": [64], "layers_per_block": 1, "latent_channels": 4,
+    "norm_num_groups": 32, "sample_size": 32, "scaling_factor": 0.18215,
+}
 
 
 def vae_config_from_diffusers(cfg: dict[str, Any]) -> AutoencoderKLConfig:
     """Build an :class:`AutoencoderKLConfig` from a diffusers ``vae/config.json`` dict."""
     kw: dict[str, Any] = {}
+    cfg = {**VAE_DIFFUSERS_DEFAULTS, **cfg}
     for key, value in cfg.items():
         if key.startswith("_") or key in VAE_IGNORED:
             continue
@@ -167,7 +177,6 @@ def vae_config_from_diffusers(cfg: dict[str, Any]) -> AutoencoderKLConfig:
             kw[key] = tuple(value)
         else:
             raise ConfigError(f"vae config: unknown key {key!r}")
-    kw.setdefault("in_channels", 3)
     return AutoencoderKLConfig(**kw)
 
 
@@ -189,18 +198,28 @@ def vae_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
 # The folder
 # --------------------------------------------------------------------------------------------
 
+def _shard_index(folder: Path, name: str) -> Path:
+    """``model.safetensors`` → ``model.safetensors.index.json``; the fp16 variant's index is
+    ``model.safetensors.index.fp16.json`` (diffusers' and transformers' names)."""
+    stem, fp16, ext = name.rpartition(".fp16")[0], ".fp16" in name, name.rsplit(".", 1)[1]
+    return folder / (f"{stem}.{ext}.index.fp16.json" if fp16 else f"{name}.index.json")
+
+
 def _component_weights(folder: Path) -> dict[str, Tensor]:
-    index = sorted(folder.glob("*.safetensors.index.json"))
     for name in WEIGHT_NAMES:
         if (folder / name).is_file():
             return read_weights(folder / name)
-    if index:  # sharded: {"weight_map": {key: shard file}}
-        shards = sorted(set(read_json(index[0]).get("weight_map", {}).values()))
-        state: dict[str, Tensor] = {}
-        for shard in shards:
-            state.update(read_weights(folder / shard))
-        return state
-    raise CheckpointError(f"{folder}: no weights file (looked for {', '.join(WEIGHT_NAMES)})")
+        index = _shard_index(folder, name)
+        if index.is_file():  # sharded: {"weight_map": {key: shard file}}
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index}: no weight_map")
+            state: dict[str, Tensor] = {}
+            for shard in sorted(set(weight_map.values())):
+                state.update(read_weights(folder / shard))
+            return state
+    raise CheckpointError(f"{folder}: no weights file (looked for {', '.join(WEIGHT_NAMES)}, "
+                          "each also sharded)")
 
 
 def load_diffusers_folder(path: str | Path, *, dtype: torch.dtype | None = None,
@@ -213,9 +232,9 @@ def load_diffusers_folder(path: str | Path, *, dtype: torch.dtype | None = None,
     index = read_json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
     for part, expected in EXPECTED_CLASSES.items():
         entry = index.get(part)
-        if entry is not None and (not isinstance(entry, list) or entry[-1] != expected):
+        if entry is not None and (not isinstance(entry, list) or entry[-1] not in expected):
             raise CheckpointError(f"{root}/model_index.json: {part} is {entry!r}; difflab reads "
-                                  f"a {expected} here (Stable Diffusion v1/v2 layout)")
+                                  f"a {expected[0]} here (Stable Diffusion v1/v2 layout)")
         if not (root / part).is_dir():
             raise CheckpointError(f"{root}: missing the {part}/ folder of a diffusers pipeline")
     for extra in ("text_encoder_2", "transformer", "prior"):
@@ -223,20 +242,21 @@ def load_diffusers_folder(path: str | Path, *, dtype: torch.dtype | None = None,
             raise CheckpointError(f"{root}: has a {extra} component ({index[extra]!r}); only "
                                   "Stable Diffusion v1/v2 pipelines are supported")
 
-    unet = build_on_meta(UNet2DConditionModel, UNet2DConditionConfig.from_diffusers_config(
-        read_json(root / "unet" / "config.json")))
+    unet_config = UNet2DConditionConfig.from_diffusers_config(
+        read_json(root / "unet" / "config.json"))
+    vae_config = vae_config_from_diffusers(read_json(root / "vae" / "config.json"))
+    text_config = CLIPTextConfig.from_transformers_config(
+        read_json(root / "text_encoder" / "config.json"))
+    tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
+    check_components(str(root), unet_config, vae_config, text_config, tokenizer)
+
+    unet = build_on_meta(UNet2DConditionModel, unet_config)
     assign_weights(unet, _component_weights(root / "unet"), f"{root}/unet", dtype)
-
-    vae = build_on_meta(AutoencoderKL, vae_config_from_diffusers(
-        read_json(root / "vae" / "config.json")))
+    vae = build_on_meta(AutoencoderKL, vae_config)
     assign_weights(vae, vae_state(_component_weights(root / "vae")), f"{root}/vae", dtype)
-
-    text_encoder = build_on_meta(CLIPTextModel, CLIPTextConfig.from_transformers_config(
-        read_json(root / "text_encoder" / "config.json")))
+    text_encoder = build_on_meta(CLIPTextModel, text_config)
     assign_weights(text_encoder, text_encoder_state(_component_weights(root / "text_encoder")),
                    f"{root}/text_encoder", dtype)
-
-    tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
     sched_file = root / "scheduler" / "scheduler_config.json"
     sched_cfg = read_json(sched_file) if sched_file.is_file() else {}
     sched = make_scheduler(scheduler, sched_cfg, str(sched_file))
@@ -244,9 +264,29 @@ def load_diffusers_folder(path: str | Path, *, dtype: torch.dtype | None = None,
     return pipe.to(device=device or "cpu")
 
 
+def check_components(source: str, unet: UNet2DConditionConfig, vae: AutoencoderKLConfig,
+                     text: CLIPTextConfig, tokenizer: CLIPTokenizer) -> None:
+    """The parts must fit together as text-to-image: the U-Net takes and predicts the VAE's
+    latents (an inpainting U-Net takes 9 channels: latents + mask + masked image) and attends
+    to the text encoder's width, and every token id has an embedding."""
+    if unet.in_channels != vae.latent_channels or unet.out_channels != vae.latent_channels:
+        raise CheckpointError(
+            f"{source}: the U-Net maps {unet.in_channels} → {unet.out_channels} channels but "
+            f"the VAE's latents have {vae.latent_channels}; difflab runs text-to-image "
+            "pipelines only (not inpainting, depth or other image-conditioned U-Nets)")
+    if unet.cross_attention_dim != text.hidden_size:
+        raise CheckpointError(f"{source}: the U-Net attends to width "
+                              f"{unet.cross_attention_dim} but the text encoder's is "
+                              f"{text.hidden_size}")
+    if tokenizer.max_token_id >= text.vocab_size:
+        raise CheckpointError(f"{source}: the tokenizer has ids up to {tokenizer.max_token_id} "
+                              f"but the text encoder embeds only {text.vocab_size} tokens")
+
+
 def is_diffusers_folder(path: Path) -> bool:
     return path.is_dir() and ((path / "model_index.json").is_file() or (path / "unet").is_dir())
 
 
-__all__ = ["assign_weights", "build_on_meta", "is_diffusers_folder", "load_diffusers_folder",
-           "make_scheduler", "read_weights", "text_encoder_state", "vae_config_from_diffusers"]
+__all__ = ["assign_weights", "build_on_meta", "check_components", "is_diffusers_folder",
+           "load_diffusers_folder", "make_scheduler", "read_weights", "text_encoder_state",
+           "vae_config_from_diffusers"]

@@ -33,6 +33,7 @@ from torch import Tensor
 from difflab.errors import CheckpointError
 from difflab.interop.diffusers_format import (
     assign_weights,
+    check_components,
     make_scheduler,
     read_weights,
     vae_config_from_diffusers,
@@ -251,8 +252,9 @@ def load_single_file(path: str | Path, *, dtype: torch.dtype | None = None,
         raise CheckpointError(f"{path}: expected a .safetensors (or .ckpt) checkpoint")
     configs = configs or SD15
     tok = find_tokenizer(path, tokenizer)
-    state = read_weights(path)
     models = sd15_models("meta", configs)
+    check_components(str(path), *(m.config for m in models), tok)
+    state = read_weights(path)
     parts = remap_ldm_state(state, models, str(path))
     del state
     dtype = dtype or torch.float32

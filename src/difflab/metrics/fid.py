@@ -37,12 +37,16 @@ from torch import Tensor
 ArrayLike = Tensor | np.ndarray
 
 
-def _as_float64(features: ArrayLike) -> np.ndarray:
+def feature_matrix(features: ArrayLike) -> np.ndarray:
+    """``features`` as a float64 (N, D) array; a ValueError unless 2-D and finite."""
     if isinstance(features, Tensor):
         features = features.detach().cpu().double().numpy()
     x = np.asarray(features, dtype=np.float64)
     if x.ndim != 2:
         raise ValueError(f"features must be (N, D), got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"features hold {int((~np.isfinite(x)).sum())} NaN or infinite "
+                         "values; a score of them would mean nothing")
     return x
 
 
@@ -50,7 +54,7 @@ def _as_float64(features: ArrayLike) -> np.ndarray:
 
 def fit_gaussian(features: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Mean μ (D,) and unbiased covariance Σ (D, D) of ``features`` (N, D), in float64."""
-    x = _as_float64(features)
+    x = feature_matrix(features)
     if len(x) < 2:
         raise ValueError(f"need at least 2 feature vectors to fit a Gaussian, got {len(x)}")
     return x.mean(axis=0), np.cov(x, rowvar=False, ddof=1).reshape(x.shape[1], x.shape[1])
@@ -120,8 +124,10 @@ def kid(features_a: ArrayLike, features_b: ArrayLike, *, num_subsets: int = 100,
     sets are smaller than ``subset_size`` every "subset" is the whole of both: MMD²_u is then
     computed once and the standard deviation is NaN (there is no spread to report).
     """
-    a = torch.from_numpy(_as_float64(features_a))
-    b = torch.from_numpy(_as_float64(features_b))
+    a = torch.from_numpy(feature_matrix(features_a))
+    b = torch.from_numpy(feature_matrix(features_b))
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature dims differ: {a.shape[1]} and {b.shape[1]}")
     m = min(subset_size, len(a), len(b))
     if m < 2:
         raise ValueError(f"KID needs at least 2 samples per set, got {len(a)} and {len(b)}")

@@ -20,12 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-
-def _as_tensor64(features: Tensor | np.ndarray) -> Tensor:
-    x = torch.as_tensor(features).detach().cpu().double()
-    if x.ndim != 2:
-        raise ValueError(f"features must be (N, D), got shape {tuple(x.shape)}")
-    return x
+from difflab.metrics.fid import feature_matrix
 
 
 def knn_radii(features: Tensor, k: int = 3, block: int = 1000) -> Tensor:
@@ -55,7 +50,8 @@ def precision_recall(real_features: Tensor | np.ndarray, fake_features: Tensor |
                      k: int = 3, block: int = 1000) -> dict[str, float]:
     """Improved precision and recall of ``fake_features`` (M, D) against ``real_features``
     (N, D). Returns ``{"precision", "recall", "k"}``."""
-    real, fake = _as_tensor64(real_features), _as_tensor64(fake_features)
+    real = torch.from_numpy(feature_matrix(real_features))
+    fake = torch.from_numpy(feature_matrix(fake_features))
     if real.shape[1] != fake.shape[1]:
         raise ValueError(f"feature dims differ: {real.shape[1]} and {fake.shape[1]}")
     precision = manifold_coverage(fake, real, knn_radii(real, k, block), block)

@@ -31,6 +31,13 @@ from difflab.errors import ConfigError
 from difflab.models.base import ModelMixin
 
 ACTIVATIONS = ("quick_gelu", "gelu")
+# transformers' CLIPTextConfig defaults, for keys a config.json may lack (difflab's own
+# defaults are SD v1's text encoder, a different model).
+TRANSFORMERS_DEFAULTS = {
+    "vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
+    "num_attention_heads": 8, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5, "eos_token_id": 49407,
+}
 
 
 @dataclass(kw_only=True)
@@ -70,7 +77,8 @@ class CLIPTextConfig(Config):
             raise ConfigError(f"text encoder config: model_type={cfg['model_type']!r}; "
                               "difflab reads CLIP text models ('clip_text_model')")
         fields = cls.__dataclass_fields__
-        kwargs = {k: cfg[k] for k in fields if k in cfg and cfg[k] is not None}
+        cfg = {**TRANSFORMERS_DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
+        kwargs = {k: cfg[k] for k in fields if k in cfg}
         if "hidden_act" in kwargs and kwargs["hidden_act"] not in ACTIVATIONS:
             raise ConfigError(f"text encoder config: hidden_act={kwargs['hidden_act']!r} is not "
                               f"supported; allowed: {list(ACTIVATIONS)}")

@@ -3,10 +3,12 @@
 Text → ids, in the order transformers' ``CLIPTokenizer`` does it (its ids are the oracle,
 tests/test_tokenizer.py):
 
-1. the special tokens ``<|startoftext|>`` / ``<|endoftext|>`` written in the prompt are cut out
-   first and become their ids;
+1. the special tokens ``<|startoftext|>`` / ``<|endoftext|>`` written in the prompt, and any
+   added token stored un-normalised, are cut out first and become their ids;
 2. every other piece is normalised: Unicode NFC, then lowercase (transformers also collapses
-   whitespace runs; whitespace only separates pre-tokens, so that changes no ids);
+   whitespace runs; whitespace only separates pre-tokens, so that changes no ids); added tokens
+   stored normalised (textual-inversion words such as ``<cat-toy>``) are cut out of that
+   normalised text, leftmost first, the longest where several start at one place;
 3. pre-tokenised by CLIP's pattern ``'s|'t|'re|'ve|'m|'ll|'d|\\p{L}+|\\p{N}|[^\\s\\p{L}\\p{N}]+``
    (whitespace separates and is dropped);
 4. each pre-token's UTF-8 bytes are spelled with GPT-2's printable byte alphabet
@@ -17,8 +19,9 @@ tests/test_tokenizer.py):
 
 Files: ``vocab.json`` + ``merges.txt`` (the CLIP / SD layout), or a ``tokenizer.json`` holding the
 same BPE model; ``tokenizer_config.json`` / ``special_tokens_map.json`` (optional) give the pad
-token and the maximum length. ftfy "fixing" of mojibake, which the original OpenAI code applies
-and transformers does not, is left out.
+token and the maximum length; added tokens come from ``tokenizer.json`` (``added_tokens``),
+``tokenizer_config.json`` (``added_tokens_decoder``) or ``added_tokens.json``. ftfy "fixing" of
+mojibake, which the original OpenAI code applies and transformers does not, is left out.
 """
 
 from __future__ import annotations
@@ -57,9 +60,14 @@ def bytes_to_unicode() -> dict[int, str]:
     return table
 
 
+# Python's str.isspace() also holds for the information separators U+001C…U+001F, which are
+# not Unicode White_Space and so not matched by the regex's \s: transformers keeps them.
+_NOT_WHITESPACE = frozenset("\x1c\x1d\x1e\x1f")
+
+
 def _kind(ch: str) -> str:
     """'s' whitespace, 'L' letter, 'N' number, 'o' anything else (CLIP's three classes)."""
-    if ch.isspace():
+    if ch.isspace() and ch not in _NOT_WHITESPACE:
         return "s"
     cat = unicodedata.category(ch)[0]
     return cat if cat in "LN" else "o"
@@ -104,10 +112,25 @@ class CLIPTokenizer:
     """Text → ``(B, model_max_length)`` token ids; see the module docstring."""
 
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], *,
-                 pad_token: str = EOS, model_max_length: int = 77) -> None:
+                 pad_token: str = EOS, model_max_length: int = 77,
+                 added_tokens: dict[str, tuple[int, bool]] | None = None) -> None:
+        """``added_tokens``: ``{text: (id, normalized)}`` beyond or over the BPE vocabulary
+        (``normalized``: matched in the NFC-lowercased text, as transformers does)."""
+        vocab = dict(vocab)
+        for text, (i, _) in (added_tokens or {}).items():
+            vocab[text] = i
         for tok in (BOS, EOS, pad_token):
             if tok not in vocab:
                 raise CheckpointError(f"tokenizer: the vocabulary has no {tok!r} token")
+        raw = {BOS: vocab[BOS], EOS: vocab[EOS]}
+        normalized: dict[str, int] = {}
+        for text, (i, norm) in (added_tokens or {}).items():
+            if norm:  # two that normalise alike: the first (lowest id) wins, as on reload
+                normalized.setdefault(normalize(text), i)
+            else:
+                raw[text] = i
+        self.raw_added = raw  # cut out of the prompt as written
+        self.normalized_added = normalized  # cut out of the normalised pieces
         self.encoder = vocab
         self.decoder = {i: t for t, i in vocab.items()}
         self.bpe_ranks = {pair: r for r, pair in enumerate(merges)}
@@ -139,12 +162,13 @@ class CLIPTokenizer:
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # later wins
             if (folder / name).is_file():
                 settings.update(_read_json(folder / name))
+        added = _read_added_tokens(folder, settings)
         pad = settings.get("pad_token", EOS)
         pad = pad.get("content", EOS) if isinstance(pad, dict) else pad
         max_len = settings.get("model_max_length", 77)
         if not isinstance(max_len, int) or max_len > 10_000:  # transformers' "no limit" value
             max_len = 77
-        return cls(vocab, merges, pad_token=pad, model_max_length=max_len)
+        return cls(vocab, merges, pad_token=pad, model_max_length=max_len, added_tokens=added)
 
     # ---------------------------------------------------------------------------- encoding
 
@@ -168,8 +192,17 @@ class CLIPTokenizer:
         return word
 
     def _encode_piece(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for piece in _split(normalize(text), self.normalized_added):
+            if isinstance(piece, int):
+                ids.append(piece)
+            else:
+                ids.extend(self._encode_words(piece))
+        return ids
+
+    def _encode_words(self, text: str) -> list[int]:
         ids = []
-        for token in pre_tokenize(normalize(text)):
+        for token in pre_tokenize(text):
             if token not in self._cache:
                 spelled = "".join(self.byte_encoder[b] for b in token.encode("utf-8"))
                 self._cache[token] = [self.encoder.get(s, self.unk_token_id)
@@ -179,16 +212,12 @@ class CLIPTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` with ``<|startoftext|>`` … ``<|endoftext|>``, untruncated."""
-        ids, rest = [], text
-        while True:  # cut out special tokens written literally in the text
-            hits = [(rest.find(s), s) for s in (BOS, EOS) if s in rest]
-            if not hits:
-                ids.extend(self._encode_piece(rest))
-                break
-            pos, special = min(hits)
-            ids.extend(self._encode_piece(rest[:pos]))
-            ids.append(self.encoder[special])
-            rest = rest[pos + len(special):]
+        ids: list[int] = []
+        for piece in _split(text, self.raw_added):  # special tokens written in the text
+            if isinstance(piece, int):
+                ids.append(piece)
+            else:
+                ids.extend(self._encode_piece(piece))
         return [self.bos_token_id, *ids, self.eos_token_id]
 
     def __call__(self, texts: str | list[str], max_length: int | None = None) -> torch.Tensor:
@@ -218,12 +247,60 @@ class CLIPTokenizer:
     def vocab_size(self) -> int:
         return len(self.encoder)
 
+    @property
+    def max_token_id(self) -> int:
+        """The largest id this tokenizer can emit (the text encoder must embed it)."""
+        return max(self.encoder.values())
+
+
+def _split(text: str, tokens: dict[str, int]) -> list[str | int]:
+    """``text`` with every occurrence of a key of ``tokens`` replaced by its id: the leftmost
+    match first, the longest of those starting there."""
+    out: list[str | int] = []
+    while tokens:
+        hits = [(pos, -len(t), t) for t in tokens if (pos := text.find(t)) >= 0]
+        if not hits:
+            break
+        pos, _, token = min(hits)
+        if pos:
+            out.append(text[:pos])
+        out.append(tokens[token])
+        text = text[pos + len(token):]
+    if text:
+        out.append(text)
+    return out
+
 
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def _read_added_tokens(folder: Path, settings: dict) -> dict[str, tuple[int, bool]]:
+    """Tokens added after training (textual inversion, DreamBooth): ``{text: (id, normalized)}``
+    from whichever of transformers' three places hold them."""
+    entries: list[dict] = []
+    if (folder / "tokenizer.json").is_file():
+        entries += _read_json(folder / "tokenizer.json").get("added_tokens") or []
+    for i, entry in (settings.get("added_tokens_decoder") or {}).items():
+        entries.append({**entry, "id": int(i)})
+    if (folder / "added_tokens.json").is_file():  # transformers 4's slow tokenizers: {text: id}
+        entries += [{"content": t, "id": i, "normalized": True}
+                    for t, i in _read_json(folder / "added_tokens.json").items()]
+    added: dict[str, tuple[int, bool]] = {}
+    for e in entries:
+        if not isinstance(e, dict) or not isinstance(e.get("content"), str) \
+                or not isinstance(e.get("id"), int):
+            raise CheckpointError(f"{folder}: bad added-token entry {e!r}")
+        if e.get("single_word"):
+            raise CheckpointError(f"{folder}: added token {e['content']!r} has single_word=true, "
+                                  "which difflab's tokenizer does not implement")
+        special = e.get("special") or e["content"] in (BOS, EOS)  # always matched as written
+        if e["content"] not in added:  # tokenizer.json first: it is what transformers 5 reads
+            added[e["content"]] = (e["id"], not special and bool(e.get("normalized", True)))
+    return added
 
 
 def _merge_pair(line: str, path: Path) -> tuple[str, str]:

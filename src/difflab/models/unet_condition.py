@@ -128,14 +128,20 @@ class UNet2DConditionConfig(Config):
         implement (set to anything but its default) is a ConfigError naming the key."""
         own = {f for f in cls.__dataclass_fields__}
         kwargs = {}
-        for key, value in cfg.items():
+        for key, value in {**DIFFUSERS_DEFAULTS, **cfg}.items():
             if key.startswith("_"):
                 continue
-            if key in own:
+            if key == "cross_attention_dim" and isinstance(value, list):  # one per level
+                if len(set(value)) != 1:
+                    raise ConfigError(f"unet config: cross_attention_dim={value!r}: difflab's "
+                                      "U-Net attends to one width at every level")
+                kwargs[key] = value[0]
+            elif key in own:
                 kwargs[key] = tuple(value) if isinstance(value, list) else value
             elif key in DIFFUSERS_FIXED:
                 allowed = DIFFUSERS_FIXED[key]
-                if value != allowed and not (isinstance(value, list) and tuple(value) == allowed):
+                per_level = isinstance(value, list) and all(v == allowed for v in value)
+                if value != allowed and not per_level:
                     raise ConfigError(f"unet config: {key}={value!r} is not supported by "
                                       f"difflab's UNet2DConditionModel (allowed: {allowed!r})")
             else:
@@ -149,7 +155,11 @@ class UNet2DConditionConfig(Config):
         return cls(**kwargs)
 
 
-# diffusers keys that difflab does not implement: accepted only at these (default) values.
+# diffusers' defaults where difflab's differ, for keys a config may lack.
+DIFFUSERS_DEFAULTS: dict[str, Any] = {"cross_attention_dim": 1280}
+
+# diffusers keys that difflab does not implement: accepted only at these (default) values
+# (or a list of them, one per level).
 DIFFUSERS_FIXED: dict[str, Any] = {
     "center_input_sample": False, "downsample_padding": 1, "mid_block_scale_factor": 1,
     "act_fn": "silu", "only_cross_attention": False, "reverse_transformer_layers_per_block": None,

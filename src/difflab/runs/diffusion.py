@@ -73,8 +73,9 @@ class DiffusionModelBundle:
         cls = SCHEDULERS[name]
         own = {f.name for f in dataclasses.fields(cls.config_class)}
         base = {k: v for k, v in self.diffusion.make_scheduler().config.items() if k in own}
-        base.update(PIXEL_SAMPLING_DEFAULTS.get(name, {}))
-        return cls.from_config(base, **overrides)
+        # as overrides: from_config reads difflab's extensions (clip_sample on σ-space
+        # samplers) only from a config of the same class
+        return cls.from_config(base, **{**PIXEL_SAMPLING_DEFAULTS.get(name, {}), **overrides})
 
     def pipeline(self, scheduler: str = "dpm++", **overrides: Any) -> ImagePipeline:
         return ImagePipeline(self.unet, self.scheduler(scheduler, **overrides))

@@ -74,6 +74,14 @@ class SchedulerConfig(Config):
                               f"num_train_timesteps={self.num_train_timesteps}")
 
 
+def _extensions_of(class_name: Any) -> frozenset[str]:
+    """The difflab-only keys of the scheduler class named ``class_name`` (none if unknown)."""
+    from difflab.schedulers import SCHEDULERS  # the one registry; late import: no cycle
+
+    by_name = {c.__name__: c for c in SCHEDULERS.values()}
+    return by_name[class_name].extensions if class_name in by_name else frozenset()
+
+
 class Scheduler:
     """Base class of the seven schedulers; see the module docstring.
 
@@ -84,7 +92,8 @@ class Scheduler:
 
     config_class: ClassVar[type[SchedulerConfig]] = SchedulerConfig
     # diffusers keys that difflab does not implement: accepted (so diffusers' config files load)
-    # only at these default values; any other value is a ConfigError, never silently ignored.
+    # only at these default values — or any of a frozenset of values that change nothing
+    # here —; any other value is a ConfigError, never silently ignored.
     unsupported: ClassVar[dict[str, Any]] = {}
     # difflab keys that diffusers' class of the same name lacks (its loader ignores them)
     extensions: ClassVar[frozenset[str]] = frozenset()
@@ -100,13 +109,16 @@ class Scheduler:
 
     def __init__(self, **config: Any) -> None:
         for key, default in self.unsupported.items():
+            allowed = default if isinstance(default, frozenset) else {default}
             value = config.pop(key, default)
-            if value != default:
+            if default is not value and not any(value == a for a in allowed):
                 raise ConfigError(f"{type(self).__name__}.{key}={value!r} is not implemented in "
-                                  f"difflab; allowed: {default!r}")
+                                  f"difflab; allowed: "
+                                  f"{' | '.join(sorted(map(repr, allowed)))}")
         if isinstance(config.get("trained_betas"), (np.ndarray, Tensor)):
             config["trained_betas"] = config["trained_betas"].tolist()
         self.cfg = self.config_class.from_dict(config)
+        self._given = frozenset(config)  # the keys set by the caller, not left at defaults
         cfg = self.cfg
         if cfg.trained_betas is not None:
             betas = torch.tensor(cfg.trained_betas, dtype=torch.float64)
@@ -127,24 +139,41 @@ class Scheduler:
 
     @property
     def config(self) -> dict[str, Any]:
-        """The constructor keywords as a plain dict (a copy)."""
-        return self.cfg.to_dict()
+        """The constructor keywords as a plain dict (a copy), with diffusers' two private keys:
+        ``_class_name`` and ``_use_default_values`` (the keys the caller left at this class's
+        defaults, which :meth:`from_config` of another class leaves at *its* defaults)."""
+        values = self.cfg.to_dict()
+        return {"_class_name": type(self).__name__, **values,
+                "_use_default_values": sorted(set(values) - self._given)}
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], **overrides: Any) -> Scheduler:
         """Build from a config dict (ours or diffusers'), e.g. another scheduler's ``.config``.
 
-        Keys this scheduler does not have (private ``_`` keys, another scheduler's options) are
-        dropped, as in diffusers, so schedulers can be swapped: ``Euler.from_config(ddim.config)``.
-        ``overrides`` are checked strictly (an unknown keyword is a ConfigError).
+        As in diffusers, so that schedulers can be swapped (``Euler.from_config(ddim.config)``):
+        keys this scheduler does not have (private ``_`` keys, another scheduler's options) are
+        dropped, and so are the keys listed in ``_use_default_values`` (left at the other
+        class's defaults: this class keeps its own, e.g. Euler's ``linspace`` grid rather than
+        DDIM's ``leading``). difflab's :attr:`extensions` (keys diffusers' class of the same
+        name lacks) are read only from a config of this very class (``_class_name``); pass
+        them as ``overrides`` otherwise — so ``clip_sample=True`` in a DDPM config never turns
+        on Euler's x̂₀ clipping, as it would not in diffusers. ``overrides`` are checked
+        strictly (an unknown keyword is a ConfigError).
         """
         known = {f.name for f in dataclasses.fields(cls.config_class)} | set(cls.unsupported)
-        return cls(**{**{k: v for k, v in config.items() if k in known}, **overrides})
+        source = config.get("_class_name")
+        dropped = set(config.get("_use_default_values") or ())
+        if source != cls.__name__:
+            dropped |= cls.extensions | _extensions_of(source)
+        kept = {k: v for k, v in config.items() if k in known and k not in dropped}
+        return cls(**{**kept, **overrides})
 
     def save_config(self, folder: str | Path) -> Path:
         """Write ``folder/scheduler_config.json`` (diffusers' format: ``_class_name`` + keys)."""
         path = Path(folder) / CONFIG_NAME
-        atomic_write_json(path, {"_class_name": type(self).__name__, **self.config})
+        config = self.config
+        del config["_use_default_values"]  # a file's keys are all given, as in diffusers
+        atomic_write_json(path, config)
         return path
 
     @classmethod
@@ -170,7 +199,8 @@ class Scheduler:
 
     def __repr__(self) -> str:
         default = self.config_class().to_dict()
-        changed = ", ".join(f"{k}={v!r}" for k, v in self.config.items() if default[k] != v)
+        changed = ", ".join(f"{k}={v!r}" for k, v in self.cfg.to_dict().items()
+                            if default[k] != v)
         return f"{type(self).__name__}({changed})"
 
     def __len__(self) -> int:

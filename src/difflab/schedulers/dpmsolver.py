@@ -80,7 +80,10 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
     config_class = DPMSolverConfig
     unsupported = {"use_exponential_sigmas": False, "use_beta_sigmas": False,
                    "use_lu_lambdas": False, "use_flow_sigmas": False, "flow_shift": 1.0,
-                   "variance_type": None,
+                   # DDPM's fixed variances mean nothing to this sampler (diffusers ignores
+                   # them too): a DDPM config swaps in. A learned variance is not read.
+                   "variance_type": frozenset({None, "fixed_small", "fixed_small_log",
+                                               "fixed_large", "fixed_large_log"}),
                    "use_dynamic_shifting": False, "time_shift_type": "exponential"}
     init_noise_sigma = 1.0  # type: ignore[assignment]
     cfg: DPMSolverConfig
@@ -190,8 +193,10 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
             if variance_noise is None:
                 variance_noise = randn(model_output.shape, generator=generator,
                                        device=model_output.device, dtype=torch.float32)
-            sigma_t = s_next * alpha_t  # σ_t √(1 − e^{−2h}) z
-            prev_sample = prev_sample + sigma_t * math.sqrt(1.0 - keep) * \
+            # σ_t √(1 − e^{−2h}) z; e^{−2h} can exceed 1 by rounding when the last σ equals
+            # the first (Karras σ_min rebuilt from σ_min^{1/ρ} vs final_sigmas_type="sigma_min")
+            sigma_t = s_next * alpha_t
+            prev_sample = prev_sample + sigma_t * math.sqrt(max(1.0 - keep, 0.0)) * \
                 variance_noise.to(prev_sample.device, prev_sample.dtype)
         prev_sample = prev_sample.to(model_output.dtype)
 
