@@ -579,6 +579,14 @@ def test_folder_alpha_and_16bit(tmp_path):
     (tmp_path / "d.png").rename(tmp_path / "b" / "d.png")
     ds = load_dataset(str(tmp_path / "b"))
     assert ds.image_shape == (1, 4, 4) and torch.allclose(ds.images, torch.ones(1, 1, 4, 4))
+    # 16-bit gray with a tRNS level: full 16-bit precision elsewhere, the level becomes white
+    deep = np.array([[0, 32768], [65535, 1000]], np.uint16)
+    (tmp_path / "c").mkdir()
+    Image.fromarray(deep).save(tmp_path / "c" / "t.png", transparency=1000)
+    assert Image.open(tmp_path / "c" / "t.png").info.get("transparency") == 1000
+    got = load_dataset(str(tmp_path / "c")).images[0, 0]
+    expected = torch.tensor([[0, 32768 / 65535], [1, 1]]) * 2 - 1
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 def test_folder_corrupt_image_named(tmp_path):

@@ -122,6 +122,11 @@ def test_vae_shapes(arch, hidden, channels, size, likelihood):
     assert path.shape == (5, channels, size, size)
     torch.testing.assert_close(path[0], vae(x[:1])[0], atol=1e-5, rtol=1e-5)
     assert vae.interpolate(x[:2], x[2:], steps=3).shape == (3, 2, channels, size, size)
+    for bad in ((x[0], x[1], 1), (x[0], x[1], 0), (x[:2], x[:3], 3), (x[0], x[:1], 3)):
+        with pytest.raises(ValueError, match="steps|same shape"):
+            vae.interpolate(*bad)
+    with pytest.raises(ValueError, match="positive"):
+        vae.sample(0)
 
 
 def test_vae_randomness_is_seeded():

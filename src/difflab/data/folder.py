@@ -171,13 +171,18 @@ def _decode(path: Path, channels: int, image_size: int | None) -> np.ndarray:
             if image_size is not None:  # decode at a reduced scale: much faster, same result
                 im.draft("L" if channels == 1 else "RGB", (image_size, image_size))
             im = ImageOps.exif_transpose(im)
-        if im.mode in _ALPHA_MODES or "transparency" in im.info:
-            rgba = im.convert("RGBA")
-            im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-        if im.mode in _HIGH_BIT_MODES:
+        if im.mode in _HIGH_BIT_MODES:  # not through RGBA: that would cut it to 8 bits
             scale = 255.0 / 65535.0 if im.mode.startswith("I") else 1.0
-            im = Image.fromarray(np.asarray(im, dtype=np.float32) * scale, mode="F")
+            raw = np.asarray(im)
+            a = raw.astype(np.float32) * scale
+            if isinstance(im.info.get("transparency"), int):  # tRNS: one transparent level
+                a[raw == im.info["transparency"]] = 255.0  # → the white background
+            im = Image.fromarray(a, mode="F")
         else:
+            if im.mode in _ALPHA_MODES or "transparency" in im.info:
+                rgba = im.convert("RGBA")
+                im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)),
+                                           rgba)
             im = im.convert("L" if channels == 1 else "RGB")
         if image_size is not None:
             im = _resize_center_crop(im, image_size)

@@ -200,6 +200,8 @@ class VAE(ModelMixin):
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n images (n, C, H, W) in [-1, 1]: z ~ N(0, I), then the decoder mean (not a noisy
         draw from p(x|z), which for these likelihoods is mostly pixel noise)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n={n!r} must be a positive int")
         p = self._param()
         z = randn_tensor((n, self.config.latent_dim), generator, p.device, p.dtype)
         return self.decode(z)
@@ -210,6 +212,11 @@ class VAE(ModelMixin):
 
         x_a, x_b: (C, H, W) or (B, C, H, W) in [-1, 1] → (steps, *x_a.shape), endpoints included.
         """
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+            raise ValueError(f"steps={steps!r} must be an int >= 2 (both endpoints)")
+        if x_a.shape != x_b.shape or x_a.dim() not in (3, 4):
+            raise ValueError(f"x_a {tuple(x_a.shape)} and x_b {tuple(x_b.shape)} must have the "
+                             "same shape, (C, H, W) or (B, C, H, W)")
         single = x_a.dim() == 3
         xa, xb = (x_a[None], x_b[None]) if single else (x_a, x_b)
         mu_a, mu_b = self.encode(xa).mean, self.encode(xb).mean  # (B, d)
