@@ -60,10 +60,25 @@ def test_slant_sign_and_value():
     for r in range(4, 24):  # "/" leans right: column grows as the row goes up
         up[0, 0, r, 27 - r] = 1
         down[0, 0, r, r] = 1
-    v = measure_attributes(torch.cat([up, down, vertical]))
-    assert v[0, A["slant"]] == pytest.approx(1.0)  # one column per row
-    assert v[1, A["slant"]] == pytest.approx(-1.0)
-    assert v[2, A["slant"]] == pytest.approx(0.0)
+    signed = measure_attributes(torch.cat([up, down, vertical]), signed_slant=True)
+    assert signed[0, A["slant"]] == pytest.approx(1.0)  # one column per row
+    assert signed[1, A["slant"]] == pytest.approx(-1.0)
+    assert signed[2, A["slant"]] == pytest.approx(0.0)
+    v = measure_attributes(torch.cat([up, down, vertical]))  # either way: how far it leans
+    assert v[:, A["slant"]].tolist() == pytest.approx([1.0, 1.0, 0.0])
+
+
+@pytest.mark.parametrize("spec", ["digits", "mnist5k"])
+def test_upright_names_the_least_slanted_third(spec):
+    """"upright" captions the digits leaning least (either way), "slanted" the most; before,
+    the signed shear's low third — mostly left-leaning digits — was called "upright"."""
+    ds = load_dataset(spec, "test")
+    cap = Captioner.fit(ds.images, ds.class_names)
+    lean = measure_attributes(ds.images, signed_slant=True)[:, A["slant"]].abs()
+    level = cap.table(ds.images).levels[:, A["slant"]]
+    means = [float(lean[level == k].mean()) for k in (-1, 0, 1)]
+    assert means[0] < means[1] < means[2]
+    assert cap.caption(0, [0, 0, 0, -1, 0, 0]).split()[1] == "upright"
 
 
 def test_blank_image_measures_zero():
@@ -132,6 +147,11 @@ def test_json_round_trip_and_vocabulary():
     ds = load_dataset("digits")
     cap = Captioner.fit(ds.images, ds.class_names)
     again = Captioner.from_dict(json.loads(json.dumps(cap.to_dict())))
+    legacy = cap.to_dict()
+    del legacy["config"]["slant_magnitude"]  # saved before the key: the signed shear, as then
+    old = Captioner.from_dict(json.loads(json.dumps(legacy)))
+    assert not old.config.slant_magnitude and again.config.slant_magnitude
+    assert old.table(ds.images).values[:, A["slant"]].min() < 0
     assert again(ds.images[:50], ds.labels[:50]) == cap(ds.images[:50], ds.labels[:50])
     words = set(cap.vocabulary())
     for caption in captions_for(ds):

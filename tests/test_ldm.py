@@ -186,6 +186,12 @@ def test_latent_objective_trains_only_the_unet_and_drops_captions():
     assert all(p.grad is not None for p in unet.parameters() if p.requires_grad)
     again = task.training_loss(batch, torch.Generator().manual_seed(0))["loss"]
     assert float(again.detach()) == float(loss.detach())  # same generator ⇒ same loss
+    seen = []
+    noised = task.noised
+    task.noised = lambda z0, g: seen.append(z0.dtype) or noised(z0, g)
+    with torch.autocast("cpu", torch.bfloat16):  # the VAE's latents come out in bf16
+        task.training_loss(batch, torch.Generator().manual_seed(0))
+    assert seen == [torch.float32]  # noise and z_t drawn in float32, as for pixels
 
 
 @pytest.mark.slow

@@ -74,6 +74,19 @@ def test_min_snr_weight_is_capped_snr():
     assert w_eps[0] < 1e-3 and w_eps[-1] == 1.0  # easy low-noise steps down-weighted
 
 
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
+def test_min_snr_weight_at_zero_terminal_snr(pred):
+    """With zero terminal SNR (ᾱ_T = 0) the weight takes its limit: min(SNR, γ)/SNR → 1 for ε,
+    min(SNR, γ)/(SNR + 1) → 0 for v — not 0/0 turned into 0 for ε."""
+    cfg = DiffusionConfig(min_snr_gamma=5.0, rescale_betas_zero_snr=True, prediction_type=pred)
+    task = DiffusionObjective(_Echo(torch.zeros(2, 1, 2, 2)), cfg)
+    assert task.snr[-1] == 0
+    zeros, ones = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)
+    out = task.weighted_loss(zeros, torch.tensor([999, 999]), ones, -ones)  # ε, x₀: targets ±1
+    assert out["mse"].item() == 1.0
+    assert out["loss"].item() == (1.0 if pred == "epsilon" else 0.0)
+
+
 def test_lr_schedule_warmup_then_cosine():
     cfg = _cfg(warmup_steps=10, min_lr_ratio=0.1)
     assert lr_factor(0, cfg, 110) == pytest.approx(0.1)

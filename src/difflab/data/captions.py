@@ -9,11 +9,14 @@ Attributes (v = (x + 1)/2 ∈ [0, 1] is the ink intensity, gray = mean over chan
 is m = v > ``ink_threshold``; moments are v-weighted, coordinates in pixels):
 
     size        ink area  Σm / (H·W)
-    thickness   erosion ratio  Σ erode₃ₓ₃(m) / Σm: the fraction of ink that survives a 3×3
-                erosion; thin strokes (≤ 2 px) vanish, thick ones keep their core
+    thickness   erosion ratio  Σ erode(m) / Σm: the fraction of ink that survives an erosion
+                by the 4-neighbour cross; thin strokes vanish, thick ones keep their core
     brightness  mean ink intensity  Σ v·m / Σm
-    slant       shear of the ink, cov(u, w) / var(w) with u = column, w = −row (upwards):
-                > 0 when the top of the shape leans to the right
+    slant       how far the ink leans, either way: |cov(u, w) / var(w)| with u = column,
+                w = −row (upwards); the signed shear is > 0 when the top leans to the right.
+                Its low third is "upright", its high third "slanted" (captioners saved before
+                2026-11-27 cut the signed shear, so their "upright" third leaned left; they
+                keep doing so: ``CaptionConfig.slant_magnitude``)
     x, y        centre of mass (column, row) minus the image centre, divided by W or H
 
 Each attribute is cut into three levels at the training set's 1/3 and 2/3 quantiles
@@ -61,6 +64,9 @@ class CaptionConfig(Config):
     # digits are centred on their centre of mass): these floors keep every word visible.
     min_brightness_gap: float = 0.1  # "dark"/"bright" cuts at least this far apart (intensity)
     min_shift_px: float = 1.0  # position words need the centre of mass this many px off centre
+    # slant measured as |shear| (so "upright" is the least slanted third); False: the signed
+    # shear of captioners saved before this key existed (models trained with those captions)
+    slant_magnitude: bool = True
 
     def validate(self) -> None:
         check_positive("CaptionConfig", "ink_threshold", self.ink_threshold)
@@ -78,7 +84,8 @@ class CaptionConfig(Config):
 
 # ----------------------------------------------------------------------------- measurement
 
-def measure_attributes(images: Tensor, ink_threshold: float = 0.5) -> Tensor:
+def measure_attributes(images: Tensor, ink_threshold: float = 0.5, *,
+                       signed_slant: bool = False) -> Tensor:
     """Raw attribute values ``(N, 6)`` float64, columns in ``ATTRIBUTES`` order.
 
     images: (N, C, H, W) in [-1, 1]. An image without ink gets zeros. Pixel maps stay float32
@@ -108,6 +115,8 @@ def measure_attributes(images: Tensor, ink_threshold: float = 0.5) -> Tensor:
     du = cols - cx.float().view(n, 1, 1)  # (N, 1, W) horizontal offset
     dw = cy.float().view(n, 1, 1) - rows  # (N, H, 1) vertical offset, upwards
     slant = total(v * du * dw) / total(v * dw * dw).clamp_min(1e-12)  # cov(u, w) / var(w)
+    if not signed_slant:
+        slant = slant.abs()
     x = (cx - (w - 1) / 2) / w
     y = (cy - (h - 1) / 2) / h
     out = torch.stack([area / (h * w), thickness, brightness, slant, x, y], dim=1)
@@ -178,7 +187,8 @@ class Captioner:
         """Cut each attribute at the ``config.quantiles`` of ``images`` (N, C, H, W), widened
         to the visibility floors ``min_brightness_gap`` and ``min_shift_px``."""
         config = config or CaptionConfig()
-        values = measure_attributes(images, config.ink_threshold)
+        values = measure_attributes(images, config.ink_threshold,
+                                    signed_slant=not config.slant_magnitude)
         q = torch.tensor(config.quantiles, dtype=torch.float64)
         cuts = torch.quantile(values, q, dim=0).T.tolist()  # 6 × [low, high]
         b = ATTRIBUTES.index("brightness")
@@ -193,7 +203,8 @@ class Captioner:
     # ------------------------------------------------------------------------- measuring
 
     def table(self, images: Tensor) -> AttributeTable:
-        values = measure_attributes(images, self.config.ink_threshold)
+        values = measure_attributes(images, self.config.ink_threshold,
+                                    signed_slant=not self.config.slant_magnitude)
         lo, hi = self.thresholds[:, 0], self.thresholds[:, 1]
         levels = (values > hi).long() - (values < lo).long()
         return AttributeTable(values, levels)
@@ -254,8 +265,9 @@ class Captioner:
     def from_dict(cls, d: dict) -> Captioner:
         try:
             thresholds = [d["thresholds"][a] for a in ATTRIBUTES]
+            config = {"slant_magnitude": False, **d.get("config", {})}  # older: signed
             return cls(torch.tensor(thresholds, dtype=torch.float64), d["class_words"],
-                       CaptionConfig.from_dict(d.get("config", {})))
+                       CaptionConfig.from_dict(config))
         except (KeyError, TypeError) as e:
             raise ConfigError(f"captions.json: missing or malformed entry ({e})") from None
 

@@ -113,7 +113,7 @@ class DiffusionObjective(nn.Module):
         else:
             snr = self.snr[t]
             clipped = snr.clamp(max=cfg.min_snr_gamma)
-            weight = {"epsilon": clipped / snr.clamp_min(1e-20),
+            weight = {"epsilon": (cfg.min_snr_gamma / snr).clamp(max=1.0),  # SNR 0 → 1
                       "v_prediction": clipped / (snr + 1),
                       "sample": clipped}[cfg.prediction_type]
         loss = (weight * mse).mean()
@@ -159,7 +159,9 @@ class LatentDiffusionObjective(DiffusionObjective):
             ids = self.tokenizer(captions).to(x.device)
             context = self.text_encoder(ids).last_hidden_state  # (B, L, D)
             z0 = self.vae.encode(x).latent_dist.sample(generator)  # (B, c_z, H/f, W/f)
-            z0 = z0 * self.vae.config.scaling_factor
+            # float32 (the VAE may have run under bf16 autocast): the noise and z_t are drawn
+            # and formed in float32 like the pixel objective's
+            z0 = (z0 * self.vae.config.scaling_factor).float()
         t, noise, z_t = self.noised(z0, generator)
         pred = self.unet(z_t, t, encoder_hidden_states=context).sample
         return self.weighted_loss(pred, t, noise, z0)
