@@ -26,6 +26,7 @@ def one_line_error(capsys) -> str:
     ["train", "ae", "--hidden", "512,0"],
     ["train", "vae", "--likelihood", "poisson"],
     ["train", "ae", "--beta", "2"],  # a VAE-only flag
+    ["train", "vae", "--beta", "-0.5"],
     ["train", "linear-ae", "--arch", "conv"],
     ["train", "vae", "--steps", "5", "--minutes", "1"],
     ["experiment", "pca-vs-linear-ae", "--k", "-1"],
@@ -58,6 +59,8 @@ def test_dry_run_prints_resolved_config_and_trains_nothing(tmp_path, capsys):
     assert cfg["model"]["likelihood"] == "bernoulli" and cfg["model"]["num_levels"] == 17
     assert cfg["train"]["minutes"] == 2 and cfg["train"]["max_steps"] is None
     assert not out.exists()
+    assert main(["train", "vae", "--data", "digits", "--dry-run", "--beta", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"]["beta"] == 0  # no KL: allowed
     assert main(["train", "ae", "--data", "digits", "--dry-run", "--epochs", "3"]) == 0
     train = json.loads(capsys.readouterr().out)["train"]
     assert train["epochs"] == 3 and train["max_steps"] is None

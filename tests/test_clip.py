@@ -163,7 +163,7 @@ def test_caption_task_loss_decreases(digits):
     ds, _ = digits
     torch.manual_seed(0)
     model, tok, cap = build_clip(ds, **TINY)
-    cfg = TrainConfig(**{**DEFAULT_TRAIN, "max_steps": 60, "batch_size": 32, "lr": 3e-3,
+    cfg = TrainConfig(**{**DEFAULT_TRAIN, "max_steps": 100, "batch_size": 32, "lr": 3e-3,
                          "warmup_steps": 5, "progress": False})
     hist = train(CaptionedCLIP(model, cap, tok), ds.images, ds.labels, cfg).history
     first = sum(h["loss"] for h in hist[:5]) / 5

@@ -38,6 +38,10 @@ def test_principal_angles_ignore_the_basis_and_handle_unequal_dims():
     bigger = torch.cat([A, torch.randn(20, 3, generator=g, dtype=torch.float64)], 1)
     assert principal_angles(bigger, A).shape == (4,)
     assert principal_angles(A, bigger).max() < 1e-6  # span(A) ⊂ span(bigger)
+    collapsed = A.clone()
+    collapsed[:, 3] = collapsed[:, 0] + collapsed[:, 1]  # 4 columns spanning 3 dimensions
+    deg = principal_angles(collapsed, A, degrees=True)
+    assert deg.shape == (4,) and deg[:3].max() < 1e-6 and deg[3] == 90.0
     deg = principal_angles(*rotated_pair(0.5), degrees=True)
     assert deg[1].item() == pytest.approx(math.degrees(0.5))
     with pytest.raises(ValueError):

@@ -141,3 +141,39 @@ def test_saved_model_reloads_with_identical_outputs(kind, digits, tmp_path):
         if kind == "vae":
             torch.testing.assert_close(again.encode(x).logvar, run.model.encode(x).logvar,
                                        rtol=0, atol=0)
+
+
+def test_a_folder_without_test_split_holds_out_a_seeded_tenth(tmp_path, capsys):
+    """Without a test/ folder the test set is a seeded 10 % held out of the images (disjoint
+    from what trains), not the training set itself — an AE's codes of such "test" images are
+    its training codes, which made its hole score exactly 1."""
+    import dataclasses
+
+    import numpy as np
+    from PIL import Image
+
+    from difflab.errors import DataError
+    from difflab.runs.autoencoders import train_test_split
+
+    rng = np.random.default_rng(0)
+    for i in range(25):
+        (tmp_path / "f" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8), np.uint8)).save(
+            tmp_path / "f" / f"c{i % 2}" / f"{i}.png")
+    spec = str(tmp_path / "f")
+    everything = load_dataset(spec)
+    train, test = train_test_split(spec, None, everything)
+    assert (len(train), len(test)) == (23, 2) and "holding out 2 of its 25" in \
+        capsys.readouterr().err
+    assert (train.split, test.split) == ("train", "test")
+    rows = {tuple(x.flatten().tolist()) for x in everything.images}
+    seen = [{tuple(x.flatten().tolist()) for x in d.images} for d in (train, test)]
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == rows
+    again = train_test_split(spec, None, everything)[1]
+    assert torch.equal(again.images, test.images) and torch.equal(again.labels, test.labels)
+    train, test = train_test_split("digits", None, load_dataset("digits"))
+    assert len(test) == len(load_dataset("digits", "test")) and len(train) > len(test)
+    one = dataclasses.replace(everything, images=everything.images[:1],
+                              labels=everything.labels[:1])
+    with pytest.raises(DataError, match="at least 2"):
+        train_test_split(spec, None, one)

@@ -94,6 +94,14 @@ def test_discretized_gaussian_is_a_probability_mass(levels):
         torch.testing.assert_close(total, torch.zeros_like(total), atol=1e-9, rtol=0)
 
 
+def test_discretized_gaussian_python_floats_stay_float64():
+    """σ = 0.1 given as a Python float is 0.1 in float64, not float32's 0.1000000015."""
+    x = torch.tensor([1.0], dtype=torch.float64)
+    got = discretized_gaussian_log_likelihood(x, mean=0.3, std=0.1, num_levels=2)
+    exact = math.log(0.5 * math.erfc(2.0 / math.sqrt(2.0)))  # last bin: 1 − Φ((0.5 − 0.3)/0.1)
+    assert abs(float(got) - exact) < 1e-12
+
+
 def test_discretized_gaussian_gradients_are_finite():
     mean = torch.tensor([-5.0, 0.0, 0.5, 7.0], requires_grad=True)
     x = torch.tensor([0.0, 1.0, 0.5, 1.0])

@@ -43,6 +43,13 @@ def positive_float(s: str) -> float:
     return v
 
 
+def nonneg_float(s: str) -> float:
+    v = finite_float(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}")
+    return v
+
+
 def unit_float(s: str) -> float:
     v = finite_float(s)
     if not 0.0 <= v <= 1.0:

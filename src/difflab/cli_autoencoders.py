@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from difflab.cli_args import nonneg_int, positive_float, positive_int
+from difflab.cli_args import nonneg_float, nonneg_int, positive_float, positive_int
 
 
 def int_tuple(s: str) -> tuple[int, ...]:
@@ -32,9 +32,9 @@ def cmd_train_autoencoder(args: argparse.Namespace) -> int:
     from difflab.data import load_dataset
     from difflab.runs.autoencoders import (
         DEFAULT_TRAIN,
-        load_test_split,
         model_config,
         train_autoencoder,
+        train_test_split,
     )
     from difflab.training import is_main_process
 
@@ -57,7 +57,7 @@ def cmd_train_autoencoder(args: argparse.Namespace) -> int:
                           "train": tcfg.to_dict(),
                           "eval": {"iwae_k": iwae_k, "eval_n": eval_n}}, indent=2))
         return 0
-    test = load_test_split(args.data, args.image_size, data)
+    data, test = train_test_split(args.data, args.image_size, data)
     run = train_autoencoder(mcfg, data, test, tcfg, out_dir=out, image_size=args.image_size,
                             resume=args.resume, iwae_k=iwae_k, eval_n=eval_n)
     if not is_main_process():  # many processes: the main one evaluated and reports
@@ -89,7 +89,8 @@ def _add_model_args(p: argparse.ArgumentParser, kind: str) -> None:
                        help="p(x|z) (default: bernoulli for grey-scale data, else gaussian)")
         p.add_argument("--C", type=positive_float, default=50.0,
                        help="gaussian: weight of ||x - f(z)||^2, sigma^2 = 1/(2C) (default 50)")
-        p.add_argument("--beta", type=positive_float, default=1.0, help="KL weight (beta-VAE)")
+        p.add_argument("--beta", type=nonneg_float, default=1.0,
+                       help="KL weight (beta-VAE; 0: no KL, an autoencoder with noisy codes)")
         p.add_argument("--iwae-k", type=positive_int, default=100,
                        help="importance samples of the report's IWAE NLL (default 100; "
                             "`difflab eval --metric nll` uses 1000)")

@@ -20,11 +20,11 @@ from difflab.runs.autoencoders import (
     decode_images,
     encode_codes,
     grid_scale,
-    load_test_split,
     model_config,
     plot_codes,
     random_latents,
     train_autoencoder,
+    train_test_split,
 )
 from difflab.runs.judge import score_samples, train_classifier
 from difflab.training import TrainConfig
@@ -69,7 +69,7 @@ def run_ae_vs_vae(cfg: AEvsVAEConfig, train_cfg: TrainConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     data = load_dataset(cfg.data, "train", image_size=cfg.image_size)
-    test = load_test_split(cfg.data, cfg.image_size, data)
+    data, test = train_test_split(cfg.data, cfg.image_size, data)
     shape = data.image_shape
     t0 = time.perf_counter()
     clf = train_classifier(data, seed=cfg.seed)

@@ -149,7 +149,8 @@ def vlb_term(denoiser: Denoiser, x0: Tensor, t: Tensor, tables: VLBTables, *,
     ab = tables.ab[idx].to(dev)
     noise = torch.randn(x0.shape, generator=generator, dtype=torch.float64).to(dev)
     x_t = append_dims(ab.sqrt(), 4) * x0 + append_dims((1 - ab).sqrt(), 4) * noise  # eq. 4
-    out = denoiser(x_t.float(), t.to(dev), class_labels).double()
+    labels = None if class_labels is None else class_labels.to(dev)
+    out = denoiser(x_t.float(), t.to(dev), labels).double()
     x0_hat = pred_x0(out, x_t, ab, tables.prediction_type)
     if clip_denoised:
         x0_hat = x0_hat.clamp(-1, 1)

@@ -25,7 +25,10 @@ def orthonormal_basis(A: Tensor) -> Tensor:
 def principal_angles(A: Tensor, B: Tensor, *, degrees: bool = False) -> Tensor:
     """Principal angles between span(A) and span(B); A: (D, k_A), B: (D, k_B) (columns span).
 
-    Returns (min(r_A, r_B),) float64, ascending, in radians (degrees if ``degrees``).
+    Returns (min(k_A, k_B),) float64, ascending, in radians (degrees if ``degrees``). Where a
+    matrix spans less than its column count (rank r < k: a direction collapsed), each missing
+    direction counts as a right angle — so k columns agree with a k-dimensional subspace only
+    if they span all of it.
     """
     if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[0]:
         raise ValueError(f"A {tuple(A.shape)} and B {tuple(B.shape)} must be (D, k) matrices "
@@ -36,6 +39,8 @@ def principal_angles(A: Tensor, B: Tensor, *, degrees: bool = False) -> Tensor:
     cos = torch.linalg.svdvals(QA.T @ QB).clamp(0.0, 1.0)  # descending ↔ angles ascending
     sin = torch.linalg.svdvals(QB - QA @ (QA.T @ QB)).clamp(0.0, 1.0).flip(0)  # ascending
     theta = torch.where(cos.pow(2) >= 0.5, torch.arcsin(sin), torch.arccos(cos))
+    missing = min(A.shape[1], B.shape[1]) - len(theta)
+    theta = torch.cat([theta, theta.new_full((missing,), math.pi / 2)])
     return theta * (180.0 / math.pi) if degrees else theta
 
 

@@ -171,8 +171,9 @@ def discretized_gaussian_log_likelihood(x: Tensor, *, mean: Tensor, std: Tensor 
     step = (high - low) / (num_levels - 1)
     idx = torch.round((x.double() - low) / step).clamp(0, num_levels - 1)
     centre = low + idx * step
-    mean64 = torch.as_tensor(mean).double()
-    std64 = torch.as_tensor(std, device=x.device).double()
+    # a Python float straight to float64 (through float32 it would lose digits: 0.1 → 0.1000000015)
+    mean64 = torch.as_tensor(mean, dtype=torch.float64, device=x.device)
+    std64 = torch.as_tensor(std, dtype=torch.float64, device=x.device)
     a = (centre - 0.5 * step - mean64) / std64
     b = (centre + 0.5 * step - mean64) / std64
     a = torch.where(idx == 0, torch.full_like(a, -_INF_SIGMAS), a)

@@ -11,6 +11,8 @@ only builds configs from the data, writes the pictures and measures.
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,12 +95,30 @@ def build_model(config: Config, data: ImageDataset | None = None) -> ModelMixin:
     return model
 
 
-def load_test_split(spec: str, image_size: int | None, fallback: ImageDataset) -> ImageDataset:
-    """The test split of ``spec``, or ``fallback`` (the training set) for a folder without one."""
-    try:
-        return load_dataset(spec, "test", image_size=image_size)
-    except DataError:
-        return fallback
+def train_test_split(spec: str, image_size: int | None, train: ImageDataset, *,
+                     fraction: float = 0.1, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
+    """``(train, test)``: ``train`` and the test split of ``spec``; a folder without a ``test/``
+    split instead holds out a seeded ``fraction`` of ``train`` (at least one image) as the test
+    set, and trains on the rest. Testing on the training images would make every held-out
+    score meaningless (an autoencoder's "test" codes would be its training codes)."""
+    folder = Path(spec)
+    if not folder.is_dir() or (folder / "test").is_dir():
+        return train, load_dataset(spec, "test", image_size=image_size)
+    n = len(train)
+    if n < 2:
+        raise DataError(f"{spec}: {n} image: at least 2 are needed to hold one out as the "
+                        "test set (or add a test/ folder)")
+    k = max(1, round(n * fraction))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    print(f"{spec}: no test/ folder; holding out {k} of its {n} images as the test set",
+          file=sys.stderr)
+
+    def part(index: Tensor, split: str) -> ImageDataset:
+        index = index.sort().values
+        return dataclasses.replace(train, images=train.images[index],
+                                   labels=train.labels[index], split=split)
+
+    return part(order[k:], "train"), part(order[:k], "test")
 
 
 # ------------------------------------------------------------------------ latent-space tools
