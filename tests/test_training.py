@@ -182,6 +182,62 @@ def test_resume_without_checkpoint_is_a_clear_error(digits, tmp_path):
               resume=True)
 
 
+def test_resume_refuses_other_settings_or_data(digits, tmp_path):
+    """A checkpoint continues only its own run: a changed budget, LR, batch size or data set
+    is one clear error naming what changed, not a silently different run; reporting settings
+    may change; a hand-broken state.json is a CheckpointError."""
+    import json
+
+    from difflab.errors import CheckpointError
+
+    x, y = digits.images[:64], digits.labels[:64]
+    train(_task(), x, y, _cfg(max_steps=2), out_dir=tmp_path)
+    for change, match in (({"max_steps": 4}, "max_steps=2 \\(now 4\\)"),
+                          ({"lr": 0.05, "batch_size": 8}, "batch_size=.*lr=")):
+        with pytest.raises(DifflabError, match=match):
+            train(_task(), x, y, _cfg(**{"max_steps": 2, **change}), out_dir=tmp_path,
+                  resume=True)
+    with pytest.raises(DifflabError, match="other data"):
+        train(_task(), x.flip(0), y, _cfg(max_steps=2), out_dir=tmp_path, resume=True)
+    done = train(_task(), x, y, _cfg(max_steps=2, progress=True, checkpoint_minutes=1.0),
+                 out_dir=tmp_path, resume=True)
+    assert done.steps == 2
+    state = tmp_path / "checkpoint" / "state.json"
+    meta = json.loads(state.read_text())
+    del meta["history"]
+    state.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="history"):
+        train(_task(), x, y, _cfg(max_steps=2), out_dir=tmp_path, resume=True)
+
+
+def test_checkpoints_by_time_and_on_ctrl_c_resume_exactly(digits, tmp_path):
+    """By default a checkpoint is written every few minutes (here: every step), and Ctrl-C
+    (SIGINT) lets the step in progress finish, writes a checkpoint and stops; resumed, the run
+    ends bit for bit where the uninterrupted one does."""
+    import signal
+
+    x, y = digits.images[:64], digits.labels[:64]
+    seen = []
+    train(_task(), x, y, _cfg(max_steps=4, checkpoint_minutes=1e-9), out_dir=tmp_path / "t",
+          on_checkpoint=lambda m, step: seen.append(step))
+    assert seen == [1, 2, 3, 4]
+    full = train(_task(), x, y, _cfg(max_steps=6)).raw_model.state_dict()
+
+    def ctrl_c(model, step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt, match="at step 3; checkpoint in .*--resume"):
+        train(_task(), x, y, _cfg(max_steps=6, checkpoint_every=2), out_dir=tmp_path / "c",
+              on_checkpoint=ctrl_c)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    resumed = train(_task(seed=1), x, y, _cfg(max_steps=6, checkpoint_every=2),
+                    out_dir=tmp_path / "c", resume=True)
+    assert resumed.steps == 6
+    for k, v in resumed.raw_model.state_dict().items():
+        assert torch.equal(v, full[k]), k
+
+
 def test_nonfinite_losses_are_skipped_then_stop(digits):
     class NaNTask(torch.nn.Module):
         def __init__(self):

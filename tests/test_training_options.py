@@ -199,8 +199,20 @@ ATTN = dict(block_out_channels=(16, 32), layers_per_block=1, attention_levels=(F
             norm_num_groups=8, attention_head_dim=16, sample_size=8)
 
 
+class _Killed(Exception):
+    pass
+
+
+def _kill_at(step):
+    """An ``on_checkpoint`` that stops the run right after the checkpoint of ``step``."""
+    def hook(model, at):
+        if at == step:
+            raise _Killed
+    return hook
+
+
 def _bf16_run(bf16_weights, steps, out=None, resume=False, lazy=None, ema=0.9,
-              channels_last=True):
+              channels_last=True, on_checkpoint=None):
     digits = load_dataset("digits")
     torch.manual_seed(0)
     task = DiffusionObjective(UNet2DModel(UNetConfig(**ATTN)), DiffusionConfig())
@@ -209,7 +221,7 @@ def _bf16_run(bf16_weights, steps, out=None, resume=False, lazy=None, ema=0.9,
                       lazy_guard=lazy, ema_decay=ema, grad_clip=0.5, checkpoint_every=2,
                       channels_last=channels_last)
     return train(task, digits.images[:256], digits.labels[:256], cfg, out_dir=out,
-                 resume=resume)
+                 resume=resume, on_checkpoint=on_checkpoint)
 
 
 @pytest.mark.parametrize("lazy,channels_last", [(None, True), (True, False)])
@@ -229,19 +241,24 @@ def test_bf16_weights_train_exactly_like_autocasts_casts(lazy, channels_last):
 
 
 def test_bf16_weights_checkpoint_float32_and_resume_exactly(tmp_path):
-    """Checkpoints hold the float32 masters (not their bf16 copies): stopped after 2 steps and
-    resumed to 4, the run ends where the same stop-and-resume ends with autocast's casts."""
+    """Checkpoints hold the float32 masters (not their bf16 copies): a 4-step run stopped after
+    its step-2 checkpoint and resumed ends where the same stop-and-resume ends with autocast's
+    casts, and where the uninterrupted run ends."""
     from difflab.io import load_tensors
 
     ends = []
     for kept in (True, False):
         out = tmp_path / str(kept)
-        _bf16_run(kept, 2, out=out)
+        with pytest.raises(_Killed):
+            _bf16_run(kept, 4, out=out, on_checkpoint=_kill_at(2))
         saved = load_tensors(out / "checkpoint" / "model.safetensors")
         assert saved and all(v.dtype == torch.float32 for v in saved.values())
-        ends.append(_bf16_run(kept, 4, out=out, resume=True).raw_model.state_dict())
-    for k, v in ends[0].items():
-        assert torch.equal(v, ends[1][k]), k
+        ends.append(_bf16_run(kept, 4, out=out, resume=True))
+    assert ends[0].steps == 4
+    whole = _bf16_run(True, 4).raw_model.state_dict()
+    for k, v in ends[0].raw_model.state_dict().items():
+        assert torch.equal(v, ends[1].raw_model.state_dict()[k]), k
+        assert torch.equal(v, whole[k]), k
 
 
 def test_bf16_weights_need_bf16_precision():

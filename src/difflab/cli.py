@@ -14,9 +14,14 @@ from difflab import __version__
 from difflab.cli_args import (
     add_sample_precision_argument,
     finite_float,
+    image_size_int,
+    nonneg_float,
     nonneg_int,
+    out_folder,
+    out_image,
     positive_float,
     positive_int,
+    seed_int,
     unit_float,
 )
 from difflab.errors import DifflabError
@@ -61,6 +66,7 @@ def _train_config(args: argparse.Namespace, **defaults: object):  # -> TrainConf
 
     kw = dict(defaults)
     for name in ("batch_size", "lr", "seed", "minutes", "epochs", "checkpoint_every",
+                 "checkpoint_minutes",
                  "mixed_precision", "ema_decay", "warmup_steps", "compile", "deterministic",
                  "bf16_weights"):
         v = getattr(args, name, None)
@@ -74,8 +80,8 @@ def _train_config(args: argparse.Namespace, **defaults: object):  # -> TrainConf
 
 def _add_train_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="mnist5k", help="data set name or image folder")
-    p.add_argument("--image-size", type=positive_int, help="resize/crop images to this size")
-    p.add_argument("--out", type=Path, help="run folder (default runs/<kind>-<data>)")
+    p.add_argument("--image-size", type=image_size_int, help="resize/crop images to this size")
+    p.add_argument("--out", type=out_folder, help="run folder (default runs/<kind>-<data>)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=positive_int, help="optimisation steps")
     budget.add_argument("--minutes", type=positive_float, help="wall-clock training budget")
@@ -89,8 +95,12 @@ def _add_train_common(p: argparse.ArgumentParser) -> None:
                         "products (AVX-512 BF16 / AMX), float32 elsewhere")
     p.add_argument("--compile", choices=["no", "default", "reduce-overhead", "max-autotune"],
                    help="torch.compile the networks (pays on GPU; reduce-overhead = CUDA graphs)")
-    p.add_argument("--checkpoint-every", type=nonneg_int, help="steps between checkpoints")
-    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--checkpoint-every", type=nonneg_int,
+                   help="steps between training checkpoints (default: by time only)")
+    p.add_argument("--checkpoint-minutes", type=nonneg_float,
+                   help="minutes between training checkpoints (default 5; 0: none by time). "
+                        "A checkpoint is also written at the end and on Ctrl-C / SIGTERM")
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--deterministic", action="store_true",
                    help="bitwise-repeatable GPU training (deterministic kernels; slower there; "
                         "CPU training is repeatable anyway)")
@@ -167,6 +177,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         cls = _class_index(args.class_, names)
         labels = torch.full((args.n,), cls, dtype=torch.long)
     guidance = 1.0 if args.guidance is None else args.guidance
+    check_guidance(guidance, bundle, labels is not None, str(args.ckpt))
     res = sample_images(bundle, args.n, scheduler=args.scheduler, steps=args.steps,
                         seed=args.seed, class_labels=labels, guidance_scale=guidance,
                         return_trajectory=args.trajectory, progress=True, eta=args.eta,
@@ -178,6 +189,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
         save_image(trajectory_figure(res.trajectory), tpath)
         print(f"wrote {tpath}")
     return 0
+
+
+def check_guidance(guidance: float, bundle, has_class: bool, source: str) -> None:
+    """Guidance ≠ 1 needs a class-conditional model and a class to guide towards; else it
+    would be silently ignored."""
+    if guidance == 1.0:
+        return
+    if not bundle.unet.config.num_class_embeds:
+        raise DifflabError(f"{source}: --guidance needs a class-conditional model (train ddpm "
+                           "--cond class); this one is unconditional")
+    if not has_class:
+        raise DifflabError("--guidance needs --class: the class to guide the samples towards")
+    if bundle.diffusion.p_uncond == 0:
+        raise DifflabError(f"{source}: --guidance needs a model trained with label dropout "
+                           "(--p-uncond > 0): this one never learned the unconditional model")
 
 
 def _class_index(value: str, names: list[str]) -> int:
@@ -205,6 +231,9 @@ def cmd_plot_forward(args: argparse.Namespace) -> int:
     from difflab.viz.schedules import plot_forward_process
 
     ds = load_dataset(args.data, "train")
+    if args.index >= len(ds):
+        raise DifflabError(f"--index {args.index} is out of range: {args.data} has {len(ds)} "
+                           "training images")
     print(f"wrote {plot_forward_process(ds.images[args.index], args.out)}")
     return 0
 
@@ -220,10 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="train AE, VAE and DDPM in minutes; write an HTML report")
     d.add_argument("--data", default="mnist5k", help="data set (default: mnist5k)")
-    d.add_argument("--out", type=Path, default=Path("runs/demo"))
+    d.add_argument("--out", type=out_folder, default=Path("runs/demo"))
     d.add_argument("--minutes", type=positive_float, default=4.0,
                    help="total training budget (default 4)")
-    d.add_argument("--seed", type=nonneg_int, default=0)
+    d.add_argument("--seed", type=seed_int, default=0)
     d.add_argument("--dry-run", action="store_true")
     d.set_defaults(func=cmd_demo)
 
@@ -232,8 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = data.add_parser("info", help="counts, shape, class names and an example grid")
     info.add_argument("spec", help="data set name or image folder")
     info.add_argument("--split", default="train", choices=["train", "test"])
-    info.add_argument("--image-size", type=positive_int)
-    info.add_argument("--out", type=Path, help="PNG grid of examples")
+    info.add_argument("--image-size", type=image_size_int)
+    info.add_argument("--out", type=out_image, help="PNG grid of examples")
     info.set_defaults(func=cmd_data_info)
 
     tr = sub.add_parser("train", help="train a model").add_subparsers(
@@ -261,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=positive_int, default=25)
     s.add_argument("--n", type=positive_int, default=64)
     s.add_argument("--nrow", type=positive_int, default=8)
-    s.add_argument("--seed", type=nonneg_int, default=0)
+    s.add_argument("--seed", type=seed_int, default=0)
     s.add_argument("--class", dest="class_", help="class index or name (conditional models)")
     s.add_argument("--guidance", type=finite_float,
                    help="classifier-free guidance scale (default 1 = none; latent diffusion: 4)")
@@ -269,19 +298,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trajectory", action="store_true",
                    help="also write the x_t / predicted noise / x̂₀ / x_{t−1} figure")
     add_sample_precision_argument(s)
-    s.add_argument("--out", type=Path, default=Path("samples.png"))
+    s.add_argument("--out", type=out_image, default=Path("samples.png"))
     add_sample_arguments(s)
     s.set_defaults(func=cmd_sample)
 
     pl = sub.add_parser("plot", help="figures of the theory").add_subparsers(
         dest="plot", required=True, parser_class=_Parser)
     ps = pl.add_parser("schedules", help="β_t, ᾱ_t and log-SNR of every noise schedule")
-    ps.add_argument("--out", type=Path, default=Path("schedules.png"))
+    ps.add_argument("--out", type=out_image, default=Path("schedules.png"))
     ps.set_defaults(func=cmd_plot_schedules)
     pf = pl.add_parser("forward", help="one image noised at t = 0…T for each schedule")
     pf.add_argument("--data", default="mnist5k")
     pf.add_argument("--index", type=nonneg_int, default=0)
-    pf.add_argument("--out", type=Path, default=Path("forward.png"))
+    pf.add_argument("--out", type=out_image, default=Path("forward.png"))
     pf.set_defaults(func=cmd_plot_forward)
 
     for extra in EXTRA_COMMANDS:
@@ -314,8 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"difflab: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("difflab: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"difflab: interrupted{f' {e}' if str(e) else ''}", file=sys.stderr)
         return 130
     finally:
         if "torch.distributed" in sys.modules:  # torch was loaded: leave a launch's group cleanly

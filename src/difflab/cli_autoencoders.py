@@ -11,7 +11,15 @@ import argparse
 import json
 from pathlib import Path
 
-from difflab.cli_args import nonneg_float, nonneg_int, positive_float, positive_int
+from difflab.cli_args import (
+    image_size_int,
+    nonneg_float,
+    nonneg_int,
+    out_folder,
+    positive_float,
+    positive_int,
+    seed_int,
+)
 
 
 def int_tuple(s: str) -> tuple[int, ...]:
@@ -183,8 +191,8 @@ def register(sub: argparse._SubParsersAction, tr: argparse._SubParsersAction) ->
     av = ex.add_parser("ae-vs-vae", help="decode random latent points of an AE and a VAE and "
                                          "score how recognisable they are")
     av.add_argument("--data", default="mnist5k")
-    av.add_argument("--image-size", type=positive_int)
-    av.add_argument("--out", type=Path, help="output folder (default runs/ae-vs-vae)")
+    av.add_argument("--image-size", type=image_size_int)
+    av.add_argument("--out", type=out_folder, help="output folder (default runs/ae-vs-vae)")
     av.add_argument("--arch", choices=["mlp", "conv"], default="mlp")
     av.add_argument("--latent-dim", type=positive_int, default=2)
     av.add_argument("--hidden", type=int_tuple, default=(512, 256))
@@ -197,7 +205,7 @@ def register(sub: argparse._SubParsersAction, tr: argparse._SubParsersAction) ->
     av.add_argument("--lr", type=positive_float, default=1e-3)
     av.add_argument("--n-samples", type=positive_int, default=2000,
                     help="random latent points decoded per model")
-    av.add_argument("--seed", type=nonneg_int, default=0)
+    av.add_argument("--seed", type=seed_int, default=0)
     av.add_argument("--dry-run", action="store_true")
     av.add_argument("--no-progress", action="store_true")
     av.set_defaults(func=cmd_ae_vs_vae)
@@ -205,13 +213,13 @@ def register(sub: argparse._SubParsersAction, tr: argparse._SubParsersAction) ->
     pc = ex.add_parser("pca-vs-linear-ae", help="a linear AE trained to convergence finds the "
                                                 "PCA subspace (principal angles, MSE, bases)")
     pc.add_argument("--data", default="mnist5k")
-    pc.add_argument("--image-size", type=positive_int)
+    pc.add_argument("--image-size", type=image_size_int)
     pc.add_argument("--k", type=positive_int, default=16, help="subspace dimension")
     pc.add_argument("--tied", action="store_true", help="encoder = decoder transposed")
     pc.add_argument("--n", type=positive_int, help="use the first N training images")
     pc.add_argument("--steps", type=nonneg_int, default=300, help="Adam steps before L-BFGS")
     pc.add_argument("--lbfgs-steps", type=nonneg_int, default=2000, help="max L-BFGS iterations")
-    pc.add_argument("--seed", type=nonneg_int, default=0)
-    pc.add_argument("--out", type=Path)
+    pc.add_argument("--seed", type=seed_int, default=0)
+    pc.add_argument("--out", type=out_folder)
     pc.add_argument("--dry-run", action="store_true")
     pc.set_defaults(func=cmd_pca_vs_linear_ae)

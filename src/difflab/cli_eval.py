@@ -22,7 +22,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from difflab.cli_args import add_sample_precision_argument, finite_float, nonneg_int, positive_int
+from difflab.cli_args import (
+    add_sample_precision_argument,
+    finite_float,
+    out_file,
+    positive_int,
+    seed_int,
+)
 from difflab.errors import DifflabError
 
 METRICS = ("fid", "kid", "pr", "nll")
@@ -91,8 +97,18 @@ def evaluate_diffusion_checkpoint(folder: str | Path, metrics: list[str], *, n: 
     if bad:
         raise DifflabError(f"unknown metric(s) {bad}; choose from {list(METRICS)}")
     bundle = load_bundle(folder)
-    spec = data or bundle.data["name"]
+    spec = data or bundle.data.get("path") or bundle.data["name"]
     c, h, w = bundle.data["image_shape"]
+    if guidance_scale != 1.0:
+        from difflab.cli import check_guidance
+
+        check_guidance(guidance_scale, bundle, True, str(folder))
+    T = bundle.diffusion.num_train_timesteps
+    if any(m in SAMPLE_METRICS for m in metrics) and not 1 <= steps <= T:
+        raise DifflabError(f"--steps {steps}: the model has {T} timesteps; use 1 … {T}")
+    folder_path = Path(spec)
+    if split == "test" and folder_path.is_dir() and not (folder_path / "test").is_dir():
+        split = "train"  # a folder without test/: the model saw all of it; compare with that
     try:
         ref = load_dataset(spec, split, image_size=h, channels=c)
     except DataError as e:
@@ -100,6 +116,12 @@ def evaluate_diffusion_checkpoint(folder: str | Path, metrics: list[str], *, n: 
         raise DifflabError(f"{e}{hint}") from None
     if tuple(ref.image_shape) != (c, h, w):
         raise DifflabError(f"{spec} images are {ref.image_shape}, the model makes {(c, h, w)}")
+    n_samples = n or 10_000
+    for name, need in (("fid", 2), ("kid", 2), ("pr", k + 1)):
+        if name in metrics and min(n_samples, len(ref)) < need:
+            raise DifflabError(f"--metric {name} needs at least {need} samples and reference "
+                               f"images (here --n {n_samples}, {len(ref)} in {spec} {split}"
+                               f"{'; lower --pr-k' if name == 'pr' else ''})")
     result: dict[str, Any] = {"checkpoint": str(folder), "data": spec, "split": split,
                               "seed": seed}
     t0 = time.perf_counter()
@@ -290,7 +312,8 @@ def register(sub: argparse._SubParsersAction, _train: argparse._SubParsersAction
     e.add_argument("--feature-steps", type=positive_int,
                    help="training steps of the feature classifier (default: its recipe)")
     e.add_argument("--batch-size", type=positive_int, default=500)
-    e.add_argument("--seed", type=nonneg_int, default=0)
-    e.add_argument("--out", type=Path, default=Path("metrics.json"), help="JSON file to write")
+    e.add_argument("--seed", type=seed_int, default=0)
+    e.add_argument("--out", type=out_file, default=Path("metrics.json"),
+                   help="JSON file to write")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_eval)

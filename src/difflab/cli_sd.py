@@ -12,7 +12,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from difflab.cli_args import finite_float, nonneg_int, positive_int
+from difflab.cli_args import (
+    finite_float,
+    out_image,
+    positive_int,
+    seed_int,
+)
 
 
 def cmd_sd(args: argparse.Namespace) -> int:
@@ -62,7 +67,7 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction)
                    help="classifier-free guidance scale (1 = none)")
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
                    help="default: the model's own (DPM-Solver++ where difflab lacks it)")
-    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--height", type=positive_int, help="pixels, multiple of 8 (default 512)")
     p.add_argument("--width", type=positive_int, help="pixels, multiple of 8 (default 512)")
     p.add_argument("--n", type=positive_int, default=1, help="images for the prompt")
@@ -70,5 +75,5 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction)
                    help="folder with CLIP's vocab.json + merges.txt (single files only; "
                         "default: tokenizer/ beside the file)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is there")
-    p.add_argument("--out", type=Path, default=Path("sd.png"))
+    p.add_argument("--out", type=out_image, default=Path("sd.png"))
     p.set_defaults(func=cmd_sd)

@@ -41,6 +41,7 @@ class ImageDataset:
     name: str  # the spec it came from ("mnist5k") or the folder's name
     split: str = "train"  # "train" or "test"
     skipped_files: int = 0  # non-image files ignored while reading a folder
+    path: str = ""  # a folder's absolute path (what a model's data.json records to reload it)
 
     def __post_init__(self) -> None:
         x, y = self.images, self.labels

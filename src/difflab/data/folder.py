@@ -222,15 +222,16 @@ def load_folder(
             if _is_gray(mode) != _is_gray(mode0):
                 raise DataError(
                     f"{p}: is {_kind(mode)} but {first_path.name} is {_kind(mode0)}; "
-                    "pass channels=1 or channels=3 to convert every image"
+                    "save them all as one kind, or load_dataset(..., channels=1 or 3) "
+                    "converts every image"
                 )
         channels = 1 if _is_gray(mode0) else 3
     if image_size is None:
         for (p, _), ((w, h), _) in zip(items, headers):
             if (w, h) != (w0, h0):
                 raise DataError(
-                    f"{p}: is {w}x{h} but {first_path.name} is {w0}x{h0}; pass image_size to "
-                    "resize and center-crop every image"
+                    f"{p}: is {w}x{h} but {first_path.name} is {w0}x{h0}; --image-size N "
+                    "(image_size=N) resizes and center-crops every image"
                 )
     height, width = (h0, w0) if image_size is None else (image_size, image_size)
     need, have = len(items) * channels * height * width * 4, _memory_bytes()
@@ -262,6 +263,7 @@ def load_folder(
         name=folder.resolve().name,
         split=split,
         skipped_files=skipped,
+        path=str(folder.resolve()),
     )
 
 

@@ -230,7 +230,7 @@ class AutoencoderRun:
 def data_info(data: ImageDataset, image_size: int | None) -> dict[str, Any]:
     """What ``model/data.json`` records, so that evaluation can reload the same data."""
     return {"name": data.name, "image_size": image_size, "class_names": list(data.class_names),
-            "image_shape": list(data.image_shape)}
+            "image_shape": list(data.image_shape), **({"path": data.path} if data.path else {})}
 
 
 def train_autoencoder(config: Config, data: ImageDataset, test: ImageDataset,
@@ -388,11 +388,16 @@ def evaluate_vae_checkpoint(folder: str | Path, split: str = "test", k: int = 10
         raise CheckpointError(f"{folder}: holds a {type(model).__name__}; the likelihood needs "
                               "a VAE checkpoint")
     info = read_json(folder / "data.json") if (folder / "data.json").is_file() else {}
-    spec = data or info.get("name")
+    spec = data or info.get("path") or info.get("name")
     if spec is None:
         raise CheckpointError(f"{folder}: no data.json says which data set the VAE was trained "
                               "on; name one (--data)")
-    ds = load_dataset(spec, split, image_size=info.get("image_size") if data is None else None)
+    size = info.get("image_size") if data is None else None
+    if split == "test" and Path(spec).is_dir() and not (Path(spec) / "test").is_dir():
+        # a folder without test/: the images training held out (train_test_split)
+        ds = train_test_split(spec, size, load_dataset(spec, "train", image_size=size))[1]
+    else:
+        ds = load_dataset(spec, split, image_size=size)
     c = model.config
     if ds.image_shape != (c.in_channels, c.image_size, c.image_size):
         raise DataError(f"{spec} images are {ds.image_shape}, the VAE expects "

@@ -211,14 +211,21 @@ class Scheduler:
     def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None
                       ) -> None:
         """Choose ``num_inference_steps`` integer timesteps by ``timestep_spacing``."""
+        self._check_steps(num_inference_steps)
         T = self.cfg.num_train_timesteps
-        if not 0 < num_inference_steps <= T:
-            raise ValueError(f"num_inference_steps={num_inference_steps} must be in [1, {T}]")
         ts = schedules.spaced_timesteps(self.cfg.timestep_spacing, T, num_inference_steps,
                                         self.cfg.steps_offset)
         self.timesteps = torch.from_numpy(np.round(ts).astype(np.int64)).to(device)
         self.num_inference_steps = num_inference_steps
         self._reset_steps()
+
+    def _check_steps(self, n: Any) -> None:
+        """1 ≤ n ≤ T for every sampler: more steps than trained timesteps would repeat
+        timesteps or, on some grids, give NaN (diffusers lets the σ-space ones through)."""
+        T = self.cfg.num_train_timesteps
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 < n <= T:
+            raise ConfigError(f"num_inference_steps={n!r} must be an integer in [1, {T}] (the "
+                              "model's trained timesteps)")
 
     def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
         """The network's input at this step; the identity for schedulers working on x_t."""

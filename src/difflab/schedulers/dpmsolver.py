@@ -97,8 +97,7 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         solver lands, not a model evaluation, so it is dropped from ``timesteps``.
         """
         cfg, n = self.cfg, num_inference_steps
-        if n < 1:
-            raise ValueError(f"num_inference_steps={n} must be >= 1")
+        self._check_steps(n)
         T = cfg.num_train_timesteps
         last = T  # one past the noisiest timestep allowed by lambda_min_clipped
         if cfg.lambda_min_clipped > -math.inf:

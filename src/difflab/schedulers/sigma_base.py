@@ -90,8 +90,7 @@ class SigmaScheduler(Scheduler):
     def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None
                       ) -> None:
         """Build ``timesteps`` (float32, for the model) and ``sigmas`` (float64, length n + 1)."""
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps={num_inference_steps} must be >= 1")
+        self._check_steps(num_inference_steps)
         ts, sig = self._grid(num_inference_steps)
         self.timesteps = torch.from_numpy(ts).to(device)
         self.sigmas = torch.from_numpy(np.append(sig, self._final_sigma()))

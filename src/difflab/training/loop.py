@@ -16,20 +16,24 @@ losses are averaged over processes; only the main process writes checkpoints.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from difflab._tqdm import tqdm
 from difflab.config import Config, check_choice, check_positive
-from difflab.errors import ConfigError, DifflabError
+from difflab.errors import CheckpointError, ConfigError, DifflabError
 from difflab.nn.fused import fused_group_norm_available
 from difflab.perf import deterministic_kernels, resolve_mixed_precision
 from difflab.rng import BatchShard, ShardedGenerator
@@ -60,7 +64,10 @@ class TrainConfig(Config):
     # (AVX-512 BF16 / AMX), float32 elsewhere (difflab.perf.resolve_mixed_precision)
     mixed_precision: str = "no"
     seed: int = 0  # seeds data order, noise and initialisation
-    checkpoint_every: int = 0  # steps between training checkpoints (0: only at the end)
+    checkpoint_every: int = 0  # steps between training checkpoints (0: none by step count)
+    # minutes between training checkpoints (0: none by time); with the checkpoint written at
+    # the end and on Ctrl-C / SIGTERM, a killed run loses at most this much
+    checkpoint_minutes: float = 5.0
     max_nonfinite: int = 20  # consecutive non-finite losses/gradients before the run stops
     # NHWC memory format: faster convolutions on CPU and GPU. On CPU under bf16 only with
     # difflab's channels-last GroupNorm kernel (difflab.nn.fused; else NCHW, benchmarks/RESULTS.md)
@@ -86,6 +93,8 @@ class TrainConfig(Config):
             v = getattr(self, name)
             if v is not None:
                 check_positive("TrainConfig", name, v)
+        check_positive("TrainConfig", "checkpoint_minutes", self.checkpoint_minutes,
+                       allow_zero=True)
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"TrainConfig.ema_decay={self.ema_decay} must be in (0, 1)")
 
@@ -168,14 +177,15 @@ def train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Trai
     """Optimise ``task.training_loss`` over (images, labels) under ``cfg``.
 
     images: (N, C, H, W) in [-1, 1]; labels: (N,). With ``out_dir`` a training checkpoint is
-    written there (atomically) every ``cfg.checkpoint_every`` steps and at the end; with
-    ``resume`` the run continues bit-exactly from the last one (on a GPU with
-    ``cfg.deterministic``).
-    """
-    with deterministic_kernels(cfg.deterministic):
+    written there (atomically) every ``cfg.checkpoint_every`` steps and every
+    ``cfg.checkpoint_minutes`` minutes, at the end, and when Ctrl-C or SIGTERM stops the run
+    (after the step in progress); with ``resume`` the run continues bit-exactly from the last
+    one (on a GPU with ``cfg.deterministic``) — if the data and the settings are the run's own
+    (:func:`check_resume`)."""
+    with deterministic_kernels(cfg.deterministic), _GracefulStop() as stop:
         try:
             return _train(task, images, labels, cfg, out_dir=out_dir, resume=resume, desc=desc,
-                          on_checkpoint=on_checkpoint)
+                          on_checkpoint=on_checkpoint, stop=stop)
         except RuntimeError as e:  # PyTorch's alert names the operation: one line of it
             if not (cfg.deterministic and _NO_DETERMINISTIC in str(e)):
                 raise
@@ -189,7 +199,8 @@ _NO_DETERMINISTIC = "does not have a deterministic implementation"
 
 def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, *,
            out_dir: str | Path | None, resume: bool, desc: str,
-           on_checkpoint: Callable[[nn.Module, int], None] | None) -> TrainResult:
+           on_checkpoint: Callable[[nn.Module, int], None] | None,
+           stop: _GracefulStop) -> TrainResult:
     from accelerate import Accelerator  # heavy import, only when training
 
     if len(images) == 0:
@@ -255,6 +266,7 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
     labels = labels.to(dev)
 
     n = len(images)
+    data_print = data_fingerprint(images, labels)
     total = cfg.resolve_steps(n)
     step, history, skipped, consecutive = 0, [], 0, 0
     perm, pos = torch.randperm(n, generator=data_gen), 0
@@ -274,13 +286,17 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
             w16.weights_down()
         if state is None:
             raise DifflabError(f"{out_dir}: no training checkpoint to resume from")
-        step, history, skipped = state["step"], state["history"], state["skipped"]
-        total = state["total"]
-        perm, pos = state["perm"], state["pos"]
-        gen.set_state(state["gen"])
-        data_gen.set_state(state["data_gen"])
-        torch.set_rng_state(state["torch_rng"])
-        elapsed_before = state["elapsed"]
+        try:
+            check_resume(state, cfg, data_print, out_dir)
+            step, history, skipped = state["step"], state["history"], state["skipped"]
+            total = state["total"]
+            perm, pos = state["perm"], state["pos"]
+            gen.set_state(state["gen"])
+            data_gen.set_state(state["data_gen"])
+            torch.set_rng_state(state["torch_rng"])
+            elapsed_before = state["elapsed"]
+        except KeyError as e:
+            raise CheckpointError(f"{out_dir}/checkpoint/state.json: no {e} entry") from None
 
     pending: list[tuple[int, torch.Tensor, dict[str, torch.Tensor]]] = []
 
@@ -315,7 +331,7 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
                                      data_gen=data_gen.get_state(),
                                      torch_rng=torch.get_rng_state(),
                                      elapsed=elapsed_before + time.perf_counter() - t0,
-                                     config=cfg.to_dict()))
+                                     config=cfg.to_dict(), data=data_print))
             if on_checkpoint is not None:
                 on_checkpoint(ema.model if ema else acc.unwrap_model(model).task, step)
 
@@ -342,6 +358,7 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
     bar = tqdm(total=total, initial=step, desc=desc, disable=not (cfg.progress and
                acc.is_main_process), dynamic_ncols=True, leave=False)
     model.train()
+    last_save = time.perf_counter()
     while total is None or step < total:
         if pos + cfg.batch_size > n:  # new epoch: reshuffle (drop the ragged tail)
             perm, pos = torch.randperm(n, generator=data_gen), 0
@@ -425,8 +442,17 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
                 new_total = None if new_total < 0 else new_total
             total = new_total
             bar.total = total
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < (total or 0):
+        if stop.signal is not None:  # Ctrl-C / SIGTERM: this step is done; keep it
             save()
+            where = f"; checkpoint in {out_dir}/checkpoint: run the same command with " \
+                "--resume to continue" if out_dir is not None else ""
+            raise KeyboardInterrupt(f"at step {step}{where}")
+        by_steps = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
+        by_time = cfg.checkpoint_minutes and \
+            time.perf_counter() - last_save >= 60 * cfg.checkpoint_minutes
+        if (by_steps or by_time) and (total is None or step < total):
+            save()
+            last_save = time.perf_counter()
     flush()
     bar.close()
     seconds = elapsed_before + time.perf_counter() - t0
@@ -439,6 +465,60 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
                        seconds=seconds, history=history, skipped_nonfinite=skipped,
                        is_main_process=acc.is_main_process, precision=precision,
                        processes=world)
+
+
+class _GracefulStop:
+    """While open, Ctrl-C or SIGTERM sets ``signal``: the loop finishes its step, writes a
+    checkpoint and stops (a second signal stops at once). Only in the main thread (Python
+    delivers signals there); on exit the previous handlers are back."""
+
+    def __enter__(self) -> _GracefulStop:
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def data_fingerprint(images: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    """Shape and float64 sums of the training data: a resumed run must see the same data."""
+    return {"shape": list(images.shape),
+            "sum": float(images.sum(dtype=torch.float64)),
+            "sum_sq_strided": float(images.flatten()[::101].double().pow(2).sum()),
+            "labels": int(labels.sum(dtype=torch.int64))}
+
+
+# TrainConfig keys a resumed run may change: how it reports and saves, not what it computes.
+RESUME_MAY_CHANGE = frozenset({"progress", "checkpoint_every", "checkpoint_minutes",
+                               "max_nonfinite", "lazy_guard", "compile"})
+
+
+def check_resume(state: dict[str, Any], cfg: TrainConfig, data: dict[str, Any],
+                 out_dir: Path) -> None:
+    """A checkpoint continues only the run that wrote it: same data, same training settings
+    (budget included); otherwise a DifflabError names what differs."""
+    saved = json.loads(json.dumps(state.get("config", {})))  # tuples → lists, as on disk
+    now = json.loads(json.dumps(cfg.to_dict()))
+    diff = [f"{k}={saved.get(k)!r} (now {now[k]!r})" for k in now
+            if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k]]
+    if diff:
+        raise DifflabError(f"{out_dir}: --resume continues the run as it was started, but "
+                           f"this command changes {', '.join(diff)}; resume with the run's own "
+                           "settings (checkpoint/state.json) or train into a new --out")
+    old = state.get("data")
+    if old is not None and old != json.loads(json.dumps(data)):
+        raise DifflabError(f"{out_dir}: --resume with other data than the run was started on "
+                           f"(images {old['shape']} vs {data['shape']}, or other values)")
 
 
 def _nonfinite_error(consecutive: int, step: int, out_dir: Path | None) -> DifflabError:
