@@ -230,7 +230,7 @@ class AutoencoderRun:
 def data_info(data: ImageDataset, image_size: int | None) -> dict[str, Any]:
     """What ``model/data.json`` records, so that evaluation can reload the same data."""
     return {"name": data.name, "image_size": image_size, "class_names": list(data.class_names),
-            "image_shape": list(data.image_shape), **({"path": data.path} if data.path else {})}
+            "image_shape": list(data.image_shape), **({"path": data.path} if getattr(data, "path", "") else {})}
 
 
 def train_autoencoder(config: Config, data: ImageDataset, test: ImageDataset,
