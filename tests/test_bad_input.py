@@ -153,6 +153,8 @@ CASES: dict[str, Callable[[Path, Path], list[str]]] = {
                                          SAMPLE + ["--ckpt", str(m), "--out", "afile/g.png"])[1],
     "--out under /proc (eval)": lambda t, m: ["eval", "--ckpt", str(m), "--metric", "fid",
                                               "--out", "/proc/m.json"],
+    "--out holds a run (train)": lambda t, m: ((t / "run" / "checkpoint").mkdir(parents=True),
+                                               TRAIN + ["--data", "digits"])[1],
     # values that used to fail late or silently
     "steps > trained timesteps (lms)": lambda t, m: SAMPLE + ["--ckpt", str(m), "--scheduler",
                                                              "lms", "--steps", "1001"],

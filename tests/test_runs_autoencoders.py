@@ -177,3 +177,34 @@ def test_a_folder_without_test_split_holds_out_a_seeded_tenth(tmp_path, capsys):
                               labels=everything.labels[:1])
     with pytest.raises(DataError, match="at least 2"):
         train_test_split(spec, None, one)
+
+
+def test_cli_channels_overwrite_and_held_out_eval(tmp_path, capsys, monkeypatch):
+    """A folder mixing gray and color files trains with --channels 1; training again into the
+    same --out is refused unless --overwrite; eval of the folder-trained VAE finds its data
+    (data.json records the folder) and its held-out test images."""
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mixed").mkdir()
+    for i in range(12):
+        shape = (8, 8, 3) if i == 0 else (8, 8)
+        Image.fromarray(np.full(shape, 20 * i, np.uint8)).save(tmp_path / "mixed" / f"{i}.png")
+    argv = ["train", "vae", "--data", "mixed", "--steps", "3", "--no-progress", "--out", "r"]
+    assert main(argv) == 2 and "--channels 1 or 3" in capsys.readouterr().err
+    assert main([*argv, "--channels", "1"]) == 0
+    assert "holding out 2 of its 12" in capsys.readouterr().err
+    info = json.loads((tmp_path / "r" / "model" / "data.json").read_text())
+    assert info["path"] == str((tmp_path / "mixed").resolve())
+    assert main([*argv, "--channels", "1"]) == 2
+    assert "holds a run already" in capsys.readouterr().err
+    (tmp_path / "r" / "stale.txt").write_text("x")
+    assert main([*argv, "--channels", "1", "--overwrite"]) == 0
+    assert not (tmp_path / "r" / "stale.txt").exists()
+    monkeypatch.chdir(tmp_path / "r")  # the recorded path, not the relative "mixed", is used
+    assert main(["eval", "--ckpt", ".", "--metric", "nll", "--n", "2", "--no-progress",
+                 "--out", "m.json"]) == 0
+    res = json.loads((tmp_path / "r" / "m.json").read_text())
+    assert (res["nll"]["data"], res["nll"]["num_images"]) == ("mixed", 2)
+    assert math.isfinite(res["nll"]["iwae_nll_nats"])

@@ -50,7 +50,7 @@ def cmd_data_info(args: argparse.Namespace) -> int:
     from difflab.data import dataset_info, load_dataset
     from difflab.viz import save_grid
 
-    ds = load_dataset(args.spec, args.split, image_size=args.image_size)
+    ds = load_dataset(args.spec, args.split, image_size=args.image_size, channels=args.channels)
     info = dataset_info(ds)
     for k, v in info.items():
         print(f"{k:>14}: {v}")
@@ -78,9 +78,30 @@ def _train_config(args: argparse.Namespace, **defaults: object):  # -> TrainConf
     return TrainConfig(**kw)
 
 
+RUN_ENTRIES = ("checkpoint", "model", "pipeline", "metrics.json", "report.html")
+
+
+def prepare_run_folder(out: Path, args: argparse.Namespace) -> None:
+    """Never train over an earlier run by accident (its model would be lost, or mixed with
+    the new one's files): ``--resume`` continues it, ``--overwrite`` removes it first."""
+    import os
+    import shutil
+
+    if args.resume or not out.is_dir() or not any((out / e).exists() for e in RUN_ENTRIES):
+        return
+    if not args.overwrite:
+        raise DifflabError(f"{out} holds a run already: --resume continues it, --overwrite "
+                           "replaces it, or choose another --out")
+    if int(os.environ.get("RANK", "0")) == 0:  # one process of a launch removes it
+        shutil.rmtree(out)
+
+
 def _add_train_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="mnist5k", help="data set name or image folder")
     p.add_argument("--image-size", type=image_size_int, help="resize/crop images to this size")
+    p.add_argument("--channels", type=int, choices=[1, 3],
+                   help="convert every image to 1 (gray) or 3 (RGB) channels (default: as the "
+                        "files are; needed for folders mixing gray and color images)")
     p.add_argument("--out", type=out_folder, help="run folder (default runs/<kind>-<data>)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=positive_int, help="optimisation steps")
@@ -109,6 +130,8 @@ def _add_train_common(p: argparse.ArgumentParser) -> None:
                         "and linear weights between steps instead of casting them every step "
                         "(same numbers; fewer kernels on a GPU)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="remove the run already in --out first (else training refuses it)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -131,7 +154,8 @@ def cmd_train_ddpm(args: argparse.Namespace) -> int:
                           "cond": args.cond, "diffusion": dcfg.to_dict(),
                           "train": tcfg.to_dict()}, indent=2))
         return 0
-    data = load_dataset(args.data, "train", image_size=args.image_size)
+    prepare_run_folder(out, args)
+    data = load_dataset(args.data, "train", image_size=args.image_size, channels=args.channels)
     run = train_diffusion(data, out_dir=out, train_cfg=tcfg, diffusion_cfg=dcfg,
                           preset=args.preset, cond_class=args.cond == "class",
                           resume=args.resume)
@@ -262,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("spec", help="data set name or image folder")
     info.add_argument("--split", default="train", choices=["train", "test"])
     info.add_argument("--image-size", type=image_size_int)
+    info.add_argument("--channels", type=int, choices=[1, 3],
+                      help="convert every image to 1 (gray) or 3 (RGB) channels")
     info.add_argument("--out", type=out_image, help="PNG grid of examples")
     info.set_defaults(func=cmd_data_info)
 

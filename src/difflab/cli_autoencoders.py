@@ -36,7 +36,7 @@ def int_tuple(s: str) -> tuple[int, ...]:
 
 # ------------------------------------------------------------------------------------- train
 def cmd_train_autoencoder(args: argparse.Namespace) -> int:
-    from difflab.cli import _train_config
+    from difflab.cli import _train_config, prepare_run_folder
     from difflab.data import load_dataset
     from difflab.runs.autoencoders import (
         DEFAULT_TRAIN,
@@ -51,7 +51,7 @@ def cmd_train_autoencoder(args: argparse.Namespace) -> int:
         defaults.pop("max_steps")  # the user's budget replaces the default one
     tcfg = _train_config(args, **defaults)
     out = args.out or Path("runs") / f"{args.kind}-{Path(args.data).name}"
-    data = load_dataset(args.data, "train", image_size=args.image_size)
+    data = load_dataset(args.data, "train", image_size=args.image_size, channels=args.channels)
     mcfg = model_config(args.kind, data, arch=getattr(args, "arch", "mlp"),
                         latent_dim=args.latent_dim, hidden=getattr(args, "hidden", (512, 256)),
                         likelihood=getattr(args, "likelihood", None), C=getattr(args, "C", 50.0),
@@ -65,7 +65,8 @@ def cmd_train_autoencoder(args: argparse.Namespace) -> int:
                           "train": tcfg.to_dict(),
                           "eval": {"iwae_k": iwae_k, "eval_n": eval_n}}, indent=2))
         return 0
-    data, test = train_test_split(args.data, args.image_size, data)
+    prepare_run_folder(out, args)
+    data, test = train_test_split(args.data, args.image_size, data, channels=args.channels)
     run = train_autoencoder(mcfg, data, test, tcfg, out_dir=out, image_size=args.image_size,
                             resume=args.resume, iwae_k=iwae_k, eval_n=eval_n)
     if not is_main_process():  # many processes: the main one evaluated and reports

@@ -24,15 +24,17 @@ from difflab.errors import DifflabError
 LDM_GUIDANCE = 4.0
 
 
-def _train_test(spec: str, image_size: int | None):  # -> (train, test) ImageDatasets
+def _train_test(spec: str, image_size: int | None, channels: int | None
+                ):  # -> (train, test) ImageDatasets
     from difflab.data import load_dataset
     from difflab.runs.autoencoders import train_test_split
 
-    return train_test_split(spec, image_size, load_dataset(spec, "train", image_size=image_size))
+    train = load_dataset(spec, "train", image_size=image_size, channels=channels)
+    return train_test_split(spec, image_size, train, channels=channels)
 
 
 def cmd_train_clip(args: argparse.Namespace) -> int:
-    from difflab.cli import _train_config
+    from difflab.cli import _train_config, prepare_run_folder
     from difflab.data.captions import CaptionConfig
     from difflab.runs.clip import DEFAULT_MODEL, DEFAULT_TRAIN, train_clip
 
@@ -44,7 +46,8 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
                           "captions": ccfg.to_dict(), "train": tcfg.to_dict()}, indent=2,
                          default=list))
         return 0
-    data, test = _train_test(args.data, args.image_size)
+    prepare_run_folder(out, args)
+    data, test = _train_test(args.data, args.image_size, args.channels)
     run = train_clip(data, test, out_dir=out, train_cfg=tcfg, caption_cfg=ccfg,
                      resume=args.resume)
     if not run.is_main_process:  # many processes: the main one reports
@@ -56,7 +59,7 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
 
 
 def cmd_train_ldm(args: argparse.Namespace) -> int:
-    from difflab.cli import _train_config
+    from difflab.cli import _train_config, prepare_run_folder
     from difflab.runs.ldm import UNET_TRAIN, LDMConfig, stage_train_configs, train_ldm
 
     tcfg = _train_config(args, **UNET_TRAIN)
@@ -72,7 +75,8 @@ def cmd_train_ldm(args: argparse.Namespace) -> int:
                           "vae": str(args.vae) if args.vae else "train",
                           "train": stages}, indent=2))
         return 0
-    data, test = _train_test(args.data, args.image_size)
+    prepare_run_folder(out, args)
+    data, test = _train_test(args.data, args.image_size, args.channels)
     run = train_ldm(data, test, out_dir=out, cfg=cfg, train_cfg=tcfg, clip=args.clip,
                     vae=args.vae, resume=args.resume)
     if not run.is_main_process:

@@ -222,8 +222,7 @@ def load_folder(
             if _is_gray(mode) != _is_gray(mode0):
                 raise DataError(
                     f"{p}: is {_kind(mode)} but {first_path.name} is {_kind(mode0)}; "
-                    "save them all as one kind, or load_dataset(..., channels=1 or 3) "
-                    "converts every image"
+                    "--channels 1 or 3 (channels=1 or 3) converts every image"
                 )
         channels = 1 if _is_gray(mode0) else 3
     if image_size is None:

@@ -96,19 +96,20 @@ def build_model(config: Config, data: ImageDataset | None = None) -> ModelMixin:
 
 
 def train_test_split(spec: str, image_size: int | None, train: ImageDataset, *,
-                     fraction: float = 0.1, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
+                     fraction: float = 0.1, seed: int = 0, channels: int | None = None
+                     ) -> tuple[ImageDataset, ImageDataset]:
     """``(train, test)``: ``train`` and the test split of ``spec``; a folder without a ``test/``
-    split instead holds out a seeded ``fraction`` of ``train`` (at least one image) as the test
+    split instead holds out a seeded ``fraction`` of ``train`` (at least two images) as the test
     set, and trains on the rest. Testing on the training images would make every held-out
     score meaningless (an autoencoder's "test" codes would be its training codes)."""
     folder = Path(spec)
     if not folder.is_dir() or (folder / "test").is_dir():
-        return train, load_dataset(spec, "test", image_size=image_size)
+        return train, load_dataset(spec, "test", image_size=image_size, channels=channels)
     n = len(train)
     if n < 2:
         raise DataError(f"{spec}: {n} image: at least 2 are needed to hold one out as the "
                         "test set (or add a test/ folder)")
-    k = max(1, round(n * fraction))
+    k = max(2 if n >= 4 else 1, round(n * fraction))  # two for the report's interpolation
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     print(f"{spec}: no test/ folder; holding out {k} of its {n} images as the test set",
           file=sys.stderr)
@@ -230,7 +231,8 @@ class AutoencoderRun:
 def data_info(data: ImageDataset, image_size: int | None) -> dict[str, Any]:
     """What ``model/data.json`` records, so that evaluation can reload the same data."""
     return {"name": data.name, "image_size": image_size, "class_names": list(data.class_names),
-            "image_shape": list(data.image_shape), **({"path": data.path} if getattr(data, "path", "") else {})}
+            "image_shape": list(data.image_shape),
+            **({"path": data.path} if getattr(data, "path", "") else {})}
 
 
 def train_autoencoder(config: Config, data: ImageDataset, test: ImageDataset,
@@ -329,9 +331,10 @@ def write_autoencoder_report(run: AutoencoderRun, data: ImageDataset, test: Imag
               "samples from the prior z ~ N(0, I), decoder mean" if isinstance(model, VAE) else
               "decoded random codes z ~ N(m, S), the Gaussian fitted to the training codes "
               "(an autoencoder has no prior)")
-    rep.image(make_grid(interpolate_codes(model, test.images[0], test.images[1]), 10,
+    pair, which = (test, "test") if len(test) >= 2 else (data, "training")
+    rep.image(make_grid(interpolate_codes(model, pair.images[0], pair.images[1]), 10,
                         scale=grid_scale(h)),
-              "decoding the straight line between the codes of two test images")
+              f"decoding the straight line between the codes of two {which} images")
 
     rep.heading("Latent space")
     test_codes = encode_codes(model, test.images[:2000])
@@ -393,11 +396,13 @@ def evaluate_vae_checkpoint(folder: str | Path, split: str = "test", k: int = 10
         raise CheckpointError(f"{folder}: no data.json says which data set the VAE was trained "
                               "on; name one (--data)")
     size = info.get("image_size") if data is None else None
+    channels = (info.get("image_shape") or [None])[0] if data is None else None
     if split == "test" and Path(spec).is_dir() and not (Path(spec) / "test").is_dir():
         # a folder without test/: the images training held out (train_test_split)
-        ds = train_test_split(spec, size, load_dataset(spec, "train", image_size=size))[1]
+        train = load_dataset(spec, "train", image_size=size, channels=channels)
+        ds = train_test_split(spec, size, train, channels=channels)[1]
     else:
-        ds = load_dataset(spec, split, image_size=size)
+        ds = load_dataset(spec, split, image_size=size, channels=channels)
     c = model.config
     if ds.image_shape != (c.in_channels, c.image_size, c.image_size):
         raise DataError(f"{spec} images are {ds.image_shape}, the VAE expects "

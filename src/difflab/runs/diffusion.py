@@ -103,7 +103,8 @@ def build_unet(data: ImageDataset, preset: str = "small", *, cond_class: bool = 
 def save_bundle(folder: Path, unet: UNet2DModel, diffusion: DiffusionConfig,
                 data: ImageDataset) -> None:
     info = {"name": data.name, "class_names": list(data.class_names),
-            "image_shape": list(data.image_shape), **({"path": data.path} if getattr(data, "path", "") else {})}
+            "image_shape": list(data.image_shape),
+            **({"path": data.path} if getattr(data, "path", "") else {})}
     unet.save_pretrained(folder, extra_files={"diffusion_config.json": diffusion.to_dict(),
                                               "data.json": info})
     diffusion.make_scheduler().save_config(folder)
