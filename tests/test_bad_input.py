@@ -269,6 +269,13 @@ def test_bad_input_is_one_line_exit_2_no_leftovers(case, tmp_path, model_folder,
     assert peak < 256 << 20, f"Python-side peak {peak:,} bytes"  # nothing huge was allocated
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 autocast runs on a GPU")
+def test_fp16_without_a_gpu_is_refused_not_silently_float32(model_folder, tmp_path, capsys):
+    code, _, err = run_cli(SAMPLE[:-1] + [str(tmp_path / "o.png"), "--ckpt", str(model_folder),
+                                          "--mixed-precision", "fp16"], capsys)
+    assert code == 2 and "needs a CUDA GPU" in err and not (tmp_path / "o.png").exists()
+
+
 def test_refusals_say_why(tmp_path, model_folder, capsys, monkeypatch):
     """Spot-check that the one line names the actual problem."""
     monkeypatch.chdir(tmp_path)

@@ -96,6 +96,7 @@ def test_sample_cli_same_seed_same_image(run, tmp_path, capsys):
     [],  # no prompt
     ["--prompt", "a seven", "--init-image", "/nonexistent.png"],
     ["--prompt", "a seven", "--init-image", "x.png", "--strength", "0.1", "--steps", "3"],
+    ["--prompt", "a seven", "--strength", "0.5"],  # img2img's flag without --init-image
 ])
 def test_bad_prompts_and_flags_exit_2_one_line(run, extra, capsys):
     assert main(["sample", "--ckpt", str(run.out_dir), "--steps", "2", *extra]) == 2

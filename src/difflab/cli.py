@@ -206,7 +206,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                         seed=args.seed, class_labels=labels, guidance_scale=guidance,
                         return_trajectory=args.trajectory, progress=True, eta=args.eta,
                         mixed_precision=args.mixed_precision)
-    save_grid(res.images * 2 - 1, args.out, nrow=args.nrow)
+    save_grid(res.images * 2 - 1, args.out, nrow=args.nrow or min(args.n, 8))
     print(f"wrote {args.out}")
     if args.trajectory:
         tpath = args.out.with_name(args.out.stem + "-trajectory.png")
@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "form their scheduler config names (else the ODE)")
     s.add_argument("--steps", type=positive_int, default=25)
     s.add_argument("--n", type=positive_int, default=64)
-    s.add_argument("--nrow", type=positive_int, default=8)
+    s.add_argument("--nrow", type=positive_int, help="images per grid row (default min(n, 8))")
     s.add_argument("--seed", type=seed_int, default=0)
     s.add_argument("--class", dest="class_", help="class index or name (conditional models)")
     s.add_argument("--guidance", type=finite_float,
@@ -363,6 +363,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     keep_freed_memory()
     try:
         args = build_parser().parse_args(argv)
+        if getattr(args, "mixed_precision", None) == "fp16":
+            import torch
+
+            if not torch.cuda.is_available():  # it would silently run float32
+                raise DifflabError("--mixed-precision fp16 needs a CUDA GPU; on a CPU use bf16 "
+                                   "(or no)")
         return int(args.func(args) or 0)
     except DifflabError as e:
         if debug:

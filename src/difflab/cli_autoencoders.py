@@ -152,10 +152,10 @@ def cmd_pca_vs_linear_ae(args: argparse.Namespace) -> int:
                           "seed": args.seed, "out": str(out)}, indent=2))
         return 0
     d = data.images[0].numel()
-    if args.k > min(d, len(data)):
+    if args.k > min(d, len(data) - 1):  # N centred points span at most N − 1 directions
         from difflab.errors import ConfigError
 
-        raise ConfigError(f"--k {args.k} must be <= min(D, N) = {min(d, len(data))}")
+        raise ConfigError(f"--k {args.k} must be <= min(D, N - 1) = {min(d, len(data) - 1)}")
     res = run_pca_vs_linear_ae(data.images, args.k, tied=args.tied, steps=args.steps,
                                lbfgs_steps=args.lbfgs_steps,
                                generator=torch.Generator().manual_seed(args.seed))

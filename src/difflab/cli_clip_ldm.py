@@ -120,12 +120,15 @@ def sample_ldm(args: argparse.Namespace) -> int:
     precision = resolve_mixed_precision(args.mixed_precision, pipe.device.type)
     g = torch.Generator().manual_seed(args.seed)
     prompts = [prompt] * args.n
+    if args.strength is not None and args.init_image is None:
+        raise DifflabError("--strength is for img2img: give --init-image too")
+    strength = 0.6 if args.strength is None else args.strength
     if args.init_image is not None:
-        if int(args.steps * args.strength) < 1:
-            raise DifflabError(f"--strength {args.strength} × --steps {args.steps} leaves no "
+        if int(args.steps * strength) < 1:
+            raise DifflabError(f"--strength {strength} × --steps {args.steps} leaves no "
                                "denoising step; raise either")
         image = _read_image(args.init_image, pipe)
-        images = pipe.img2img(prompts, image.expand(args.n, -1, -1, -1), strength=args.strength,
+        images = pipe.img2img(prompts, image.expand(args.n, -1, -1, -1), strength=strength,
                               num_inference_steps=args.steps, guidance_scale=guidance,
                               negative_prompt=args.negative_prompt, generator=g, progress=True,
                               mixed_precision=precision)
@@ -133,7 +136,7 @@ def sample_ldm(args: argparse.Namespace) -> int:
         images = pipe(prompts, num_inference_steps=args.steps, guidance_scale=guidance,
                       negative_prompt=args.negative_prompt, generator=g, progress=True,
                       mixed_precision=precision)
-    save_grid(images * 2 - 1, args.out, nrow=args.nrow)
+    save_grid(images * 2 - 1, args.out, nrow=args.nrow or min(args.n, 8))
     print(f"wrote {args.out} ({args.n} × {prompt!r}, guidance {guidance})")
     return 0
 
@@ -163,8 +166,9 @@ def add_sample_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--negative-prompt", help="text to guide away from (default: the empty "
                    "prompt)")
     s.add_argument("--init-image", type=Path, help="PNG/JPEG to redraw (img2img, SDEdit)")
-    s.add_argument("--strength", type=unit_float, default=0.6,
-                   help="img2img: fraction of the schedule run from the noised image (0, 1]")
+    s.add_argument("--strength", type=unit_float,
+                   help="img2img (--init-image): fraction of the schedule run from the noised "
+                        "image, (0, 1] (default 0.6)")
 
 
 def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction) -> None:

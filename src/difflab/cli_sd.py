@@ -68,8 +68,10 @@ def register(sub: argparse._SubParsersAction, train: argparse._SubParsersAction)
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
                    help="default: the model's own (DPM-Solver++ where difflab lacks it)")
     p.add_argument("--seed", type=seed_int, default=0)
-    p.add_argument("--height", type=positive_int, help="pixels, multiple of 8 (default 512)")
-    p.add_argument("--width", type=positive_int, help="pixels, multiple of 8 (default 512)")
+    p.add_argument("--height", type=positive_int,
+                   help="pixels, multiple of 8 (default: the model's own size, 512 for SD v1)")
+    p.add_argument("--width", type=positive_int,
+                   help="pixels, multiple of 8 (default: the model's own size, 512 for SD v1)")
     p.add_argument("--n", type=positive_int, default=1, help="images for the prompt")
     p.add_argument("--tokenizer", type=Path,
                    help="folder with CLIP's vocab.json + merges.txt (single files only; "

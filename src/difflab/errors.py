@@ -22,3 +22,8 @@ class ConfigError(DifflabError, ValueError):
 
 class CheckpointError(DifflabError):
     """A checkpoint folder or weights file is missing, malformed or does not match its model."""
+
+
+def a_or_an(noun: str) -> str:
+    """``noun`` with its indefinite article, for messages: "an Autoencoder", "a VAE"."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from difflab.config import Config
-from difflab.errors import CheckpointError
+from difflab.errors import CheckpointError, a_or_an
 from difflab.io import (
     atomic_write_json,
     load_state_dict_into,
@@ -81,7 +81,8 @@ class ModelMixin(nn.Module):
             raise CheckpointError(f"{folder}/config.json: unknown model class {name!r}; "
                                   f"known: {sorted(MODEL_REGISTRY)}")
         if cls is not ModelMixin and not issubclass(target, cls):
-            raise CheckpointError(f"{folder}: holds a {name}, not a {cls.__name__}")
+            raise CheckpointError(f"{folder}: holds {a_or_an(name)}, not "
+                                  f"{a_or_an(cls.__name__)}")
         model = target(target.config_class.from_dict(cfg))
         state = load_tensors(folder / "model.safetensors")
         load_state_dict_into(model, state, str(folder / "model.safetensors"))

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from difflab.config import Config
 from difflab.data import ImageDataset, load_dataset
-from difflab.errors import CheckpointError, ConfigError, DataError
+from difflab.errors import CheckpointError, ConfigError, DataError, a_or_an
 from difflab.io import atomic_write_json, read_json
 from difflab.metrics.likelihood import evaluate_likelihood
 from difflab.models.autoencoder import (
@@ -388,8 +388,8 @@ def evaluate_vae_checkpoint(folder: str | Path, split: str = "test", k: int = 10
         folder = folder / "model"
     model = load_model(folder)
     if not isinstance(model, VAE):
-        raise CheckpointError(f"{folder}: holds a {type(model).__name__}; the likelihood needs "
-                              "a VAE checkpoint")
+        raise CheckpointError(f"{folder}: holds {a_or_an(type(model).__name__)}; the "
+                              "likelihood needs a VAE checkpoint")
     info = read_json(folder / "data.json") if (folder / "data.json").is_file() else {}
     spec = data or info.get("path") or info.get("name")
     if spec is None:
