@@ -104,6 +104,13 @@ def test_bad_prompts_and_flags_exit_2_one_line(run, extra, capsys):
     assert err.startswith("difflab: error:") and "\n" not in err, err
 
 
+def test_eval_says_an_ldm_folder_is_not_what_it_scores(run, tmp_path, capsys):
+    for metric in ("fid", "nll"):
+        assert main(["eval", "--ckpt", str(run.out_dir), "--metric", metric,
+                     "--out", str(tmp_path / "m.json")]) == 2
+        assert "latent diffusion (text-to-image) folder" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv", [["train", "ldm", "--p-uncond", "2"],
                                   ["train", "ldm", "--guidance", "0"],
                                   ["sample", "--ckpt", "x", "--strength", "1.5"]])

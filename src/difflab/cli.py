@@ -204,7 +204,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     check_guidance(guidance, bundle, labels is not None, str(args.ckpt))
     res = sample_images(bundle, args.n, scheduler=args.scheduler, steps=args.steps,
                         seed=args.seed, class_labels=labels, guidance_scale=guidance,
-                        return_trajectory=args.trajectory, progress=True, eta=args.eta,
+                        return_trajectory=args.trajectory, progress=not args.no_progress,
+                        eta=args.eta,
                         mixed_precision=args.mixed_precision)
     save_grid(res.images * 2 - 1, args.out, nrow=args.nrow or min(args.n, 8))
     print(f"wrote {args.out}")
@@ -325,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the x_t / predicted noise / x̂₀ / x_{t−1} figure")
     add_sample_precision_argument(s)
     s.add_argument("--out", type=out_image, default=Path("samples.png"))
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_sample_arguments(s)
     s.set_defaults(func=cmd_sample)
 

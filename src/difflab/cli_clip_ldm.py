@@ -130,12 +130,12 @@ def sample_ldm(args: argparse.Namespace) -> int:
         image = _read_image(args.init_image, pipe)
         images = pipe.img2img(prompts, image.expand(args.n, -1, -1, -1), strength=strength,
                               num_inference_steps=args.steps, guidance_scale=guidance,
-                              negative_prompt=args.negative_prompt, generator=g, progress=True,
-                              mixed_precision=precision)
+                              negative_prompt=args.negative_prompt, generator=g,
+                              progress=not args.no_progress, mixed_precision=precision)
     else:
         images = pipe(prompts, num_inference_steps=args.steps, guidance_scale=guidance,
-                      negative_prompt=args.negative_prompt, generator=g, progress=True,
-                      mixed_precision=precision)
+                      negative_prompt=args.negative_prompt, generator=g,
+                      progress=not args.no_progress, mixed_precision=precision)
     save_grid(images * 2 - 1, args.out, nrow=args.nrow or min(args.n, 8))
     print(f"wrote {args.out} ({args.n} × {prompt!r}, guidance {guidance})")
     return 0

@@ -217,6 +217,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
             feature_steps=args.feature_steps, inception_weights=args.inception_weights,
             k=args.pr_k, progress=not args.no_progress, mixed_precision=args.mixed_precision)
     else:
+        from difflab.runs.ldm import is_ldm_folder
+
+        if is_ldm_folder(ckpt):
+            raise DifflabError(f"{ckpt}: a latent diffusion (text-to-image) folder; difflab eval "
+                               "scores pixel diffusion models and VAEs (text-to-image: "
+                               "benchmarks/ldm_sampling.py)")
         if metrics != ["nll"]:
             raise DifflabError(f"{ckpt}: not a diffusion checkpoint (no diffusion_config.json); "
                                "fid/kid/pr need one — for a VAE use --metric nll")

@@ -58,7 +58,7 @@ def plot_schedules(path: str | Path, names: Sequence[str] = tuple(SCHEDULE_PRESE
 
 
 def plot_forward_process(image: Tensor, path: str | Path,
-                         schedules: Sequence[str] = ("linear", "squaredcos_cap_v2"),
+                         schedules: Sequence[str] = tuple(SCHEDULE_PRESETS),
                          ts: Sequence[int] = (0, 100, 200, 300, 500, 700, 850, 999),
                          num_train_timesteps: int = 1000, seed: int = 0) -> Path:
     """Grid of x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε: one row per schedule, one column per t.
