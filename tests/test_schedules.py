@@ -161,6 +161,9 @@ def test_config_round_trip(name: str, tmp_path) -> None:
                           beta_end=0.012, prediction_type="v_prediction", steps_offset=1)
     cfg = sched.config
     assert isinstance(cfg, dict) and json.loads(json.dumps(cfg)) == cfg
+    assert cfg.num_train_timesteps == 1000 and cfg.beta_schedule == "scaled_linear"  # diffusers'
+    with pytest.raises(AttributeError, match="no key"):
+        getattr(cfg, "no_such_key")  # noqa: B009
     rebuilt = type(sched).from_config(cfg)
     assert rebuilt.config == cfg
     torch.testing.assert_close(rebuilt.alphas_cumprod, sched.alphas_cumprod)

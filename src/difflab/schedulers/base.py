@@ -74,6 +74,17 @@ class SchedulerConfig(Config):
                               f"num_train_timesteps={self.num_train_timesteps}")
 
 
+class ConfigDict(dict):
+    """A plain dict (JSON, ``**``, ``==``) whose keys also read as attributes, like diffusers'
+    ``FrozenDict``: ``scheduler.config.num_train_timesteps`` in diffusers' training scripts."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"scheduler config has no key {name!r}") from None
+
+
 def _extensions_of(class_name: Any) -> frozenset[str]:
     """The difflab-only keys of the scheduler class named ``class_name`` (none if unknown)."""
     from difflab.schedulers import SCHEDULERS  # the one registry; late import: no cycle
@@ -139,12 +150,13 @@ class Scheduler:
 
     @property
     def config(self) -> dict[str, Any]:
-        """The constructor keywords as a plain dict (a copy), with diffusers' two private keys:
+        """The constructor keywords as a dict (a copy; keys also read as attributes), with
+        diffusers' two private keys:
         ``_class_name`` and ``_use_default_values`` (the keys the caller left at this class's
         defaults, which :meth:`from_config` of another class leaves at *its* defaults)."""
         values = self.cfg.to_dict()
-        return {"_class_name": type(self).__name__, **values,
-                "_use_default_values": sorted(set(values) - self._given)}
+        return ConfigDict({"_class_name": type(self).__name__, **values,
+                           "_use_default_values": sorted(set(values) - self._given)})
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], **overrides: Any) -> Scheduler:
