@@ -53,9 +53,16 @@ def _torchrun(out: Path, kind: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(_ddp_worker.__file__).parent),
                                           os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node", "2", _ddp_worker.__file__, str(out), kind],
-                          env=env, capture_output=True, text=True, timeout=240)
+    for _attempt in range(2):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               "--nproc_per_node", "2", _ddp_worker.__file__, str(out), kind],
+                              env=env, capture_output=True, text=True, timeout=240)
+        # gloo's rare abort at interpreter exit (difflab.training.close_process_group: ~1 run
+        # in 20 of this test still hits it on a loaded 2-core machine) gets one more launch;
+        # any other failure, or the abort twice, fails the test
+        if proc.returncode == 0 or "terminate called without an active exception" not in \
+                proc.stderr:
+            break
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
