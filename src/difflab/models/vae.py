@@ -189,7 +189,10 @@ class VAE(ModelMixin):
         """loss = mean over the batch of (recon + β·KL) / D  (per-dimension, so its scale is
         O(1) whatever the image size; the optimum is that of recon + β·KL).
 
-        Logs "recon" and "kl" are per-image nats (batch means), "loss" is per dimension.
+        Logs "recon" and "kl" are per image (batch means), "loss" is per dimension. "kl" is in
+        nats; "recon" too for Bernoulli, while the Gaussian's is C‖t − f(z)‖², −log N(t; f(z),
+        σ²I) without its constant (D/2)·log(2πσ²) — the nats of the bound are
+        :meth:`log_px_given_z`'s.
         """
         t = self.likelihood_targets(batch["images"], generator)
         q = self.encode(2.0 * t - 1.0)

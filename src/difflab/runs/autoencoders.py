@@ -312,8 +312,10 @@ def write_autoencoder_report(run: AutoencoderRun, data: ImageDataset, test: Imag
     if isinstance(model, VAE):
         plot_loss_curves({k: [(r["step"], r[k]) for r in run.history if k in r]
                           for k in ("recon", "kl")}, out / "recon_kl.png",
-                         title="reconstruction and KL, nats per image")
-        rep.image(out / "recon_kl.png", "the two ELBO terms (nats per image)")
+                         title="reconstruction and KL per image")
+        rep.image(out / "recon_kl.png", "the two terms of the training objective per image "
+                  "(KL in nats; reconstruction in nats for Bernoulli, C·‖t − f(z)‖² for the "
+                  "Gaussian: its −log density without the constant)")
 
     rep.heading("Reconstructions")
     show = test.images[:16]
