@@ -31,7 +31,9 @@ def make_tiny_models(root: Path, *, vae_latent: int = 3, ldm: bool = False) -> P
                                          extra_files={"data.json": data_info(data, None)})
     torch.manual_seed(0)
     unet = build_unet(data, cond_class=True, **TINY_UNET)
-    save_bundle(root / "ddpm" / "model", unet, DiffusionConfig(num_train_timesteps=100), data)
+    # label dropout as `train ddpm --cond class` uses it: guidance applies
+    save_bundle(root / "ddpm" / "model", unet,
+                DiffusionConfig(num_train_timesteps=100, p_uncond=0.1), data)
     if ldm:
         from difflab.runs.ldm import LDMConfig, train_ldm
 

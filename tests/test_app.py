@@ -180,6 +180,10 @@ def test_latent_diffusion_needs_a_known_prompt_and_is_seeded(pg):
     assert len(a.frames) == 2 and a.trajectory.std() > 5
     c = cb.sample(e, scheduler="euler", steps=2, n=2, seed=0, prompt="a seven", guidance=3.0)
     assert not np.array_equal(a.grid, c.grid)  # the sampler really changed
+    again = cb.sample(e, scheduler="dpm++", steps=2, n=2, seed=0, prompt="a seven",
+                      guidance=3.0)  # after euler: still the saved (SDE) DPM-Solver++
+    assert np.array_equal(a.grid, again.grid)
+    assert e.model.scheduler.config["algorithm_type"] == "sde-dpmsolver++"
     with pytest.raises(ConfigError, match="prompt"):
         cb.sample(e, steps=2, n=1, prompt="  ")
     with pytest.raises(ConfigError, match="characters"):
@@ -216,6 +220,29 @@ def test_app_builds_with_a_queue_of_one(pg):
     demo = build_app(pg)
     assert demo._queue.default_concurrency_limit == 1
     assert not demo.analytics_enabled
+
+
+def test_app_builds_without_test_images(root):
+    """Only a latent diffusion model (or data that cannot be loaded here): no test images, the
+    schedules tab noises its one built-in image (it crashed building a 0…0 slider)."""
+    pytest.importorskip("gradio")
+    from difflab.app.ui import build_app
+
+    pg = load_playground([root / "ldm"])
+    assert pg.test_images is None
+    build_app(pg)
+
+
+def test_guidance_needs_label_dropout(pg, monkeypatch):
+    """Like `difflab sample`: guidance on a class-conditional model trained without label
+    dropout is refused (its null class was never trained), guidance 1 samples."""
+    e = pg.diffusion["ddpm"]
+    if not e.conditional:
+        pytest.skip("the tiny DDPM is unconditional")
+    monkeypatch.setattr(e.model.diffusion, "p_uncond", 0.0)
+    with pytest.raises(ConfigError, match="label dropout"):
+        cb.sample(e, steps=2, n=1, class_name=e.class_names[0], guidance=3.0)
+    cb.sample(e, steps=2, n=1, class_name=e.class_names[0], guidance=1.0)
 
 
 def test_a_taken_port_is_one_line_exit_2(root, capsys):

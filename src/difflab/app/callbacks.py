@@ -192,6 +192,9 @@ def sample(entry: DiffusionEntry, *, scheduler: str = "dpm++", steps: float | in
         if class_name not in entry.class_names:
             raise ConfigError(f"unknown class {class_name!r}; classes: {entry.class_names}")
         labels = torch.full((n,), entry.class_names.index(class_name), dtype=torch.long)
+        if guidance != 1.0 and entry.model.diffusion.p_uncond == 0:
+            raise ConfigError("this model was trained without label dropout (p_uncond 0), so "
+                              "it has no unconditional model to guide from: set guidance to 1")
     res = sample_images(entry.model, n, scheduler=scheduler, steps=steps, seed=seed,
                         class_labels=labels, guidance_scale=guidance if labels is not None
                         else 1.0, return_trajectory=True, progress=progress)
@@ -224,15 +227,12 @@ def save_animation(frames: list[np.ndarray], path: str | Path, ms_per_frame: int
     return path
 
 
-def _ldm_scheduler(pipe, name: str):
-    """The pipeline's own noise schedule under the sampler ``name``."""
-    import dataclasses
-
+def _ldm_scheduler(entry: DiffusionEntry, name: str):
+    """The pipeline's saved scheduler config under the sampler ``name``: what ``difflab sample
+    --scheduler NAME`` builds (``from_config`` of the loaded config, whatever ran before)."""
     from difflab.schedulers import SCHEDULERS
 
-    cls = SCHEDULERS[name]
-    own = {f.name for f in dataclasses.fields(cls.config_class)}
-    return cls.from_config({k: v for k, v in pipe.scheduler.config.items() if k in own})
+    return SCHEDULERS[name].from_config(entry.scheduler_config or entry.model.scheduler.config)
 
 
 def _sample_ldm(entry: DiffusionEntry, scheduler: str, steps: int, seed: int, guidance: float,
@@ -246,7 +246,7 @@ def _sample_ldm(entry: DiffusionEntry, scheduler: str, steps: int, seed: int, gu
                           f"{MAX_PROMPT_CHARS}")
     pipe = entry.model
     check_prompt(prompt, entry.captioner, pipe)  # words the model never saw, too many tokens
-    pipe.scheduler = _ldm_scheduler(pipe, scheduler)  # safe: the app runs one request at a time
+    pipe.scheduler = _ldm_scheduler(entry, scheduler)  # safe: one sampling request at a time
     g = torch.Generator().manual_seed(seed)
     h = pipe.unet.config.sample_size
     traj: list | None = [] if h * h <= MAX_LDM_TRAJECTORY_LATENT**2 else None

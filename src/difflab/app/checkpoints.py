@@ -54,6 +54,9 @@ class DiffusionEntry:
     class_names: list[str] = field(default_factory=list)  # conditional pixel models only
     captioner: Any = None  # LDM: the captioner whose words the model knows (or None)
     data_name: str | None = None
+    # LDM: its scheduler's config as loaded; every request builds its sampler from this (a
+    # request replaces ``model.scheduler``, which must not leak into the next one)
+    scheduler_config: dict[str, Any] | None = None
 
     @property
     def conditional(self) -> bool:
@@ -153,7 +156,8 @@ def load_diffusion(kind: str, folder: Path) -> DiffusionEntry:
         from difflab.runs.ldm import load_ldm
 
         pipe, captioner = load_ldm(folder)
-        return DiffusionEntry("ldm", pipe, captioner=captioner)
+        return DiffusionEntry("ldm", pipe, captioner=captioner,
+                              scheduler_config=dict(pipe.scheduler.config))
     from difflab.runs.diffusion import load_bundle
 
     bundle = load_bundle(folder)

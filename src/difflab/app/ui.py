@@ -224,7 +224,8 @@ def _schedules_tab(gr, pg: Playground, user_errors) -> None:
                                  label="schedules",
                                  elem_id="sched-names")
         t = gr.Slider(0, 999, value=300, step=1, label="t")
-        index = gr.Slider(0, len(images) - 1, value=0, step=1, label="image")
+        index = gr.Slider(0, max(1, len(images) - 1), value=0, step=1, label="image",
+                          visible=len(images) > 1)  # one image (no test set): nothing to pick
         seed = gr.Number(0, precision=0, minimum=0, maximum=cb.MAX_SEED, label="noise seed")
     plot = gr.Image(cb.schedule_plot(default), label="β_t, ᾱ_t and log-SNR",
                     interactive=False, elem_id="sched-plot", format="png")
