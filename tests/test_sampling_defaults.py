@@ -75,3 +75,18 @@ def test_readme_api_snippet_runs_on_a_saved_model(tmp_path, monkeypatch):
     sched = scope["sched"]
     assert type(sched).__name__ == "DPMSolverMultistepScheduler"
     torch.testing.assert_close(sched.alphas_cumprod, b.scheduler("ddpm").alphas_cumprod)
+
+
+def test_trajectory_row_two_is_drawn_as_the_network_output_it_is():
+    """ε and v are unit-variance fields (drawn at a third of their value); an x̂₀-model's
+    output is an image and is drawn as one."""
+    from difflab.pipelines.image import TrajectoryStep
+    from difflab.runs.diffusion import trajectory_figure
+
+    z = torch.zeros(1, 1, 8, 8)
+    traj = [TrajectoryStep(t, z, torch.full_like(z, 0.9), z, z) for t in (3, 2, 1)]
+    side = 8 * 8 + 2 * 8  # one tile (scale 8) with its 1-px border, scaled
+    for kind, value in (("epsilon", 0.3), ("v_prediction", 0.3), ("sample", 0.9)):
+        fig = trajectory_figure(traj, prediction_type=kind)
+        tile = fig[side + side // 2, side // 2]  # row 2 (the output), column 1, its centre
+        assert abs(int(tile[0]) - round((value + 1) / 2 * 255)) <= 1, kind

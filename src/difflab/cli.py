@@ -178,7 +178,12 @@ DEFAULT_DDPM_TRAIN: dict[str, object] = dict(batch_size=64, lr=2e-3, warmup_step
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from difflab.runs.diffusion import load_bundle, sample_images, trajectory_figure
+    from difflab.runs.diffusion import (
+        OUTPUT_NAMES,
+        load_bundle,
+        sample_images,
+        trajectory_figure,
+    )
     from difflab.runs.ldm import is_ldm_folder
     from difflab.viz import save_grid, save_image
 
@@ -211,8 +216,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}")
     if args.trajectory:
         tpath = args.out.with_name(args.out.stem + "-trajectory.png")
-        save_image(trajectory_figure(res.trajectory), tpath)
-        print(f"wrote {tpath}")
+        kind = bundle.diffusion.prediction_type
+        save_image(trajectory_figure(res.trajectory, prediction_type=kind), tpath)
+        print(f"wrote {tpath} (rows: x_t, {OUTPUT_NAMES[kind]}, x̂₀, x_(t-1))")
     return 0
 
 

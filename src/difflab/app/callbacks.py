@@ -200,8 +200,9 @@ def sample(entry: DiffusionEntry, *, scheduler: str = "dpm++", steps: float | in
                         else 1.0, return_trajectory=True, progress=progress)
     side = res.images.shape[-1]
     grid = make_grid(res.images * 2 - 1, min(n, 8), scale=_scale(side, 84))
-    return DiffusionResult(grid, trajectory_figure(res.trajectory), trajectory_frames(
-        res.trajectory))
+    kind = entry.model.diffusion.prediction_type
+    return DiffusionResult(grid, trajectory_figure(res.trajectory, prediction_type=kind),
+                           trajectory_frames(res.trajectory))
 
 
 def trajectory_frames(traj: list, n_show: int = 8, max_frames: int = 50) -> list[np.ndarray]:

@@ -185,8 +185,9 @@ def _diffusion_tab(gr, pg: Playground, user_errors, anim_dir: str) -> None:
     with gr.Row():
         anim = gr.Image(label="denoising: x_t (top) and the predicted x̂₀ (bottom)",
                         type="filepath", interactive=False, elem_id="sample-anim")
-        traj = gr.Image(label="trajectory: x_t, predicted noise (latent models: its first "
-                        "channels), x̂₀, x_{t−1} (columns: steps)",
+        traj = gr.Image(label="trajectory: x_t, the network's output (ε: the whole noise; v "
+                        "or x̂₀ for such models; latent models: its first channels), x̂₀, "
+                        "x_{t−1} (columns: steps)",
                         interactive=False, elem_id="sample-trajectory", format="png")
 
     def change_model(name):

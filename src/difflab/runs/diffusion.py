@@ -196,18 +196,25 @@ def sample_images(bundle: DiffusionModelBundle, n: int, *, scheduler: str = "dpm
                 mixed_precision=resolve_mixed_precision(mixed_precision, device_type))
 
 
-def trajectory_figure(traj: list, n_show: int = 8, sample_index: int = 0) -> Any:
+# What the network's output is, by prediction type (the trajectory figure's second row).
+OUTPUT_NAMES = {"epsilon": "predicted noise ε (the whole noise)",
+                "v_prediction": "predicted velocity v", "sample": "predicted x̂₀ (the output)"}
+
+
+def trajectory_figure(traj: list, n_show: int = 8, sample_index: int = 0,
+                      prediction_type: str = "epsilon") -> Any:
     """The "common misconception" figure as one uint8 array.
 
-    Rows: x_t (input), the network's *whole-noise* prediction, the implied x̂₀, and x_{t−1}
-    after the scheduler removed only part of the noise; columns: ``n_show`` steps.
+    Rows: x_t (input), the network's output — for an ε-model its *whole-noise* prediction
+    (:data:`OUTPUT_NAMES`) —, the implied x̂₀, and x_{t−1} after the scheduler removed only part
+    of the noise; columns: ``n_show`` steps.
     """
     idx = torch.linspace(0, len(traj) - 1, min(n_show, len(traj))).round().long().tolist()
     rows = []
     for attr in ("x_t", "model_output", "pred_x0", "prev_sample"):
         row = torch.stack([getattr(traj[i], attr)[sample_index] for i in idx])
-        if attr == "model_output":
-            row = row / 3  # a unit-variance noise field: ±3σ fills the grey range
+        if attr == "model_output" and prediction_type != "sample":
+            row = row / 3  # a unit-variance field (ε or v): ±3σ fills the grey range
         rows.append(row.clamp(-1, 1))
     tiles = torch.cat(rows)  # (4·n, C, H, W)
     return make_grid(tiles, nrow=len(idx), scale=max(1, 64 // tiles.shape[-1]))
@@ -234,6 +241,8 @@ def write_diffusion_report(run: DiffusionRun, data: ImageDataset, scheduler: str
     save_grid(res.images * 2 - 1, out / "samples.png", nrow=8)
     rep.image(out / "samples.png", f"64 samples, {scheduler} {steps} steps ({dt:.1f} s)")
     rep.heading("Denoising trajectory")
-    rep.image(trajectory_figure(res.trajectory), "rows: x_t, predicted noise, implied x̂₀, "
-              "x_{t−1}; columns: steps from t = T to 0")
+    kind = run.bundle.diffusion.prediction_type
+    rep.image(trajectory_figure(res.trajectory, prediction_type=kind),
+              f"rows: x_t, {OUTPUT_NAMES[kind]}, implied x̂₀, x_{{t−1}}; columns: steps from "
+              "t = T to 0")
     return rep.save(out / "report.html")
