@@ -1,6 +1,6 @@
 """Does a training step of each difflab network survive every layout / precision / freezing?
 
-    python benchmarks/crash_sweep.py                 # all networks, ~3 min on a 2-core CPU
+    python benchmarks/crash_sweep.py                 # all networks, ~80 s on a 2-core CPU
     python benchmarks/crash_sweep.py --nets unet     # one of them
     python benchmarks/crash_sweep.py --compile       # each step through torch.compile
 
@@ -8,7 +8,7 @@ One forward + backward per case, each in its own process (a segmentation fault i
 must not end the sweep), on small configurations: every network × channels-last / NCHW ×
 float32 / bf16 autocast × first convolution frozen (fine-tuning the rest, so the first
 GroupNorm gets an input without gradient) or all trainable. The ninth session found
-PyTorch 2.13's CPU GroupNorm backward crashing in three of them
+PyTorch 2.13's CPU GroupNorm backward crashing in 6 of the 48
 (benchmarks/RESULTS.md, "Reliability"). Prints a table, writes benchmarks/out/crash_sweep.json.
 """
 
@@ -102,12 +102,13 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile each step (inductor; ~20–60 s a case on a 2-core CPU)")
     args = ap.parse_args()
+    unknown = [net for net in args.nets.split(",") if net not in NETS]
+    if unknown:  # before the first case runs
+        ap.error(f"unknown network(s) {unknown}; choose from {', '.join(NETS)}")
     rows = []
     for net, layout, precision, first_conv in itertools.product(
             args.nets.split(","), ["channels_last", "nchw"], ["fp32", "bf16"],
             ["frozen", "trainable"]):
-        if net not in NETS:
-            raise SystemExit(f"unknown network {net!r}; choose from {', '.join(NETS)}")
         outcome = run_case(net, layout, precision, first_conv, args.compile)
         rows.append({"network": net, "layout": layout, "precision": precision,
                      "first conv": first_conv, "outcome": outcome})

@@ -41,6 +41,12 @@ T0=$(date +%s); BUDGET=${GPU_BUDGET_S:-570}
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 # cap WANT RESERVE: WANT seconds, or fewer so that RESERVE seconds stay for what comes after
 cap() { local l=$(( $(left) - $2 )); echo $(( l < $1 ? (l > 10 ? l : 10) : $1 )); }
+# rest RESERVE: what is left but RESERVE seconds, at least 10 (timeout 0 means no limit; a
+# negative one makes timeout fail and the part not run)
+rest() { cap 1000000 "$1"; }
+# fresh NAME.json: remove a part's earlier output, so that a part that times out before it
+# writes (or does not run) never ships an older run's file as its own
+fresh() { rm -f "benchmarks/out/$1"; }
 PARTS=${PARTS:-sampling,unet,profile,loop,tests}  # a later call can rerun only some parts
 want() { [[ ",$PARTS," == *",$1,"* ]]; }
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT/extra"  # at most 8 files come back: JSON and
@@ -57,6 +63,7 @@ python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffuser
 
 if want sampling && [ -d .gpu/ckpt ]; then
   echo "== 1. sampling: FID-style vs NFE ($(left) s left)"
+  fresh sampling.json
   TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 timeout "${SAMPLING_S:-230}" python3 benchmarks/sampling.py \
     --ckpt .gpu/ckpt --device cuda --n "${SAMPLING_N:-2000}" --batch 2000 \
     --schedulers 'ddpm;ddim;dpm++;dpm++:{"algorithm_type": "dpmsolver++", "solver_type": "midpoint"};euler' \
@@ -68,7 +75,8 @@ fi
 
 if want unet; then
 echo "== 2. U-Net training step, DDPM-CIFAR-10 preset ($(left) s left)"
-timeout "${UNET_S:-$(( $(left) - 120 ))}" python3 benchmarks/unet_train.py --preset ddpm-cifar10 \
+fresh unet_train.json
+timeout "${UNET_S:-$(rest 120)}" python3 benchmarks/unet_train.py --preset ddpm-cifar10 \
   --batch 128 --device cuda --iters 15 --rounds 3 \
   --modes "${UNET_MODES:-fp32,bf16,bf16-cl-compile,bf16-cl-ro}" \
   --peers "${UNET_PEERS:-difflab,difflab-fold,diffusers,diffusers-cl}" \
@@ -95,7 +103,7 @@ if want mfu; then  # the matmul-rate goal (issue 5), sized to fit one call with 
 echo "== 3m. MFU: the CUDA-graph step, difflab vs before and a candidate ($(left) s left)"
 # (compiles take ~80-110 s each: three fit beside the rest)
 MFU_PEERS=${MFU_PEERS:-difflab,difflab-tpsplit-pc8,difflab-gnsum-w16}
-rm -f benchmarks/out/unet_train.json
+fresh unet_train.json
 timeout "$(cap "${MFU_UNET_S:-350}" 150)" python3 benchmarks/unet_train.py "${MFU[@]}" \
   --iters 10 --rounds 3 --modes bf16,bf16-ro \
   --peers "$MFU_PEERS,diffusers" --compile-peers "$MFU_PEERS" 2>&1 | tee "$OUT/mfu_unet.txt"
@@ -118,6 +126,7 @@ echo "== 3m. fastest compiled: $BEST; the whole loop with it ($(left) s left)"
 # was faster, with that (its eager configs were measured in the twelfth and thirteenth
 # sessions: 1,296-1,487 img/s, --bf16-weights +4-6 %)
 SUFFIX=${BEST#difflab}
+fresh train_loop.json
 timeout "$(cap "${MFU_LOOP_S:-140}" 60)" python3 benchmarks/train_loop.py "${MFU[@]}" --steps 60 \
   --configs "bf16-ro${SUFFIX:+,bf16-ro$SUFFIX}" 2>&1 | tee "$OUT/mfu_loop.txt"
 cp benchmarks/out/train_loop.json "$OUT/extra/mfu_loop.json" 2>/dev/null
@@ -134,6 +143,7 @@ if want mfuprof; then  # (~2-3 min; a second call right after part mfu, on the w
 # PARTS=mfuprof MFU_VARIANT=<part mfu's fastest> GPU_BUDGET_S=<what is left>) where the
 # compiled step's time goes now: kernels by kind, data-moving operators by shape
 echo "== 3p. profile of ${MFU_VARIANT:=difflab} ($(left) s left)"
+fresh profile_step.json
 timeout "$(cap 600 5)" python3 benchmarks/profile_step.py "${MFU[@]}" --mode bf16-ro \
   --variant "$MFU_VARIANT" --iters 3 --top 30 --copies 2>&1 | tee "$OUT/mfu_profile.txt"
 cp benchmarks/out/profile_step.json "$OUT/extra/mfu_profile.json" 2>/dev/null
@@ -150,14 +160,16 @@ fi
 
 if want profile; then
 echo "== 3. where the bf16 step goes: kernels by kind ($(left) s left)"
-timeout 90 python3 benchmarks/profile_step.py --preset ddpm-cifar10 --batch 128 --device cuda \
+fresh profile_step.json
+timeout "$(cap 90 5)" python3 benchmarks/profile_step.py --preset ddpm-cifar10 --batch 128 --device cuda \
   --mode bf16 --iters 3 --top 20 --cudnn-benchmark off,on 2>&1 | tee "$OUT/profile_step.txt"
 cp benchmarks/out/profile_step.json "$OUT/extra/" 2>/dev/null
 fi
 
 if want loop; then
 echo "== 4. difflab's whole training loop ($(left) s left)"
-timeout "$(( $(left) - 60 ))" python3 benchmarks/train_loop.py --preset ddpm-cifar10 \
+fresh train_loop.json
+timeout "$(rest 60)" python3 benchmarks/train_loop.py --preset ddpm-cifar10 \
   --batch 128 --steps 60 --configs ${LOOP_CONFIGS:-bf16,bf16-ro,bf16-ro-gnpt-nofold-rr4-tpsplit-pc8,bf16-det,bf16-ro-det} 2>&1 | tee "$OUT/train_loop.txt"
 cp benchmarks/out/train_loop.json "$OUT/extra/" 2>/dev/null
 fi
@@ -166,7 +178,7 @@ TESTS_PID=
 if want tests; then  # the training tests with the loop on CUDA (sync-free guard, precisions,
   # deterministic kernels, resume); the whole log comes back, the tail is printed
   run_tests() {
-    timeout "$(( $(left) - 3 ))" python3 -m pytest -q -p no:cacheprovider -rf \
+    timeout "$(rest 3)" python3 -m pytest -q -p no:cacheprovider -rf \
       tests/test_training_options.py tests/test_training.py tests/test_cuda.py \
       >"$OUT/tests_full.txt" 2>&1
     echo "== 5. training tests on the GPU: done ($(left) s left)"; tail -25 "$OUT/tests_full.txt"
@@ -176,7 +188,8 @@ if want tests; then  # the training tests with the loop on CUDA (sync-free guard
 fi
 if want race; then  # 6. equal-budget quality race, CPU budget replayed on the GPU
 echo "== 6. quality race replayed: ${RACE_STEPS:=difflab=4841,diffusers=712,ddpm-pytorch=390} ($(left) s left)"
-timeout "$(( $(left) - 5 ))" python3 benchmarks/quality_race.py --replay-steps "$RACE_STEPS" \
+fresh quality_race.json
+timeout "$(rest 5)" python3 benchmarks/quality_race.py --replay-steps "$RACE_STEPS" \
   --device cuda --n "${RACE_N:-5000}" --batch 500 --probe 8 --threads 4 \
   --peer-python "$(command -v python3)" --out-dir /tmp/race 2>&1 | tee "$OUT/quality_race.txt"
 cp benchmarks/out/quality_race.json "$OUT/extra/" 2>/dev/null

@@ -367,6 +367,19 @@ def _onednn_off():
         torch.backends.mkldnn.enabled = was
 
 
+LAYOUT_WORDS = frozenset({"difflab", "plain", "diffusers", "fold", "w16", "tpsplit", "gn16"})
+
+
+def check_variant(variant: str) -> str:
+    """A --variants entry is dash-joined words of :data:`LAYOUT_WORDS` and GroupNorm forms;
+    anything else (another script's suffix, a typo) is an error, not a plain difflab row."""
+    unknown = [w for w in variant.split("-") if w not in LAYOUT_WORDS | set(GROUP_NORM_FORMS)]
+    if unknown:
+        raise ValueError(f"variant {variant!r}: unknown word(s) {unknown}; this script knows "
+                         f"{sorted(LAYOUT_WORDS | set(GROUP_NORM_FORMS))}")
+    return variant
+
+
 def variant_patches(variant: str, device: torch.device, gpu_path: bool) -> list:
     """The patches (context managers) that make the model and switches a --variants entry
     names (``--gpu-path``: also the GPU's code path on a CPU; turns oneDNN off)."""
@@ -384,7 +397,8 @@ def variant_patches(variant: str, device: torch.device, gpu_path: bool) -> list:
         patches.append(mock.patch.object(sys.modules[__name__], "_KEEP_FOLD", True))
     if "w16" in variant.split("-"):  # bf16 weights kept between steps
         patches.append(mock.patch.object(sys.modules[__name__], "_BF16_WEIGHTS", True))
-    form = GROUP_NORM_FORMS.get(variant.split("-")[0])
+    forms = [GROUP_NORM_FORMS[w] for w in variant.split("-") if w in GROUP_NORM_FORMS]
+    form = forms[-1] if forms else None
     if form:  # the layout-keeping GroupNorm while compiling (gncl: its hand-written backward;
         # gnops: in plain operators, autograd's backward; gnsum: the same with per-channel sums
         # for the statistics)
@@ -438,6 +452,11 @@ def main() -> None:
                     "the fused kernels one by one (default 2.5 µs, an assumption for a kernel "
                     "inside a CUDA graph on an H100)")
     args = ap.parse_args()
+    try:
+        for variant in args.variants.split(","):
+            check_variant(variant)
+    except ValueError as e:
+        ap.error(str(e))
     if args.extrapolate and not args.inductor:
         ap.error("--extrapolate needs --inductor")
     options = {}

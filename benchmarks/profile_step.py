@@ -39,7 +39,7 @@ from _common import (  # noqa: E402
     variant_help,
     write_json,
 )
-from unet_train import make_step, step_flop_counter  # noqa: E402
+from unet_train import check_mode, make_step, step_flop_counter  # noqa: E402
 
 from difflab.models.unet import PRESETS, UNetConfig  # noqa: E402
 
@@ -165,6 +165,7 @@ def main() -> None:
     args = ap.parse_args()
     try:
         variant = parse_variant(args.variant)
+        check_mode(args.mode)
     except ValueError as e:
         ap.error(str(e))
     device = torch.device(args.device)

@@ -4,8 +4,9 @@
         --configs bf16,bf16-compile,bf16-ro --steps 60
 
 Runs the real loop (Accelerate, AdamW, EMA, gradient clipping, the non-finite guard, LR
-schedule) on synthetic 3×32×32 data with the ε objective and reports the steady-state
-images/s over the last half of the steps (the first steps compile and select kernels). Set
+schedule) on synthetic data of the preset's shape (small: 1×28×28, ddpm-cifar10: 3×32×32)
+with the ε objective and reports the steady-state images/s over the last half of the steps
+(the first steps compile and select kernels). Set
 against ``unet_train.py``'s bare-step numbers this shows what the loop costs. Writes
 benchmarks/out/train_loop.json.
 """
@@ -100,8 +101,14 @@ def main() -> None:
                     "with --deterministic (e.g. bf16-det, bf16-ro-det); any suffix of "
                     "unet_train.py's difflab peers names the model variant (e.g. "
                     "bf16-ro-gncl-rr6): " + variant_help())
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    choices=["cuda", "cpu"],
+                    help="must be the device the loop picks (Accelerate: CUDA when there is "
+                         "one): it labels the rows and selects the compile options")
     args = ap.parse_args()
+    if (args.device == "cuda") != torch.cuda.is_available():  # Accelerate decides, not us
+        ap.error(f"--device {args.device}: the training loop runs on "
+                 f"{'cuda' if torch.cuda.is_available() else 'cpu'} on this machine")
     for config in args.configs.split(","):
         try:
             loop_variant(config)

@@ -67,7 +67,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="small", choices=sorted(PRESETS))
-    ap.add_argument("--size", type=int, default=28)
+    ap.add_argument("--size", type=int, help="image side (default: the preset's sample_size)")
     ap.add_argument("--batches", default="64,250")
     ap.add_argument("--peers", default="difflab,diffusers")
     ap.add_argument("--allocators", default="default,keep")
@@ -76,6 +76,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
+    if args.size is None:
+        args.size = PRESETS[args.preset].get("sample_size", 28)
     if args.allocator:
         print(json.dumps(measure(args)))
         return
@@ -84,8 +86,10 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--allocator", alloc] + [
             f"--{k}={getattr(args, k)}" for k in
             ("preset", "size", "batches", "peers", "iters", "rounds", "precisions")]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        rows += json.loads(out.strip().splitlines()[-1])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:  # the child's own error, not just its exit status
+            sys.exit(f"unet_infer.py ({alloc} allocator) failed:\n{proc.stderr[-2000:]}")
+        rows += json.loads(proc.stdout.strip().splitlines()[-1])
     base = {(r["batch"], r["precision"], r["allocator"]): r["img/s"] for r in rows
             if r["model"] == "diffusers"}
     for r in rows:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import re
 import sys
 import time
 from pathlib import Path
@@ -68,6 +69,18 @@ def diffusers_unet(cfg: UNetConfig) -> torch.nn.Module:
                  up_block_types=up, attention_head_dim=cfg.attention_head_dim,
                  norm_num_groups=cfg.norm_num_groups, dropout=cfg.dropout,
                  add_attention=cfg.mid_attention)
+
+
+MODE_PATTERN = re.compile(r"(fp32|bf16)(-cl)?(-compile|-ro)?")  # e.g. bf16-cl-ro
+
+
+def check_mode(mode: str) -> str:
+    """A mode is fp32|bf16 [-cl: channels-last] [-compile | -ro: compiled with CUDA graphs];
+    anything else (fp16, a typo) is an error, not a silently float32 or eager row."""
+    if not MODE_PATTERN.fullmatch(mode):
+        raise ValueError(f"unknown mode {mode!r}: fp32 or bf16, then optionally -cl, then "
+                         "optionally -compile or -ro (e.g. bf16-cl-ro)")
+    return mode
 
 
 def make_step(model: torch.nn.Module, batch: int, cfg: UNetConfig, device: torch.device,
@@ -319,11 +332,13 @@ def main() -> None:
     args = ap.parse_args()
     if args.allocator == "keep" and not keep_freed_memory():
         args.allocator = "default (keep needs glibc)"
-    for peer in args.peers.split(","):
-        try:
+    try:
+        for peer in args.peers.split(","):
             parse_variant(peer)
-        except ValueError as e:
-            ap.error(str(e))
+        for mode in args.modes.split(","):
+            check_mode(mode)
+    except ValueError as e:
+        ap.error(str(e))
     device = torch.device(args.device)
     cfg = preset_config(args.preset, device.type)
 

@@ -254,7 +254,8 @@ def test_layout_check_variants_set_the_group_norm_they_name():
     cpu = torch.device("cpu")
     shipped = (fused.COMPILED_CHANNELS_LAST_GROUP_NORM, fused.CHANNELS_LAST_GROUP_NORM_FORM)
     for variant, form in (("gncl", "function"), ("gncl-fold", "function"), ("gnops", "ops"),
-                          ("gnsum-fold-w16-tpsplit", "sums")):
+                          ("gnsum-fold-w16-tpsplit", "sums"), ("difflab-gncl", "function"),
+                          ("fold-gnsum", "sums")):  # the form's word anywhere in the name
         with ExitStack() as stack:
             for patch in variant_patches(variant, cpu, gpu_path=True):
                 stack.enter_context(patch)
@@ -268,6 +269,23 @@ def test_layout_check_variants_set_the_group_norm_they_name():
             stack.enter_context(patch)
         assert (fused.COMPILED_CHANNELS_LAST_GROUP_NORM,
                 fused.CHANNELS_LAST_GROUP_NORM_FORM) == shipped
+
+
+def test_benchmark_names_are_checked_before_anything_runs():
+    """A mode or variant a script does not know is an error, not a silently different row
+    (fp16 ran float32; bogus ran plain difflab)."""
+    from layout_check import check_variant
+    from unet_train import check_mode
+
+    for good in ("fp32", "bf16", "bf16-cl", "bf16-compile", "bf16-cl-ro"):
+        assert check_mode(good) == good
+    for bad in ("fp16", "bf16-compil", "bf16-ro-cl"):
+        with pytest.raises(ValueError, match="unknown mode"):
+            check_mode(bad)
+    assert check_variant("gnsum-fold-w16") == "gnsum-fold-w16"
+    for bad in ("bogus", "difflab-nofold"):
+        with pytest.raises(ValueError, match="unknown word"):
+            check_variant(bad)
 
 
 def test_exact_reference_kernels_switch_cudnn_and_tf32_off_and_back():
