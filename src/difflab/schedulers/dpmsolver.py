@@ -201,4 +201,4 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
 
         self._step_index = i + 1
         out = SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
-        return out if return_dict else (out.prev_sample, out.pred_original_sample)
+        return out if return_dict else (out.prev_sample,)  # diffusers' tuple for this class
