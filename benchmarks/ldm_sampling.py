@@ -13,6 +13,7 @@ class. Prints a table and writes benchmarks/out/ldm_sampling.json.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -39,7 +40,8 @@ SAMPLERS = {
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ckpt", required=True, help="difflab train ldm run or pipeline folder")
-    ap.add_argument("--data", default="mnist5k", help="the data set the model was trained on")
+    ap.add_argument("--data", help="the data set to judge with (default: the one the model "
+                    "was trained on, from its difflab_ldm.json)")
     ap.add_argument("--n-per-class", type=int, default=100)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--guidance", type=float, default=4.0)
@@ -50,6 +52,15 @@ def main() -> None:
     pipe, captioner = load_ldm(args.ckpt, scheduler="dpm++")
     if captioner is None:
         sys.exit(f"{args.ckpt}: no captions.json — a `difflab train ldm` folder is needed")
+    if args.data is None:  # the model's own data set (its folder's path for image folders)
+        for info in (Path(args.ckpt) / "pipeline" / "difflab_ldm.json",
+                     Path(args.ckpt) / "difflab_ldm.json"):
+            if info.is_file():
+                data = json.loads(info.read_text())["data"]
+                args.data = data.get("path") or data["name"]
+                break
+        else:
+            sys.exit(f"{args.ckpt}: no difflab_ldm.json says which data set; pass --data")
     base = dict(pipe.scheduler.config)
     k = len(captioner.class_words)
     prompts = [captioner.caption(c) for c in range(k) for _ in range(args.n_per_class)]

@@ -371,7 +371,9 @@ def train_ldm(data: ImageDataset, test: ImageDataset, *, out_dir: str | Path,
     if not main:  # many processes: only the main one writes the pipeline, report, metrics
         return LDMRun(out / "pipeline", metrics, out, is_main_process=False)
     info = {"data": {"name": data.name, "class_names": list(data.class_names),
-                     "image_shape": list(data.image_shape)}, "ldm_config": cfg.to_dict()}
+                     "image_shape": list(data.image_shape),
+                     **({"path": data.path} if getattr(data, "path", "") else {})},
+            "ldm_config": cfg.to_dict()}
     folder = save_ldm(out / "pipeline", unet=unet, vae=ae.to(memory_format=torch
                       .contiguous_format), clip=bundle, diffusion=dcfg, info=info)
     metrics["total_train_seconds"] = sum(s.get("seconds", 0.0) for s in
