@@ -51,6 +51,26 @@ def test_a_demo_style_parent_folder_is_searched_one_level_down(pg, tmp_path):
     assert set(p.diffusion) == {f"{root.name}/ddpm"}
 
 
+def test_a_folder_trained_model_shows_its_folders_test_images(root, tmp_path):
+    """data.json of a model trained on an image folder records the folder's path: the app
+    finds its images there (the folder's bare name is no data set)."""
+    import json
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "imgs").mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    shutil.copytree(root / "vae", tmp_path / "vae")
+    info = tmp_path / "vae" / "model" / "data.json"
+    info.write_text(json.dumps({**json.loads(info.read_text()), "name": "imgs",
+                                "path": str(tmp_path / "imgs")}))
+    p = load_playground([tmp_path / "vae"])
+    assert p.data_name == str(tmp_path / "imgs") and p.test_images.shape == (5, 1, 8, 8)
+
+
 def test_no_checkpoint_says_which_command_makes_them(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no runs/demo here
     assert main(["serve"]) == 2

@@ -147,8 +147,9 @@ def load_autoencoder(folder: Path, images: Tensor | None) -> AutoencoderEntry:
     shape = (int(c.in_channels), int(c.image_size), int(c.image_size))
     is_vae = isinstance(model, VAE)
     usable = images if images is not None and tuple(images.shape[1:]) == shape else None
+    info = _data_info(folder)  # a folder-trained model records its data folder's path
     return AutoencoderEntry(model, shape, is_vae, _latent_span(model, is_vae, usable),
-                            _data_info(folder).get("name"))
+                            info.get("path") or info.get("name"))
 
 
 def load_diffusion(kind: str, folder: Path) -> DiffusionEntry:
@@ -163,7 +164,8 @@ def load_diffusion(kind: str, folder: Path) -> DiffusionEntry:
     bundle = load_bundle(folder)
     names = list(bundle.data.get("class_names", [])) if bundle.unet.config.num_class_embeds \
         else []
-    return DiffusionEntry("pixel", bundle, class_names=names, data_name=bundle.data.get("name"))
+    return DiffusionEntry("pixel", bundle, class_names=names,
+                          data_name=bundle.data.get("path") or bundle.data.get("name"))
 
 
 def load_test_images(spec: str, n: int = N_TEST_IMAGES) -> Tensor:
@@ -200,7 +202,8 @@ def load_playground(folders: list[str | Path] | None = None, data: str | None = 
     diffusion = {label: load_diffusion(kind, path) for label, kind, path in found
                  if kind != "autoencoder"}
     ae_folders = [(label, path) for label, kind, path in found if kind == "autoencoder"]
-    spec = data or next((n for n in ([_data_info(p).get("name") for _, p in ae_folders]
+    spec = data or next((n for n in ([_data_info(p).get("path") or _data_info(p).get("name")
+                                      for _, p in ae_folders]
                                      + [e.data_name for e in diffusion.values()]) if n), None)
     images = None
     if spec is not None:
