@@ -89,6 +89,11 @@ def test_temperature_is_clamped_at_100():
     with torch.no_grad():
         model.logit_scale.fill_(10.0)
     assert float(model.scale().detach()) == pytest.approx(100.0)
+    # training clamps the parameter itself (OpenCLIP), so its gradient does not die at the cap
+    ids = torch.tensor([[38, 5, 39], [38, 6, 39]])
+    model.training_loss({"images": torch.randn(2, 1, 8, 8), "input_ids": ids})["loss"].backward()
+    assert float(model.logit_scale.detach()) == pytest.approx(math.log(100.0))
+    assert float(model.logit_scale.grad) != 0.0
 
 
 # ------------------------------------------------------------------------------ tokenizer

@@ -191,7 +191,13 @@ class CLIPModel(ModelMixin):
         process. Embeddings are all-gathered (:func:`~difflab.rng.batch_gather`), and process r
         takes the terms of its own b rows: its images against all B texts, its texts against
         all B images. The mean over processes is the one-process loss, and the gathered
-        gradients make DDP's mean gradient the one-process gradient."""
+        gradients make DDP's mean gradient the one-process gradient.
+
+        The parameter t itself is clamped to ``logit_scale_max`` first (OpenCLIP's rule, done
+        here after the previous update): clamped only inside :meth:`scale`, an AdamW step past
+        the cap would leave t where its gradient is 0, stuck until weight decay pulls it back."""
+        with torch.no_grad():
+            self.logit_scale.clamp_(max=self.config.logit_scale_max)
         ids = batch["input_ids"]
         if batch_shard(generator) is None:
             logits = self(batch["images"], ids)  # (B, B)
