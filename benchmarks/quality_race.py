@@ -316,7 +316,8 @@ def main() -> None:
         _, sec, sampler = sample_contestant(name, k, args, batch=k)
         est.append({"contestant": name, "sampler": sampler, "probe": k, "s/image": sec / k,
                     "n": n_of[name], "est. minutes": sec / k * n_of[name] / 60})
-    print("sampling cost (probe batch; larger batches are usually a little cheaper per image):")
+    print("sampling cost (probe batch, start-up and first-call warm-up included, so an upper "
+          "bound; larger batches are cheaper per image):")
     print_table(est)
     if args.estimate_only:
         return
