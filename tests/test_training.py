@@ -257,6 +257,47 @@ def test_minutes_budget_calibrates_steps(digits):
     assert res.steps > 5 and res.seconds < 30
 
 
+class _Sleepy(torch.nn.Module):
+    """One weight; each step sleeps ``delays[i]`` seconds (the last delay repeats): a machine
+    whose speed changes, in wall-clock time that compute does not disturb."""
+
+    def __init__(self, delays):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.delays, self.calls = list(delays), 0
+
+    def training_loss(self, batch, generator=None):
+        import time
+
+        time.sleep(self.delays[min(self.calls, len(self.delays) - 1)])
+        self.calls += 1
+        return {"loss": (self.w - 1).pow(2).sum() + 0 * batch["images"].mean()}
+
+
+def test_minutes_budget_survives_a_slow_start_and_a_resume(digits, tmp_path):
+    """A wall-clock budget is spent, not cut short by an early low estimate (0.1 s steps for
+    30 steps, then 0.02 s: it had stopped at 58 steps after 3.7 of 6 s), and a resumed run
+    keeps the budget (it had run the old estimate to the end, 10.6 s of a 3-s budget, on a
+    machine 5× slower)."""
+    x, y = digits.images[:32], digits.labels[:32]
+    cfg = _cfg(minutes=0.1, warmup_steps=2, ema_decay=None)
+    res = train(_Sleepy([0.1] * 30 + [0.02]), x, y, cfg)
+    assert 5.5 < res.seconds < 7.0, res.seconds
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_40(model, step):
+        if step == 40:
+            raise Stop
+
+    cfg = _cfg(minutes=0.05, warmup_steps=2, ema_decay=None, checkpoint_every=40)
+    with pytest.raises(Stop):
+        train(_Sleepy([0.01]), x, y, cfg, out_dir=tmp_path, on_checkpoint=stop_at_40)
+    res = train(_Sleepy([0.05]), x, y, cfg, out_dir=tmp_path, resume=True)
+    assert 2.7 < res.seconds < 3.6, res.seconds  # elapsed before + after the resume
+
+
 @pytest.mark.parametrize("bad", [dict(batch_size=0), dict(lr=-1.0), dict(lr_schedule="step"),
                                  dict(mixed_precision="fp8"), dict(ema_decay=1.0),
                                  dict(minutes=float("nan"))])

@@ -345,12 +345,14 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
             ema.update(acc.unwrap_model(model).task, weight=weight, params=float_params)
 
     t0 = time.perf_counter()
-    # A wall-clock budget becomes a step count, re-estimated at steps 15, 30, 60, ... and at least
-    # every 5% of the budget from the rate of the latest window, and capped by a hard stop: the
-    # cosine LR schedule needs a horizon, and the machine's speed may change under load (a
-    # slow start must not end the run early once the machine is free again). With several
-    # processes rank 0 decides, every few steps, and the others follow (no divergent stops).
-    budgeted = total is None and cfg.minutes is not None
+    # A wall-clock budget becomes a step count, re-estimated at steps 15, 30, 60, ..., at least
+    # every 5% of the budget from the rate of the latest window, and whenever the estimate is
+    # reached before the budget is spent; capped by a hard stop: the cosine LR schedule needs a
+    # horizon, and the machine's speed may change under load (a slow start must not end the
+    # run early once the machine is free again). A resumed run does the same with the time its
+    # checkpoint had used. With several processes rank 0 decides, every few steps, and the
+    # others follow (no divergent stops).
+    budgeted = cfg.max_steps is None and cfg.minutes is not None
     budget_s = (cfg.minutes or 0.0) * 60
     recal_s = max(5.0, 0.05 * budget_s)
     next_calib, rate_mark, last_mark = 15, None, None
@@ -427,7 +429,8 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
             if elapsed >= budget_s:
                 new_total = step  # hard stop at the budget
             elif rate_mark is not None and step >= rate_mark[0] + 5 and (
-                    step >= next_calib or now - last_mark[1] >= recal_s):
+                    step >= next_calib or now - last_mark[1] >= recal_s
+                    or (total is not None and step >= total)):  # about to stop early
                 ref = last_mark if step - last_mark[0] >= 20 else rate_mark
                 rate = (step - ref[0]) / (now - ref[1])  # steps per second, latest window
                 new_total = max(step + 1, step + int((budget_s - elapsed) * rate))
