@@ -23,11 +23,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, print_table, write_json  # noqa: E402
 
-from difflab.data import load_dataset  # noqa: E402
+from difflab.data import load_dataset, recorded_spec  # noqa: E402
 from difflab.data.captions import ATTRIBUTES  # noqa: E402
 from difflab.metrics.fid import fid_of_images  # noqa: E402
 from difflab.runs.judge import train_classifier  # noqa: E402
-from difflab.runs.ldm import load_ldm, text_following  # noqa: E402
+from difflab.runs.ldm import ldm_folder, load_ldm, text_following  # noqa: E402
 from difflab.schedulers import DPMSolverMultistepScheduler  # noqa: E402
 
 SAMPLERS = {
@@ -53,14 +53,10 @@ def main() -> None:
     if captioner is None:
         sys.exit(f"{args.ckpt}: no captions.json — a `difflab train ldm` folder is needed")
     if args.data is None:  # the model's own data set (its folder's path for image folders)
-        for info in (Path(args.ckpt) / "pipeline" / "difflab_ldm.json",
-                     Path(args.ckpt) / "difflab_ldm.json"):
-            if info.is_file():
-                data = json.loads(info.read_text())["data"]
-                args.data = data.get("path") or data["name"]
-                break
-        else:
+        info = ldm_folder(args.ckpt) / "difflab_ldm.json"
+        if not info.is_file():
             sys.exit(f"{args.ckpt}: no difflab_ldm.json says which data set; pass --data")
+        args.data = recorded_spec(json.loads(info.read_text())["data"])
     base = dict(pipe.scheduler.config)
     k = len(captioner.class_words)
     prompts = [captioner.caption(c) for c in range(k) for _ in range(args.n_per_class)]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from difflab import __version__
 from difflab.cli_args import (
+    add_channels_argument,
     add_sample_precision_argument,
     finite_float,
     image_size_int,
@@ -99,9 +100,7 @@ def prepare_run_folder(out: Path, args: argparse.Namespace) -> None:
 def _add_train_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="mnist5k", help="data set name or image folder")
     p.add_argument("--image-size", type=image_size_int, help="resize/crop images to this size")
-    p.add_argument("--channels", type=int, choices=[1, 3],
-                   help="convert every image to 1 (gray) or 3 (RGB) channels (default: as the "
-                        "files are; needed for folders mixing gray and color images)")
+    add_channels_argument(p)
     p.add_argument("--out", type=out_folder, help="run folder (default runs/<kind>-<data>)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=positive_int, help="optimisation steps")
@@ -180,6 +179,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from difflab.runs.diffusion import (
         OUTPUT_NAMES,
+        check_guidance,
         load_bundle,
         sample_images,
         trajectory_figure,
@@ -220,21 +220,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
         save_image(trajectory_figure(res.trajectory, prediction_type=kind), tpath)
         print(f"wrote {tpath} (rows: x_t, {OUTPUT_NAMES[kind]}, x̂₀, x_(t-1))")
     return 0
-
-
-def check_guidance(guidance: float, bundle, has_class: bool, source: str) -> None:
-    """Guidance ≠ 1 needs a class-conditional model and a class to guide towards; else it
-    would be silently ignored."""
-    if guidance == 1.0:
-        return
-    if not bundle.unet.config.num_class_embeds:
-        raise DifflabError(f"{source}: --guidance needs a class-conditional model (train ddpm "
-                           "--cond class); this one is unconditional")
-    if not has_class:
-        raise DifflabError("--guidance needs --class: the class to guide the samples towards")
-    if bundle.diffusion.p_uncond == 0:
-        raise DifflabError(f"{source}: --guidance needs a model trained with label dropout "
-                           "(--p-uncond > 0): this one never learned the unconditional model")
 
 
 def _class_index(value: str, names: list[str]) -> int:
@@ -293,8 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("spec", help="data set name or image folder")
     info.add_argument("--split", default="train", choices=["train", "test"])
     info.add_argument("--image-size", type=image_size_int)
-    info.add_argument("--channels", type=int, choices=[1, 3],
-                      help="convert every image to 1 (gray) or 3 (RGB) channels")
+    add_channels_argument(info)
     info.add_argument("--out", type=out_image, help="PNG grid of examples")
     info.set_defaults(func=cmd_data_info)
 

@@ -92,6 +92,12 @@ def add_sample_precision_argument(p: argparse.ArgumentParser) -> None:
                         f"float32 (default {DEFAULT_SAMPLE_PRECISION})")
 
 
+def add_channels_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--channels", type=int, choices=[1, 3],
+                   help="convert every image to 1 (gray) or 3 (RGB) channels (default: as the "
+                        "files are; needed for folders mixing gray and color images)")
+
+
 # ------------------------------------------------------------------------- output paths
 # Checked when the command line is read, so that a long run never ends in an unwritable place
 # or on a file name the image writer refuses.

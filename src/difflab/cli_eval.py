@@ -89,25 +89,21 @@ def evaluate_diffusion_checkpoint(folder: str | Path, metrics: list[str], *, n: 
     n: samples for fid/kid/pr (default 10000); for nll the first n images of ``split``
     (default all, at most 10000).
     """
-    from difflab.data import load_dataset
+    from difflab.data import folder_without_test_split, load_dataset, recorded_spec
     from difflab.errors import DataError
-    from difflab.runs.diffusion import load_bundle
+    from difflab.runs.diffusion import check_guidance, load_bundle
 
     bad = [m for m in metrics if m not in METRICS]
     if bad:
         raise DifflabError(f"unknown metric(s) {bad}; choose from {list(METRICS)}")
     bundle = load_bundle(folder)
-    spec = data or bundle.data.get("path") or bundle.data["name"]
+    spec = data or recorded_spec(bundle.data)
     c, h, w = bundle.data["image_shape"]
-    if guidance_scale != 1.0:
-        from difflab.cli import check_guidance
-
-        check_guidance(guidance_scale, bundle, True, str(folder))
+    check_guidance(guidance_scale, bundle, True, str(folder))
     T = bundle.diffusion.num_train_timesteps
     if any(m in SAMPLE_METRICS for m in metrics) and not 1 <= steps <= T:
         raise DifflabError(f"--steps {steps}: the model has {T} timesteps; use 1 … {T}")
-    folder_path = Path(spec)
-    if split == "test" and folder_path.is_dir() and not (folder_path / "test").is_dir():
+    if split == "test" and folder_without_test_split(spec):
         split = "train"  # a folder without test/: the model saw all of it; compare with that
     try:
         ref = load_dataset(spec, split, image_size=h, channels=c)

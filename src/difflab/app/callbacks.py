@@ -183,7 +183,7 @@ def sample(entry: DiffusionEntry, *, scheduler: str = "dpm++", steps: float | in
     if entry.kind == "ldm":
         return _sample_ldm(entry, scheduler, steps, seed, guidance, n, prompt, progress)
 
-    from difflab.runs.diffusion import sample_images, trajectory_figure
+    from difflab.runs.diffusion import check_guidance, sample_images, trajectory_figure
 
     labels = None
     if class_name not in (None, "", UNCONDITIONAL):
@@ -192,9 +192,7 @@ def sample(entry: DiffusionEntry, *, scheduler: str = "dpm++", steps: float | in
         if class_name not in entry.class_names:
             raise ConfigError(f"unknown class {class_name!r}; classes: {entry.class_names}")
         labels = torch.full((n,), entry.class_names.index(class_name), dtype=torch.long)
-        if guidance != 1.0 and entry.model.diffusion.p_uncond == 0:
-            raise ConfigError("this model was trained without label dropout (p_uncond 0), so "
-                              "it has no unconditional model to guide from: set guidance to 1")
+        check_guidance(guidance, entry.model, True, "this model")  # as `difflab sample`
     res = sample_images(entry.model, n, scheduler=scheduler, steps=steps, seed=seed,
                         class_labels=labels, guidance_scale=guidance if labels is not None
                         else 1.0, return_trajectory=True, progress=progress)
@@ -233,7 +231,7 @@ def _ldm_scheduler(entry: DiffusionEntry, name: str):
     --scheduler NAME`` builds (``from_config`` of the loaded config, whatever ran before)."""
     from difflab.schedulers import SCHEDULERS
 
-    return SCHEDULERS[name].from_config(entry.scheduler_config or entry.model.scheduler.config)
+    return SCHEDULERS[name].from_config(entry.scheduler_config)
 
 
 def _sample_ldm(entry: DiffusionEntry, scheduler: str, steps: int, seed: int, guidance: float,

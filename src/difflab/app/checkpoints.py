@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from difflab.data.dataset import recorded_spec
 from difflab.errors import CheckpointError, DifflabError
 from difflab.io import read_json
 
@@ -147,9 +148,8 @@ def load_autoencoder(folder: Path, images: Tensor | None) -> AutoencoderEntry:
     shape = (int(c.in_channels), int(c.image_size), int(c.image_size))
     is_vae = isinstance(model, VAE)
     usable = images if images is not None and tuple(images.shape[1:]) == shape else None
-    info = _data_info(folder)  # a folder-trained model records its data folder's path
     return AutoencoderEntry(model, shape, is_vae, _latent_span(model, is_vae, usable),
-                            info.get("path") or info.get("name"))
+                            recorded_spec(_data_info(folder)))
 
 
 def load_diffusion(kind: str, folder: Path) -> DiffusionEntry:
@@ -165,7 +165,7 @@ def load_diffusion(kind: str, folder: Path) -> DiffusionEntry:
     names = list(bundle.data.get("class_names", [])) if bundle.unet.config.num_class_embeds \
         else []
     return DiffusionEntry("pixel", bundle, class_names=names,
-                          data_name=bundle.data.get("path") or bundle.data.get("name"))
+                          data_name=recorded_spec(bundle.data))
 
 
 def load_test_images(spec: str, n: int = N_TEST_IMAGES) -> Tensor:
@@ -202,8 +202,7 @@ def load_playground(folders: list[str | Path] | None = None, data: str | None = 
     diffusion = {label: load_diffusion(kind, path) for label, kind, path in found
                  if kind != "autoencoder"}
     ae_folders = [(label, path) for label, kind, path in found if kind == "autoencoder"]
-    spec = data or next((n for n in ([_data_info(p).get("path") or _data_info(p).get("name")
-                                      for _, p in ae_folders]
+    spec = data or next((n for n in ([recorded_spec(_data_info(p)) for _, p in ae_folders]
                                      + [e.data_name for e in diffusion.values()]) if n), None)
     images = None
     if spec is not None:

@@ -26,6 +26,8 @@ from difflab.data.dataset import (
     check_image_args,
     conform,
     dataset_info,
+    dataset_record,
+    recorded_spec,
 )
 from difflab.data.folder import load_folder
 from difflab.data.idx import read_idx, read_idx_images, read_idx_labels, write_idx
@@ -47,6 +49,13 @@ DATASETS: dict[str, Loader] = {
 
 def _looks_like_path(spec: str) -> bool:
     return os.sep in spec or "/" in spec or spec.startswith((".", "~")) or Path(spec).exists()
+
+
+def folder_without_test_split(spec: str | os.PathLike) -> bool:
+    """An image folder with no ``test/`` sub-folder: its test images are held out of its
+    training images (``difflab.runs.autoencoders.train_test_split``), or there are none."""
+    folder = Path(spec)
+    return folder.is_dir() and not (folder / "test").is_dir()
 
 
 def load_dataset(
@@ -93,10 +102,13 @@ __all__ = [
     "ImageDataset",
     "captions_for",
     "dataset_info",
+    "dataset_record",
+    "folder_without_test_split",
     "load_dataset",
     "load_folder",
     "read_idx",
     "read_idx_images",
     "read_idx_labels",
+    "recorded_spec",
     "write_idx",
 ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +82,20 @@ class ImageDataset:
             idx = torch.randperm(len(self), generator=generator)[:n]
             images, labels = self.images[idx], self.labels[idx]
         return dataclasses.replace(self, images=images, labels=labels)
+
+
+def dataset_record(ds: ImageDataset) -> dict[str, Any]:
+    """What a trained model's ``data.json`` records of its data, so that evaluation, the app
+    and the benchmarks can reload it (:func:`recorded_spec`): name, classes, image shape, and
+    for an image folder its absolute path (its bare name is no data set)."""
+    path = getattr(ds, "path", "")
+    return {"name": ds.name, "class_names": list(ds.class_names),
+            "image_shape": list(ds.image_shape), **({"path": path} if path else {})}
+
+
+def recorded_spec(record: dict[str, Any]) -> str | None:
+    """The ``load_dataset`` spec of a :func:`dataset_record`: the folder's path, else the name."""
+    return record.get("path") or record.get("name")
 
 
 def dataset_info(ds: ImageDataset) -> dict:

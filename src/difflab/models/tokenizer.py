@@ -117,19 +117,18 @@ class CLIPTokenizer:
         """``added_tokens``: ``{text: (id, normalized)}`` beyond or over the BPE vocabulary
         (``normalized``: matched in the NFC-lowercased text, as transformers does)."""
         vocab = dict(vocab)
-        for text, (i, _) in (added_tokens or {}).items():
-            vocab[text] = i
-        for tok in (BOS, EOS, pad_token):
-            if tok not in vocab:
-                raise CheckpointError(f"tokenizer: the vocabulary has no {tok!r} token")
-        raw = {BOS: vocab[BOS], EOS: vocab[EOS]}
+        raw: dict[str, int] = {}
         normalized: dict[str, int] = {}
         for text, (i, norm) in (added_tokens or {}).items():
+            vocab[text] = i
             if norm:  # two that normalise alike: the first (lowest id) wins, as on reload
                 normalized.setdefault(normalize(text), i)
             else:
                 raw[text] = i
-        self.raw_added = raw  # cut out of the prompt as written
+        for tok in (BOS, EOS, pad_token):
+            if tok not in vocab:
+                raise CheckpointError(f"tokenizer: the vocabulary has no {tok!r} token")
+        self.raw_added = {BOS: vocab[BOS], EOS: vocab[EOS], **raw}  # cut out as written
         self.normalized_added = normalized  # cut out of the normalised pieces
         self.encoder = vocab
         self.decoder = {i: t for t, i in vocab.items()}

@@ -23,7 +23,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from difflab.config import Config
-from difflab.data import ImageDataset, load_dataset
+from difflab.data import (
+    ImageDataset,
+    dataset_record,
+    folder_without_test_split,
+    load_dataset,
+    recorded_spec,
+)
 from difflab.errors import CheckpointError, ConfigError, DataError, a_or_an
 from difflab.io import atomic_write_json, read_json
 from difflab.metrics.likelihood import evaluate_likelihood
@@ -102,8 +108,7 @@ def train_test_split(spec: str, image_size: int | None, train: ImageDataset, *,
     split instead holds out a seeded ``fraction`` of ``train`` (at least two images) as the test
     set, and trains on the rest. Testing on the training images would make every held-out
     score meaningless (an autoencoder's "test" codes would be its training codes)."""
-    folder = Path(spec)
-    if not folder.is_dir() or (folder / "test").is_dir():
+    if not folder_without_test_split(spec):
         return train, load_dataset(spec, "test", image_size=image_size, channels=channels)
     n = len(train)
     if n < 2:
@@ -230,9 +235,7 @@ class AutoencoderRun:
 
 def data_info(data: ImageDataset, image_size: int | None) -> dict[str, Any]:
     """What ``model/data.json`` records, so that evaluation can reload the same data."""
-    return {"name": data.name, "image_size": image_size, "class_names": list(data.class_names),
-            "image_shape": list(data.image_shape),
-            **({"path": data.path} if getattr(data, "path", "") else {})}
+    return {**dataset_record(data), "image_size": image_size}
 
 
 def train_autoencoder(config: Config, data: ImageDataset, test: ImageDataset,
@@ -393,13 +396,13 @@ def evaluate_vae_checkpoint(folder: str | Path, split: str = "test", k: int = 10
         raise CheckpointError(f"{folder}: holds {a_or_an(type(model).__name__)}; the "
                               "likelihood needs a VAE checkpoint")
     info = read_json(folder / "data.json") if (folder / "data.json").is_file() else {}
-    spec = data or info.get("path") or info.get("name")
+    spec = data or recorded_spec(info)
     if spec is None:
         raise CheckpointError(f"{folder}: no data.json says which data set the VAE was trained "
                               "on; name one (--data)")
     size = info.get("image_size") if data is None else None
     channels = (info.get("image_shape") or [None])[0] if data is None else None
-    if split == "test" and Path(spec).is_dir() and not (Path(spec) / "test").is_dir():
+    if split == "test" and folder_without_test_split(spec):
         # a folder without test/: the images training held out (train_test_split)
         train = load_dataset(spec, "train", image_size=size, channels=channels)
         ds = train_test_split(spec, size, train, channels=channels)[1]

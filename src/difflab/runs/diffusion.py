@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from difflab.config import check_choice
-from difflab.data import ImageDataset
+from difflab.data import ImageDataset, dataset_record
 from difflab.errors import CheckpointError, ConfigError
 from difflab.io import atomic_write_json, read_json
 from difflab.models.unet import PRESETS, UNet2DModel, UNetConfig
@@ -81,6 +81,23 @@ class DiffusionModelBundle:
         return ImagePipeline(self.unet, self.scheduler(scheduler, **overrides))
 
 
+def check_guidance(guidance: float, bundle: DiffusionModelBundle, has_class: bool,
+                   source: str) -> None:
+    """Guidance ≠ 1 needs a class-conditional model, a class to guide towards, and label
+    dropout in training (the unconditional model it guides from); else it would be silently
+    ignored or guide from a never-trained null class. A ConfigError says which."""
+    if guidance == 1.0:
+        return
+    if not bundle.unet.config.num_class_embeds:
+        raise ConfigError(f"{source}: --guidance needs a class-conditional model (train ddpm "
+                          "--cond class); this one is unconditional")
+    if not has_class:
+        raise ConfigError("--guidance needs --class: the class to guide the samples towards")
+    if bundle.diffusion.p_uncond == 0:
+        raise ConfigError(f"{source}: --guidance needs a model trained with label dropout "
+                          "(--p-uncond > 0): this one never learned the unconditional model")
+
+
 def build_unet(data: ImageDataset, preset: str = "small", *, cond_class: bool = False,
                **overrides: Any) -> UNet2DModel:
     """A U-Net sized for ``data`` (channels, resolution) from a preset."""
@@ -102,9 +119,7 @@ def build_unet(data: ImageDataset, preset: str = "small", *, cond_class: bool = 
 
 def save_bundle(folder: Path, unet: UNet2DModel, diffusion: DiffusionConfig,
                 data: ImageDataset) -> None:
-    info = {"name": data.name, "class_names": list(data.class_names),
-            "image_shape": list(data.image_shape),
-            **({"path": data.path} if getattr(data, "path", "") else {})}
+    info = dataset_record(data)
     unet.save_pretrained(folder, extra_files={"diffusion_config.json": diffusion.to_dict(),
                                               "data.json": info})
     diffusion.make_scheduler().save_config(folder)

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from difflab.config import Config, check_choice, check_positive
-from difflab.data import ImageDataset
+from difflab.data import ImageDataset, dataset_record
 from difflab.data.captions import ATTRIBUTES, WORDS, Captioner, class_word
 from difflab.errors import CheckpointError, ConfigError, DifflabError
 from difflab.interop.writer import write_pipeline_files
@@ -370,10 +370,7 @@ def train_ldm(data: ImageDataset, test: ImageDataset, *, out_dir: str | Path,
                                  "wall_seconds": time.perf_counter() - t0}
     if not main:  # many processes: only the main one writes the pipeline, report, metrics
         return LDMRun(out / "pipeline", metrics, out, is_main_process=False)
-    info = {"data": {"name": data.name, "class_names": list(data.class_names),
-                     "image_shape": list(data.image_shape),
-                     **({"path": data.path} if getattr(data, "path", "") else {})},
-            "ldm_config": cfg.to_dict()}
+    info = {"data": dataset_record(data), "ldm_config": cfg.to_dict()}
     folder = save_ldm(out / "pipeline", unet=unet, vae=ae.to(memory_format=torch
                       .contiguous_format), clip=bundle, diffusion=dcfg, info=info)
     metrics["total_train_seconds"] = sum(s.get("seconds", 0.0) for s in
