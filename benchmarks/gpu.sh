@@ -125,23 +125,31 @@ echo "== 3m. fastest compiled: $BEST; the whole loop with it ($(left) s left)"
 # 3m-b. the whole training loop (EMA, clipping, guard) compiled as it ships and, if a variant
 # was faster, with that (its eager configs were measured in the twelfth and thirteenth
 # sessions: 1,296-1,487 img/s, --bf16-weights +4-6 %)
+# (MFU_LOOP_S=0 / MFU_TESTS_S=0 skip 3m-b / 3m-c, e.g. to leave part mfuprof time in one call)
 SUFFIX=${BEST#difflab}
 fresh train_loop.json
+if [ "${MFU_LOOP_S:-140}" != 0 ]; then
 timeout "$(cap "${MFU_LOOP_S:-140}" 60)" python3 benchmarks/train_loop.py "${MFU[@]}" --steps 60 \
   --configs "bf16-ro${SUFFIX:+,bf16-ro$SUFFIX}" 2>&1 | tee "$OUT/mfu_loop.txt"
 cp benchmarks/out/train_loop.json "$OUT/extra/mfu_loop.json" 2>/dev/null
+fi
 # 3m-c. the shipped compiled model and the -gnsum candidate against eager PyTorch on the GPU
 # (tests/test_cuda.py::test_compiled_mfu_candidate_trains_like_eager_pytorch[shipped, gnsum])
+if [ "${MFU_TESTS_S:-60}" != 0 ]; then
 echo "== 3m. tests/test_cuda.py ($(left) s left)"
 timeout "$(cap "${MFU_TESTS_S:-60}" 10)" python3 -m pytest -q -p no:cacheprovider -rf \
   tests/test_cuda.py -k "mfu_candidate and (shipped or gnsum)" 2>&1 | grep -v DEBUG | tail -15 \
   | tee "$OUT/mfu_tests.txt"
+fi
 echo "$BEST" > "$OUT/mfu_best.txt"
 fi
 
 if want mfuprof; then  # (~2-3 min; a second call right after part mfu, on the warm machine:
 # PARTS=mfuprof MFU_VARIANT=<part mfu's fastest> GPU_BUDGET_S=<what is left>) where the
 # compiled step's time goes now: kernels by kind, data-moving operators by shape
+# (in the same call as part mfu, MFU_VARIANT defaults to its fastest; inductor's on-disk
+# caches then make the recompile short)
+[ -z "${MFU_VARIANT:-}" ] && [ -n "${BEST:-}" ] && MFU_VARIANT=$BEST
 echo "== 3p. profile of ${MFU_VARIANT:=difflab} ($(left) s left)"
 fresh profile_step.json
 timeout "$(cap 600 5)" python3 benchmarks/profile_step.py "${MFU[@]}" --mode bf16-ro \
