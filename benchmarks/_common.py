@@ -95,7 +95,8 @@ def _fmt(v: object) -> str:
 # the layout-keeping GroupNorm's hand-written backward and inductor's combo kernels.
 # unet_train.py (--peers), train_loop.py (--configs) and profile_step.py (--variant) share these
 # names. difflab before the thirteenth session's CUDA defaults is
-# "difflab-gnpt-nofold-rr4-tpsplit-pc8", before the fourteenth's "difflab-tpsplit-pc8".
+# "difflab-gnpt-nofold-rr4-tpsplit-pc8", before the fourteenth's "difflab-gnops-tpsplit-pc8",
+# before the sixteenth's "difflab-gnops".
 VARIANT_SUFFIXES = {
     "nchw": "difflab in NCHW (it runs channels_last otherwise)",
     "cl": "diffusers in channels_last (it runs NCHW otherwise)",
@@ -105,9 +106,11 @@ VARIANT_SUFFIXES = {
     "gncl": "the layout-keeping GroupNorm when compiled, with its hand-written backward "
             "(fused.CHANNELS_LAST_GROUP_NORM_FORM = 'function'; wrong gradients on an H100)",
     "gnops": "the layout-keeping GroupNorm when compiled, in plain operators (autograd's "
-             "backward; fused.COMPILED_CHANNELS_LAST_GROUP_NORM, CUDA's default)",
+             "backward; fused.COMPILED_CHANNELS_LAST_GROUP_NORM; CUDA's default in the "
+             "thirteenth to fifteenth sessions)",
     "gnsum": "the layout-keeping GroupNorm when compiled, in plain operators, its statistics "
-             "from per-channel sums (fused.CHANNELS_LAST_GROUP_NORM_FORM = 'sums')",
+             "from per-channel sums (fused.CHANNELS_LAST_GROUP_NORM_FORM = 'sums', CUDA's "
+             "default since the sixteenth session)",
     "gnpt": "PyTorch's GroupNorm when compiled (CUDA's default before the thirteenth session)",
     "gn16": "GroupNorm kept in bf16 under CUDA autocast (fused.LOW_PRECISION_GPU_GROUP_NORM)",
     "bench": "torch.backends.cudnn.benchmark (cuDNN picks algorithms by timing them)",

@@ -225,6 +225,12 @@ def test_statistics_by_channel_sums_are_var_mean_to_bf16s_own_rounding():
                                               correction=0)[0]).abs()
         err = (var.double() - want_var).abs()
         assert err.max() < 1e-6 * want_var.max() + 2 * rounding.max(), r
+    # never negative where cancellation swamps the spread (a mean 2·10⁴ times it: E[x²] − E[x]²
+    # comes out ±ulp(10⁶)-sized noise, half of it below zero), so the rsqrt that follows is
+    # finite
+    huge = 1e3 + 0.05 * torch.randn(4, 64, 16, 16, generator=g)
+    var, _ = fused._group_var_mean_by_channel_sums(huge, 8)
+    assert float(var.min()) >= 0
     # dispatch: bf16 inputs take the sums, float32 inputs var_mean
     norm = nn.GroupNorm(2, 4)
     calls = []

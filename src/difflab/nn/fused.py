@@ -207,21 +207,23 @@ def low_precision_group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tenso
 # (inductor's C++ kernels transpose cheaply: it gains nothing there).
 COMPILED_CHANNELS_LAST_GROUP_NORM: frozenset[str] = frozenset({"cuda"})
 
-# How that GroupNorm is differentiated: "ops" (the default), the forward in plain
+# How that GroupNorm is differentiated: "ops", the forward in plain
 # differentiable operators, whose backward AOTAutograd derives; "function", the autograd
 # function below with its own backward (10 bytes per element, 3.5 % faster compiled on an H100
 # — but there, in torch 2.11, its compiled gradients came out 75 % off, the last ResNet
 # block's tensors lost whole, with inductor's mix-order reductions off too; eager, and compiled
 # on a CPU, it is right: RESULTS.md, "Twelfth" and "Thirteenth session"; tests/test_cuda.py).
-# "sums": the "ops" form with the statistics of bf16 inputs from per-channel sums
-# (:func:`_group_var_mean_by_channel_sums`): counted on a CPU by inductor's GPU rules for the
-# DDPM-CIFAR-10 step at batch 128 (with folded upsampling, bf16 weights, realize_reads=6),
-# 649 instead of 755 fused kernels and 16.1 instead of 17.1 GB, 5.6 instead of 6.05 ms at an
-# H100's bandwidth (RESULTS.md, "Fourteenth session"); not yet timed on a GPU (benchmarks'
-# -gnsum; benchmarks/gpu.sh part mfu).
+# "sums" (the default since the sixteenth session): the "ops" form with the statistics of
+# bf16 inputs from per-channel sums (:func:`_group_var_mean_by_channel_sums`): counted on a
+# CPU by inductor's GPU rules for the DDPM-CIFAR-10 step at batch 128 (with folded upsampling,
+# bf16 weights, realize_reads=6), 649 instead of 755 fused kernels and 16.1 instead of 17.1 GB
+# (RESULTS.md, "Fourteenth session"); timed on an H100, the compiled CUDA-graph step 7.5 %
+# faster than "ops" in the same run (7,323 vs 6,813 img/s with bf16 weights, 34.4 % of the
+# bf16 matmul rate), gradients as far from float32 as the "ops" form's (RESULTS.md,
+# "Sixteenth session").
 # Eager code that needs the layout-keeping GroupNorm (:func:`_pytorch_backward_would_crash`)
 # uses the form set here as well.
-CHANNELS_LAST_GROUP_NORM_FORM = "ops"
+CHANNELS_LAST_GROUP_NORM_FORM = "sums"
 
 
 class _ChannelsLastGroupNorm(torch.autograd.Function):
@@ -303,7 +305,9 @@ def _group_var_mean_by_channel_sums(xf: torch.Tensor, groups: int
     s1 = xf.sum((2, 3)).unflatten(1, (groups, -1)).sum(2)  # (N, G)
     s2 = xf.square().sum((2, 3)).unflatten(1, (groups, -1)).sum(2)
     mean = s1 / m
-    return s2 / m - mean * mean, mean
+    # (clamped: cancellation must never make a near-constant group's variance negative, and
+    # its rsqrt NaN)
+    return (s2 / m - mean * mean).clamp_min(0), mean
 
 
 def _per_channel(mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
