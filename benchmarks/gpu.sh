@@ -8,15 +8,15 @@
 #     img/s and % of the measured bf16 matmul rate;
 #  3. profile_step.py: the eager bf16 step's kernels by kind (convolutions, Triton, elementwise,
 #     copies...) and the convolutions' achieved TFLOP/s, cuDNN's algorithm search off and on;
-#     part "mfu" (not in the default PARTS, ~9 min, one call: PARTS=mfu, timeout_s=590): the
-#     CUDA-graph step of difflab as it ships (since the thirteenth session: the layout-keeping
-#     GroupNorm in plain operators, folded upsampling, realize_reads_threshold=6 when compiled
-#     on CUDA; since the fourteenth: all time projections in one product) vs difflab before
-#     (-tpsplit-pc8) and a candidate (-gnsum-w16), each one's
-#     gradients checked against eager float32 first, and eager diffusers; then the whole loop
-#     and the CUDA test of the shipped compiled model against eager PyTorch — the measurements
-#     for the matmul-rate goal; part "mfuprof" (~2-3 min, a second call at once on the warm
-#     machine): the kernel profile of the fastest;
+#     part "mfu" (not in the default PARTS, ~8 min, one call with part mfuprof:
+#     PARTS=mfu,mfuprof MFU_LOOP_S=0, timeout_s=590): the CUDA-graph step of difflab as it
+#     ships with bf16 weights (-w16; since the sixteenth session the GroupNorm statistics from
+#     per-channel sums: 7,323 img/s, 34.4 % on an H100), without them, and as before
+#     (-gnops-w16), each one's gradients checked against eager float32 first, and eager
+#     diffusers; then the whole loop (MFU_LOOP_S=0 skips it) and the CUDA test of the shipped
+#     compiled model against eager PyTorch — the measurements for the matmul-rate goal;
+#     part "mfuprof" (~2 min; in the same call it profiles part mfu's fastest): the kernel
+#     profile;
 #     part "gncl" (~3 min): why the compiled layout-keeping GroupNorm's gradients were wrong on
 #     an H100 (tests/test_cuda.py, narrowed down by op, block, form and inductor setting);
 #  4. train_loop.py: difflab's whole training loop (EMA, clipping, guard) on the same preset,
@@ -90,19 +90,20 @@ MFU=(--preset "${MFU_PRESET:-ddpm-cifar10}" --batch "${MFU_BATCH:-128}"
      --device "${MFU_DEVICE:-cuda}")
 if want mfu; then  # the matmul-rate goal (issue 5), sized to fit one call with the start
 # 3m-a. The CUDA-graph step (reduce-overhead) of difflab as it ships for CUDA (the
-# thirteenth session's defaults: -gnops, -fold and -rr6 when compiled, with -w16 6,536 img/s,
-# 31.3 % on an H100, one reading; the fourteenth's: the 22 residual blocks' time projections
-# in one product, 63 fewer matrix-product kernels per step, their stacked weights concatenated
-# by one kernel: max_pointwise_cat_inputs=32), difflab before the fourteenth (-tpsplit-pc8)
-# and a candidate: -gnsum GroupNorm statistics from per-channel sums (~100 fewer small
-# kernels, 1 GB less by a CPU count), -w16 bf16 weight copies kept between steps
-# (--bf16-weights); suffixes in benchmarks/_common.py. Eager bf16 first (difflab, the
-# candidate, diffusers: the 1.5× reference). Each peer's gradients are checked against eager float32 of its own model
-# (tolerance: 1.5× eager bf16's own error), then it is timed at once (printed: a cut-off run
-# keeps those); one that fails to compile is dropped; then all are timed interleaved.
+# thirteenth session's defaults: the layout-keeping GroupNorm in plain operators, folded
+# upsampling, realize_reads=6 when compiled; the fourteenth's: the 22 residual blocks' time
+# projections in one product, their stacked weights concatenated by one kernel:
+# max_pointwise_cat_inputs=32; the sixteenth's: GroupNorm statistics from per-channel sums),
+# with bf16 weight copies kept between steps (-w16, --bf16-weights) and without, and difflab
+# before the sixteenth (-gnops-w16: 6,813 img/s, 32.0 %, the sums form 7,323, 34.4 %, same
+# run); suffixes in benchmarks/_common.py. Eager bf16 first (the peers, diffusers: the 1.5×
+# reference). Each peer's gradients are checked against eager float32 of its own model
+# (tolerance: 1.5× what a right peer's error is anyway: eager bf16's rounding, for a compiled
+# peer other dropout masks), then it is timed at once (printed: a cut-off run keeps those);
+# one that fails to compile is dropped; then all are timed interleaved.
 echo "== 3m. MFU: the CUDA-graph step, difflab vs before and a candidate ($(left) s left)"
-# (compiles take ~80-110 s each: three fit beside the rest)
-MFU_PEERS=${MFU_PEERS:-difflab,difflab-tpsplit-pc8,difflab-gnsum-w16}
+# (compiles take ~60-125 s each: three fit beside the rest)
+MFU_PEERS=${MFU_PEERS:-difflab-w16,difflab,difflab-gnops-w16}
 fresh unet_train.json
 timeout "$(cap "${MFU_UNET_S:-350}" 150)" python3 benchmarks/unet_train.py "${MFU[@]}" \
   --iters 10 --rounds 3 --modes bf16,bf16-ro \
@@ -133,12 +134,13 @@ timeout "$(cap "${MFU_LOOP_S:-140}" 60)" python3 benchmarks/train_loop.py "${MFU
   --configs "bf16-ro${SUFFIX:+,bf16-ro$SUFFIX}" 2>&1 | tee "$OUT/mfu_loop.txt"
 cp benchmarks/out/train_loop.json "$OUT/extra/mfu_loop.json" 2>/dev/null
 fi
-# 3m-c. the shipped compiled model and the -gnsum candidate against eager PyTorch on the GPU
-# (tests/test_cuda.py::test_compiled_mfu_candidate_trains_like_eager_pytorch[shipped, gnsum])
+# 3m-c. the shipped compiled model (since the sixteenth session the sums form) and the one
+# before it against eager PyTorch on the GPU
+# (tests/test_cuda.py::test_compiled_mfu_candidate_trains_like_eager_pytorch[shipped, before16])
 if [ "${MFU_TESTS_S:-60}" != 0 ]; then
 echo "== 3m. tests/test_cuda.py ($(left) s left)"
 timeout "$(cap "${MFU_TESTS_S:-60}" 10)" python3 -m pytest -q -p no:cacheprovider -rf \
-  tests/test_cuda.py -k "mfu_candidate and (shipped or gnsum)" 2>&1 | grep -v DEBUG | tail -15 \
+  tests/test_cuda.py -k "mfu_candidate and (shipped or before16)" 2>&1 | grep -v DEBUG | tail -15 \
   | tee "$OUT/mfu_tests.txt"
 fi
 echo "$BEST" > "$OUT/mfu_best.txt"
