@@ -111,6 +111,9 @@ VARIANT_SUFFIXES = {
     "gnsum": "the layout-keeping GroupNorm when compiled, in plain operators, its statistics "
              "from per-channel sums (fused.CHANNELS_LAST_GROUP_NORM_FORM = 'sums', CUDA's "
              "default since the sixteenth session)",
+    "gnoff": "conv1's bias and the time projection handed to the sums-form GroupNorm's "
+             "statistics and shift instead of added to the convolution's output "
+             "(fused.GROUP_NORM_TAKES_OFFSET)",
     "gnpt": "PyTorch's GroupNorm when compiled (CUDA's default before the thirteenth session)",
     "gn16": "GroupNorm kept in bf16 under CUDA autocast (fused.LOW_PRECISION_GPU_GROUP_NORM)",
     "bench": "torch.backends.cudnn.benchmark (cuDNN picks algorithms by timing them)",
@@ -137,7 +140,7 @@ _INDUCTOR_SUFFIXES = {"rr6": {"realize_reads_threshold": 6},
                       "pc8": {"max_pointwise_cat_inputs": 8},
                       "nomix": {"triton.mix_order_reduction": False}}
 _DIFFLAB_ONLY = {"nchw", "fold", "nofold", "gncl", "gnops", "gnsum", "gnpt", "gn16", "tpsplit",
-                 "tpgroup"}
+                 "tpgroup", "gnoff"}
 _EXCLUSIVE = ({"fold", "nofold"}, {"gncl", "gnops", "gnsum", "gnpt"}, {"rr6", "rr4"},
               {"tpsplit", "tpgroup"})
 GROUP_NORM_FORMS = {"gncl": "function", "gnops": "ops", "gnsum": "sums"}
@@ -205,6 +208,7 @@ class Variant:
 
         torch.backends.cudnn.benchmark = "bench" in self.flags
         fused.LOW_PRECISION_GPU_GROUP_NORM = "gn16" in self.flags
+        fused.GROUP_NORM_TAKES_OFFSET = "gnoff" in self.flags
         devices, form, _, grouped = _SHIPPED
         if "tpsplit" in self.flags:
             grouped = grouped - {device_type}

@@ -11,8 +11,8 @@
 #     part "mfu" (not in the default PARTS, ~8 min, one call with part mfuprof:
 #     PARTS=mfu,mfuprof MFU_LOOP_S=0, timeout_s=590): the CUDA-graph step of difflab as it
 #     ships with bf16 weights (-w16; since the sixteenth session the GroupNorm statistics from
-#     per-channel sums: 7,323 img/s, 34.4 % on an H100), without them, and as before
-#     (-gnops-w16), each one's gradients checked against eager float32 first, and eager
+#     per-channel sums: 7,323 img/s, 34.4 % on an H100), without them, and a candidate
+#     (-w16-gnoff), each one's gradients checked against eager float32 first, and eager
 #     diffusers; then the whole loop (MFU_LOOP_S=0 skips it) and the CUDA test of the shipped
 #     compiled model against eager PyTorch — the measurements for the matmul-rate goal;
 #     part "mfuprof" (~2 min; in the same call it profiles part mfu's fastest): the kernel
@@ -94,16 +94,17 @@ if want mfu; then  # the matmul-rate goal (issue 5), sized to fit one call with 
 # upsampling, realize_reads=6 when compiled; the fourteenth's: the 22 residual blocks' time
 # projections in one product, their stacked weights concatenated by one kernel:
 # max_pointwise_cat_inputs=32; the sixteenth's: GroupNorm statistics from per-channel sums),
-# with bf16 weight copies kept between steps (-w16, --bf16-weights) and without, and difflab
-# before the sixteenth (-gnops-w16: 6,813 img/s, 32.0 %, the sums form 7,323, 34.4 %, same
-# run); suffixes in benchmarks/_common.py. Eager bf16 first (the peers, diffusers: the 1.5×
+# with bf16 weight copies kept between steps (-w16, --bf16-weights: 7,323 img/s, 34.4 %;
+# before the sixteenth, -gnops-w16, 6,813 in the same run) and without, and a candidate:
+# -gnoff, conv1's bias and time projection handed to the sums-form GroupNorm (22 fewer
+# extern kernels, 0.3 GB less by a CPU count); suffixes in benchmarks/_common.py. Eager bf16 first (the peers, diffusers: the 1.5×
 # reference). Each peer's gradients are checked against eager float32 of its own model
 # (tolerance: 1.5× what a right peer's error is anyway: eager bf16's rounding, for a compiled
 # peer other dropout masks), then it is timed at once (printed: a cut-off run keeps those);
 # one that fails to compile is dropped; then all are timed interleaved.
 echo "== 3m. MFU: the CUDA-graph step, difflab vs before and a candidate ($(left) s left)"
 # (compiles take ~60-125 s each: three fit beside the rest)
-MFU_PEERS=${MFU_PEERS:-difflab-w16,difflab,difflab-gnops-w16}
+MFU_PEERS=${MFU_PEERS:-difflab-w16,difflab-w16-gnoff,difflab}
 fresh unet_train.json
 timeout "$(cap "${MFU_UNET_S:-350}" 150)" python3 benchmarks/unet_train.py "${MFU[@]}" \
   --iters 10 --rounds 3 --modes bf16,bf16-ro \
@@ -136,11 +137,12 @@ cp benchmarks/out/train_loop.json "$OUT/extra/mfu_loop.json" 2>/dev/null
 fi
 # 3m-c. the shipped compiled model (since the sixteenth session the sums form) and the one
 # before it against eager PyTorch on the GPU
-# (tests/test_cuda.py::test_compiled_mfu_candidate_trains_like_eager_pytorch[shipped, before16])
+# (tests/test_cuda.py::test_compiled_mfu_candidate_trains_like_eager_pytorch[shipped, before16,
+# gnoff])
 if [ "${MFU_TESTS_S:-60}" != 0 ]; then
 echo "== 3m. tests/test_cuda.py ($(left) s left)"
 timeout "$(cap "${MFU_TESTS_S:-60}" 10)" python3 -m pytest -q -p no:cacheprovider -rf \
-  tests/test_cuda.py -k "mfu_candidate and (shipped or before16)" 2>&1 | grep -v DEBUG | tail -15 \
+  tests/test_cuda.py -k "mfu_candidate and (shipped or before16 or gnoff)" 2>&1 | grep -v DEBUG | tail -15 \
   | tee "$OUT/mfu_tests.txt"
 fi
 echo "$BEST" > "$OUT/mfu_best.txt"

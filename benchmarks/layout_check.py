@@ -367,7 +367,8 @@ def _onednn_off():
         torch.backends.mkldnn.enabled = was
 
 
-LAYOUT_WORDS = frozenset({"difflab", "plain", "diffusers", "fold", "w16", "tpsplit", "gn16"})
+LAYOUT_WORDS = frozenset({"difflab", "plain", "diffusers", "fold", "w16", "tpsplit", "gn16",
+                          "gnoff"})
 
 
 def check_variant(variant: str) -> str:
@@ -409,6 +410,9 @@ def variant_patches(variant: str, device: torch.device, gpu_path: bool) -> list:
         patches.append(mock.patch.object(
             blocks, "GROUPED_TIME_PROJECTIONS",
             frozenset() if "tpsplit" in variant.split("-") else frozenset({device.type})))
+    # conv1's bias and time projection handed to the sums-form GroupNorm, or added to its output
+    patches.append(mock.patch.object(fused, "GROUP_NORM_TAKES_OFFSET",
+                                     "gnoff" in variant.split("-")))
     if "gn16" in variant.split("-"):  # GroupNorm in bf16 under CUDA autocast
         patches.append(mock.patch.object(fused, "LOW_PRECISION_GPU_GROUP_NORM", True))
     return patches

@@ -88,11 +88,15 @@ def test_fold_is_set_per_model_and_switches_per_call(monkeypatch):
     assert fused.CHANNELS_LAST_GROUP_NORM_FORM == "sums" and not blocks.GROUPED_TIME_PROJECTIONS
     parse_variant("difflab-tpgroup").apply("cpu")
     assert blocks.GROUPED_TIME_PROJECTIONS == {"cpu", "cuda"}
+    monkeypatch.setattr(fused, "GROUP_NORM_TAKES_OFFSET", False)
+    parse_variant("difflab-gnoff").apply("cuda")
+    assert fused.GROUP_NORM_TAKES_OFFSET
     parse_variant("difflab").apply("cuda")  # the next peer of an interleaved run
     assert fused.COMPILED_CHANNELS_LAST_GROUP_NORM == {"cuda"}
     assert fused.CHANNELS_LAST_GROUP_NORM_FORM == "sums"  # CUDA's since the sixteenth session
     assert blocks.GROUPED_TIME_PROJECTIONS == {"cuda"}
     assert not fused.LOW_PRECISION_GPU_GROUP_NORM and not torch.backends.cudnn.benchmark
+    assert not fused.GROUP_NORM_TAKES_OFFSET
 
 
 def test_per_kernel_extrapolation_matches_kernels_by_origin_not_order():

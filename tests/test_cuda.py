@@ -201,7 +201,7 @@ _CANDIDATES = {"shipped": "difflab", "plain": "difflab-gnpt-nofold-rr4",
                "gncl-nomix": "difflab-gncl-nofold-rr4-nomix",
                "fold-gncl-rr6-nomix": "difflab-fold-gncl-rr6-nomix",
                "gnops": "difflab-gnops-nofold-rr4", "fold-gnops-rr6": "difflab-fold-gnops-rr6",
-               "gnsum": "difflab-gnsum", "before16": "difflab-gnops",
+               "gnsum": "difflab-gnsum", "before16": "difflab-gnops", "gnoff": "difflab-gnoff",
                "tpsplit": "difflab-tpsplit-pc8"}
 
 
@@ -216,8 +216,9 @@ def test_compiled_mfu_candidate_trains_like_eager_pytorch(monkeypatch, variant):
     differentiated by autograd; -gnsum the same with per-channel sums for the statistics).
     "shipped" is difflab's CUDA default since the thirteenth session (fold-gnops-rr6, when
     compiled; since the fourteenth the time projections in one product, -tpsplit-pc8 without;
-    since the sixteenth the GroupNorm statistics from per-channel sums, -gnsum, "before16"
-    without), the others switch each part alone."""
+    since the sixteenth the GroupNorm statistics from per-channel sums, "before16" without;
+    -gnoff: conv1's bias and time projection handed to them), the others switch each part
+    alone."""
     from difflab.training.loop import compile_kwargs
 
     torch._dynamo.reset()

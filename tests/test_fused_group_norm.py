@@ -236,9 +236,9 @@ def test_statistics_by_channel_sums_are_var_mean_to_bf16s_own_rounding():
     calls = []
     real = fused._group_var_mean_by_channel_sums
 
-    def spy(xf, groups):
+    def spy(xf, groups, offset=None):
         calls.append(xf.dtype)
-        return real(xf, groups)
+        return real(xf, groups, offset)
 
     with mock.patch.object(fused, "_group_var_mean_by_channel_sums", spy):
         for dtype in (torch.float32, torch.bfloat16):
@@ -421,3 +421,69 @@ def test_channels_last_networks_train_with_a_frozen_first_convolution(model):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-500:]
     assert proc.stdout.split()[-1] == "True"
+
+
+def test_statistics_by_channel_sums_take_a_per_channel_offset():
+    """The sums form's statistics and affine of ``x + d`` for a per-channel d ((C,) or (N, C):
+    a convolution's bias plus a time projection) from the sums of x: in float64 the same as
+    adding d first, gradients to x and d included."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 5, 4, generator=g, dtype=torch.float64)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    for d in (torch.randn(6, generator=g, dtype=torch.float64) * 3,
+              torch.randn(2, 6, generator=g, dtype=torch.float64) * 3):
+        d.requires_grad_()
+        got = fused._group_var_mean_by_channel_sums(x, 3, d)
+        want = torch.var_mean((x + d[..., None, None]).unflatten(1, (3, -1)), dim=(2, 3, 4),
+                              correction=0)
+        for a, b in zip(got, want):
+            assert (a - b).abs().max() < 1e-12
+        assert torch.autograd.gradcheck(
+            lambda x, d: fused._group_var_mean_by_channel_sums(x, 3, d), (x, d))
+    # the whole GroupNorm + SiLU on bf16 inputs (the sums' case): the offset never added to x,
+    # the result that of x + d to float32 rounding
+    norm = nn.GroupNorm(3, 6).double()
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    xb = torch.randn(2, 6, 5, 4, generator=g).to(torch.bfloat16)
+    d = torch.randn(2, 6, generator=g)
+    want = F.silu(norm(xb.double() + d.double()[..., None, None]))
+    got = fused._group_norm_by_ops(xb, norm.weight.float(), norm.bias.float(), 3, norm.eps,
+                                   True, torch.float32, True, d)
+    assert (got.double() - want).abs().max() < 1e-5
+
+
+def test_resnet_block_hands_bias_and_time_projection_to_the_group_norm(monkeypatch):
+    """Compiled with the sums form, a ResnetBlock convolves without conv1's bias and gives
+    bias + time projection to the next GroupNorm (GROUP_NORM_TAKES_OFFSET): the same block as
+    with the offset added first — output and every gradient as close to float64's (bf16
+    autocast) — conv1 run without its bias."""
+    ops = []
+
+    def backend(gm, _inputs):  # the convolutions without a bias
+        ops.append(sum(1 for n in gm.graph.nodes if n.op == "call_function"
+                       and "conv2d" in str(n.target) and len(n.args) > 2 and n.args[2] is None))
+        return gm.forward
+
+    def run(takes):
+        monkeypatch.setattr(fused, "GROUP_NORM_TAKES_OFFSET", takes)
+        return _compiled_block_step(monkeypatch, ("cpu",), backend, bf16=True, form="sums")
+
+    folded, added = run(True), run(False)
+    monkeypatch.setattr(fused, "COMPILED_CHANNELS_LAST_GROUP_NORM", frozenset())
+    from difflab.nn.blocks import ResnetBlock
+
+    torch.manual_seed(0)  # _compiled_block_step's block and inputs, in float64
+    block = ResnetBlock(16, 16, 8, groups=4).double()
+    x = torch.randn(2, 16, 8, 8).double().requires_grad_()
+    temb = torch.randn(2, 8).double()
+    out = block(x, temb)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out).double()).sum().backward()
+    exact = [out.detach(), *[p.grad for p in block.parameters()]]
+    for got_f, got_a, want in zip((folded[0], *folded[1]), (added[0], *added[1]), exact):
+        scale = want.abs().max()
+        err_f = float((got_f.double() - want).abs().max() / scale)
+        err_a = float((got_a.double() - want).abs().max() / scale)
+        assert err_f < max(2 * err_a, 2e-2), (err_f, err_a)
+    assert ops == [1, 0]  # conv1 without its bias, only where the GroupNorm takes it
+

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from difflab.nn import fused
 from difflab.nn.fused import channels_last_only, group_norm_silu
 
 
@@ -42,12 +43,21 @@ class ResnetBlock(nn.Module):
                 temb_proj: torch.Tensor | None = None) -> torch.Tensor:
         # The adds go into the fresh conv outputs (a convolution's backward does not read its
         # output): no new activation buffers, ~5% faster fp32 training steps on CPU.
-        h = self.conv1(group_norm_silu(self.norm1, x))
+        a = group_norm_silu(self.norm1, x)
         if temb_proj is None and self.time_emb_proj is not None and temb is not None:
             temb_proj = self.time_emb_proj(F.silu(temb))
-        if temb_proj is not None:
-            h = _add_into(h, temb_proj[:, :, None, None])
-        h = self.conv2(self.dropout(group_norm_silu(self.norm2, h)))
+        if self.conv1.bias is not None and fused.takes_offset(a, self.norm2):
+            # compiled, channels-last, sums form: the bias and the time projection go into the
+            # GroupNorm's statistics and shift instead of a pass over the convolution's output
+            offset = self.conv1.bias if temb_proj is None else temb_proj + self.conv1.bias
+            h = fused.group_norm_silu_offset(
+                self.norm2, self.conv1._conv_forward(a, self.conv1.weight, None), offset)
+        else:
+            h = self.conv1(a)
+            if temb_proj is not None:
+                h = _add_into(h, temb_proj[:, :, None, None])
+            h = group_norm_silu(self.norm2, h)
+        h = self.conv2(self.dropout(h))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         out = _add_into(h, skip)
         if self.output_scale_factor != 1.0:

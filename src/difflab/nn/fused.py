@@ -279,31 +279,48 @@ def _stored(t: torch.Tensor) -> torch.Tensor:
 
 
 def _normalisation(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
-                   eps: float, by_channel_sums: bool = False):
+                   eps: float, by_channel_sums: bool = False,
+                   offset: torch.Tensor | None = None):
     """``x`` in float32 (float64 stays), its (N, G) mean and 1/std, and GroupNorm as
     ``x·scale + shift`` with (N, C, 1, 1) ``scale`` and ``shift``; the statistics of a bf16
-    ``x`` by :func:`_group_var_mean_by_channel_sums` if ``by_channel_sums``."""
+    ``x`` by :func:`_group_var_mean_by_channel_sums` if ``by_channel_sums``. ``offset``, (C,)
+    or (N, C): GroupNorm of ``x + offset`` (per channel), as ``x·scale + shift`` still — from
+    the sums the offset goes into the statistics and the shift, and ``x + offset`` is never
+    made; otherwise it is added to ``x`` first."""
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    if by_channel_sums and x.dtype == torch.bfloat16:
-        var, mean = _group_var_mean_by_channel_sums(xf, groups)
+    sums = by_channel_sums and x.dtype == torch.bfloat16
+    if offset is not None and not sums:
+        xf, offset = xf + offset.to(xf.dtype)[..., None, None], None
+    if sums:
+        var, mean = _group_var_mean_by_channel_sums(xf, groups, offset)
     else:  # splitting C into (G, C/G) is a view in any layout
         var, mean = torch.var_mean(xf.unflatten(1, (groups, -1)), dim=(2, 3, 4), correction=0)
     rstd = torch.rsqrt(var + eps)  # (N, G)
-    return (xf, mean, rstd, *_per_channel(mean, rstd, weight, bias))
+    scale, shift = _per_channel(mean, rstd, weight, bias)
+    if offset is not None:  # (x + d)·scale + shift = x·scale + (shift + d·scale)
+        shift = shift + offset.to(scale.dtype)[..., None, None] * scale
+    return xf, mean, rstd, scale, shift
 
 
-def _group_var_mean_by_channel_sums(xf: torch.Tensor, groups: int
+def _group_var_mean_by_channel_sums(xf: torch.Tensor, groups: int,
+                                    offset: torch.Tensor | None = None
                                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, G) variance and mean of ``xf`` (N, C, H, W) as E[x²] − E[x]² and E[x] from the sums
     of x and x² per (sample, channel) over (H, W): reductions of one pass over ``xf`` that keep
     its layout, autograd's backward of them a per-channel ``a·x + b``. In float32 E[x²] − E[x]²
     loses ~1e-6·(mean/std)² of the variance to cancellation: no more than rounding the input to
     bf16 already moved it (~1.3e-6·(mean/std)², half an ulp of 2⁻⁸ relative, uniform), so
-    :func:`_normalisation` uses it for bf16 inputs only."""
+    :func:`_normalisation` uses it for bf16 inputs only. ``offset`` (C,) or (N, C): the
+    statistics of ``xf + offset`` per channel, from the same sums (Σ(x+d) = Σx + HW·d,
+    Σ(x+d)² = Σx² + 2d·Σx + HW·d²)."""
     n, c, h, w = xf.shape
     m = c // groups * h * w
-    s1 = xf.sum((2, 3)).unflatten(1, (groups, -1)).sum(2)  # (N, G)
-    s2 = xf.square().sum((2, 3)).unflatten(1, (groups, -1)).sum(2)
+    s1, s2 = xf.sum((2, 3)), xf.square().sum((2, 3))  # (N, C)
+    if offset is not None:
+        d = offset.to(s1.dtype)
+        s1, s2 = s1 + h * w * d, s2 + d * (2 * s1 + h * w * d)
+    s1 = s1.unflatten(1, (groups, -1)).sum(2)  # (N, G)
+    s2 = s2.unflatten(1, (groups, -1)).sum(2)
     mean = s1 / m
     # (clamped: cancellation must never make a near-constant group's variance negative, and
     # its rsqrt NaN)
@@ -334,11 +351,13 @@ def channels_last_group_norm_silu(norm: nn.GroupNorm, x: torch.Tensor,
 
 def _group_norm_by_ops(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
                        eps: float, silu: bool, out_dtype: torch.dtype,
-                       by_channel_sums: bool = False) -> torch.Tensor:
+                       by_channel_sums: bool = False,
+                       offset: torch.Tensor | None = None) -> torch.Tensor:
     """:class:`_ChannelsLastGroupNorm`'s forward, differentiated by autograd: reductions over
     (C/G, H, W) of a view (or over (H, W) per channel, ``by_channel_sums``) and per-channel
-    broadcasts, which keep any layout."""
-    xf, _, _, scale, shift = _normalisation(x, weight, bias, groups, eps, by_channel_sums)
+    broadcasts, which keep any layout (of ``x + offset``: :func:`_normalisation`)."""
+    xf, _, _, scale, shift = _normalisation(x, weight, bias, groups, eps, by_channel_sums,
+                                            offset)
     z = xf * scale + shift
     return (F.silu(z) if silu else z).to(out_dtype)
 
@@ -351,6 +370,33 @@ def autocast_group_norm_dtype(x: torch.Tensor) -> torch.dtype:
             and torch.is_autocast_enabled(x.device.type) and not LOW_PRECISION_GPU_GROUP_NORM):
         return torch.float32
     return x.dtype
+
+
+# Whether a residual block hands its first convolution's bias and time projection (constants
+# per sample and channel) to the next GroupNorm instead of adding them to the convolution's
+# output (:func:`takes_offset`): in the "sums" form they go into the statistics and the shift
+# (:func:`_normalisation`), which saves a pass over that output. Counted on a CPU by
+# inductor's GPU rules (DDPM-CIFAR-10 step, batch 128): 22 fewer extern kernels, 10 more
+# small fused ones, 0.3 GB less (RESULTS.md, "Sixteenth session"); opt-in until timed on a
+# GPU (benchmarks' -gnoff).
+GROUP_NORM_TAKES_OFFSET = False
+
+
+def takes_offset(x: torch.Tensor, norm: nn.GroupNorm) -> bool:
+    """Whether :func:`group_norm_silu_offset` would take an offset without adding it to its
+    input (a compiled channels-last model on a device of
+    :data:`COMPILED_CHANNELS_LAST_GROUP_NORM`, the "sums" form): ``x`` is any tensor of the
+    input's device, layout and spatial size (a block asks before its convolution runs)."""
+    return (GROUP_NORM_TAKES_OFFSET and CHANNELS_LAST_GROUP_NORM_FORM == "sums"
+            and _channels_last_applies(x, norm))
+
+
+def group_norm_silu_offset(norm: nn.GroupNorm, x: torch.Tensor,
+                           offset: torch.Tensor) -> torch.Tensor:
+    """``silu(norm(x + offset))`` for a per-channel ``offset`` (C,) or (N, C), where
+    :func:`takes_offset` said so, without making ``x + offset``."""
+    return _group_norm_by_ops(x, norm.weight, norm.bias, norm.num_groups, norm.eps, True,
+                              autocast_group_norm_dtype(x), True, offset)
 
 
 def _channels_last_applies(x: torch.Tensor, norm: nn.GroupNorm) -> bool:
