@@ -123,7 +123,7 @@ except (OSError, ValueError):  # (a peer with wrong gradients is no candidate)
         open(sys.argv[2]).read(), re.M) if "WRONG" not in bad}
 print(max(rows, key=rows.get) if rows else "difflab")' \
   benchmarks/out/unet_train.json "$OUT/mfu_unet.txt" 2>/dev/null || echo difflab)
-echo "== 3m. fastest compiled: $BEST; the whole loop with it ($(left) s left)"
+echo "== 3m. fastest compiled: $BEST ($(left) s left)"
 # 3m-b. the whole training loop (EMA, clipping, guard) compiled as it ships and, if a variant
 # was faster, with that (its eager configs were measured in the twelfth and thirteenth
 # sessions: 1,296-1,487 img/s, --bf16-weights +4-6 %)
