@@ -73,15 +73,23 @@ def _flaky_run(bad, steps, **kw):
 
 
 def test_lazy_guard_skips_bad_steps_on_the_device():
-    """The sync-free guard (fused AdamW's found_inf, EMA weight 0): NaN steps change nothing."""
-    all_bad = _flaky_run(set(range(1, 10)), 4)
-    assert all_bad.skipped_nonfinite == 4 and all_bad.history == []
-    assert torch.equal(all_bad.raw_model.w.cpu(), torch.full((4,), 2.0))
-    assert torch.equal(all_bad.model.w.cpu(), torch.full((4,), 2.0))  # the EMA copy
-    flaky, clean = _flaky_run({2, 3}, 6), _flaky_run(set(), 4)
-    assert flaky.skipped_nonfinite == 2 and len(flaky.history) == 4
+    """The sync-free guard (fused AdamW's found_inf, EMA weight 0): NaN steps change nothing,
+    and they do not count — max_steps is the number of updates made, the history numbered by
+    them, as with the synced guard (before, a skipped step used up one of max_steps on the
+    GPU and none on the CPU)."""
+    first_bad = _flaky_run(set(range(1, 10)), 2)  # 9 skipped, then two updates
+    assert first_bad.skipped_nonfinite == 9 and first_bad.steps == 2
+    clean = _flaky_run(set(), 2)
+    for name in ("raw_model", "model"):  # the weights and the EMA copy as if never skipped
+        assert torch.equal(getattr(first_bad, name).w, getattr(clean, name).w)
+    flaky, clean = _flaky_run({2, 3, 20}, 24), _flaky_run(set(), 24)  # > 16: two read-backs
+    assert flaky.skipped_nonfinite == 3 and flaky.steps == 24
+    assert [h["step"] for h in flaky.history] == list(range(1, 25))
     assert torch.equal(flaky.raw_model.w, clean.raw_model.w)  # Adam's step count undone too
     assert [h["loss"] for h in flaky.history] == [h["loss"] for h in clean.history]
+    synced = _flaky_run({2, 3, 20}, 24, lazy_guard=False)
+    assert synced.skipped_nonfinite == 3 and synced.history == flaky.history
+    assert torch.equal(synced.raw_model.w, flaky.raw_model.w)
 
 
 def test_lazy_guard_trains_exactly_like_the_synced_guard():

@@ -301,23 +301,33 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
     pending: list[tuple[int, torch.Tensor, dict[str, torch.Tensor]]] = []
 
     def flush() -> None:
-        """Read the lazily kept losses back (one host sync) into ``history``; count skips."""
-        nonlocal skipped, consecutive
+        """Read the lazily kept losses back (one host sync) into ``history``; count skips. A
+        skipped step gives its step back, as with the synced guard: ``step`` counts the updates
+        made (the LR schedule of the steps between a skip and this read-back ran one step
+        ahead per skip)."""
+        nonlocal skipped, consecutive, step
         if not pending:
             return
         keys = list(pending[0][2])
         rows = [[x.float().reshape(()) for x in (ok, *(v[k] for k in keys))]
                 for _, ok, v in pending]
         flat = torch.stack([torch.stack(r) for r in rows]).cpu().tolist()
-        for (st, _, _), (ok, *vals) in zip(pending, flat):
+        done = pending[0][0] - 1  # updates made before these steps
+        for (_, _, _), (ok, *vals) in zip(pending, flat):
             if ok:
-                consecutive = 0
-                history.append({"step": st, **dict(zip(keys, vals))})
+                consecutive, done = 0, done + 1
+                history.append({"step": done, **dict(zip(keys, vals))})
             else:
                 skipped, consecutive = skipped + 1, consecutive + 1
                 if consecutive >= cfg.max_nonfinite:
-                    raise _nonfinite_error(consecutive, st, out_dir)
+                    raise _nonfinite_error(consecutive, done, out_dir)
+        back = step - done
         pending.clear()
+        if back:
+            step = done
+            bar.update(-back)
+            if ema is not None:  # its steps as made (its warm-up counted them on the device)
+                ema.num_updates -= back
         bar.set_postfix(loss=f"{history[-1]['loss']:.4f}" if history else "nan")
 
     def save(final: bool = False) -> None:
@@ -361,7 +371,12 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
                acc.is_main_process), dynamic_ncols=True, leave=False)
     model.train()
     last_save = time.perf_counter()
-    while total is None or step < total:
+    out_of_time = False
+    while True:
+        if total is not None and step >= total:
+            flush()  # lazily kept skips give their steps back: the updates still to make
+            if step >= total or out_of_time:
+                break
         if pos + cfg.batch_size > n:  # new epoch: reshuffle (drop the ragged tail)
             perm, pos = torch.randperm(n, generator=data_gen), 0
             if cfg.batch_size > n:
@@ -427,7 +442,7 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
                 rate_mark = last_mark = (step, now)
             new_total = total
             if elapsed >= budget_s:
-                new_total = step  # hard stop at the budget
+                new_total, out_of_time = step, True  # hard stop at the budget
             elif rate_mark is not None and step >= rate_mark[0] + 5 and (
                     step >= next_calib or now - last_mark[1] >= recal_s
                     or (total is not None and step >= total)):  # about to stop early
