@@ -106,7 +106,7 @@ echo "== 3m. MFU: the CUDA-graph step, difflab vs before and a candidate ($(left
 # (compiles take ~60-125 s each: three fit beside the rest)
 MFU_PEERS=${MFU_PEERS:-difflab-w16,difflab-w16-gnoff,difflab}
 fresh unet_train.json
-timeout "$(cap "${MFU_UNET_S:-350}" 150)" python3 benchmarks/unet_train.py "${MFU[@]}" \
+timeout "$(cap "${MFU_UNET_S:-400}" 150)" python3 benchmarks/unet_train.py "${MFU[@]}" \
   --iters 10 --rounds 3 --modes bf16,bf16-ro \
   --peers "$MFU_PEERS,diffusers" --compile-peers "$MFU_PEERS" 2>&1 | tee "$OUT/mfu_unet.txt"
 cp benchmarks/out/unet_train.json "$OUT/extra/mfu_unet.json" 2>/dev/null
