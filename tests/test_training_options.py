@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from difflab.data import load_dataset
-from difflab.errors import ConfigError, DifflabError
+from difflab.errors import CheckpointError, ConfigError, DifflabError
 from difflab.models.unet import UNet2DModel, UNetConfig
 from difflab.training import TrainConfig, train
 from difflab.training.objectives import DiffusionConfig, DiffusionObjective
@@ -276,3 +276,37 @@ def test_bf16_weights_need_bf16_precision():
                       progress=False)
     with pytest.raises(ConfigError, match="bf16_weights needs bf16"):
         train(task, digits.images[:32], digits.labels[:32], cfg)
+
+
+class _Idle(torch.nn.Module):
+    """A matrix, a bias and a scalar that the loss does not depend on: AdamW's moments stay 0,
+    so only weight decay can move them."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(3, 3))
+        self.b = torch.nn.Parameter(torch.ones(3))
+        self.scale = torch.nn.Parameter(torch.tensor(2.0))
+
+    def training_loss(self, batch, generator=None):
+        return {"loss": 0.0 * (self.w.sum() + self.b.sum() + self.scale)}
+
+
+def test_weight_decay_leaves_biases_gains_and_scalars_alone(tmp_path):
+    """--weight-decay shrinks matrices and kernels, not 1-D or scalar parameters (biases, norm
+    gains, CLIP's logit scale); a checkpoint saved with one parameter group does not resume
+    into two silently."""
+    digits = load_dataset("digits")
+    cfg = TrainConfig(batch_size=8, lr=0.1, warmup_steps=0, lr_schedule="constant",
+                      weight_decay=0.5, max_steps=3, progress=False, channels_last=False)
+    res = train(_Idle(), digits.images[:16], digits.labels[:16], cfg)
+    assert torch.allclose(res.raw_model.w, torch.full((3, 3), (1 - 0.1 * 0.5) ** 3))
+    assert torch.equal(res.raw_model.b, torch.ones(3))
+    assert float(res.raw_model.scale.detach()) == 2.0
+    plain = TrainConfig(batch_size=8, max_steps=2, progress=False, channels_last=False,
+                        checkpoint_every=1)
+    train(_Idle(), digits.images[:16], digits.labels[:16], plain, out_dir=tmp_path)
+    with pytest.raises(CheckpointError, match="parameter group"):
+        train(_Idle(), digits.images[:16], digits.labels[:16],
+              TrainConfig(**{**plain.to_dict(), "weight_decay": 0.1, "max_steps": 4}),
+              out_dir=tmp_path, resume=True)

@@ -195,7 +195,8 @@ class CLIPModel(ModelMixin):
 
         The parameter t itself is clamped to ``logit_scale_max`` first (OpenCLIP's rule, done
         here after the previous update): clamped only inside :meth:`scale`, an AdamW step past
-        the cap would leave t where its gradient is 0, stuck until weight decay pulls it back."""
+        the cap would leave t where its gradient is 0, stuck there (the training loop's weight
+        decay leaves scalars alone)."""
         with torch.no_grad():
             self.logit_scale.clamp_(max=self.config.logit_scale_max)
         ids = batch["input_ids"]

@@ -27,6 +27,7 @@ from difflab.io import (
     replace_dir,
     save_tensors,
 )
+from difflab.errors import CheckpointError
 from difflab.training.ema import EMA
 
 _TENSOR_KEYS = ("perm", "gen", "data_gen", "torch_rng")
@@ -103,8 +104,14 @@ def load_training_state(folder: Path, task: nn.Module, opt: torch.optim.Optimize
         load_state_dict_into(ema.model, load_tensors(folder / "ema.safetensors"),
                              str(folder / "ema.safetensors"))
         ema.num_updates = int(meta.get("ema_num_updates", 0))
+    saved_groups = meta.pop("optimizer_param_groups")
+    if len(saved_groups) != len(getattr(opt, "optimizer", opt).param_groups):
+        raise CheckpointError(
+            f"{folder}/optimizer.safetensors: {len(saved_groups)} parameter group(s), this run "
+            f"has {len(getattr(opt, 'optimizer', opt).param_groups)} (a checkpoint from before "
+            "weight decay left biases and norm gains alone); continue without --resume")
     opt.load_state_dict(_unflatten_optimizer(load_tensors(folder / "optimizer.safetensors"),
-                                             meta.pop("optimizer_param_groups")))
+                                             saved_groups))
     _match_param_layout(opt)
     meta.update(load_tensors(folder / "training_state.safetensors"))
     return meta

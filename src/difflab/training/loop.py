@@ -50,7 +50,7 @@ from difflab.training.precision import BF16Weights
 class TrainConfig(Config):
     batch_size: int = 128  # global batch size (split across processes)
     lr: float = 1e-3  # peak learning rate of AdamW
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    weight_decay: float = 0.0  # AdamW decoupled weight decay, of ≥ 2-D parameters only
     betas: tuple[float, float] = (0.9, 0.99)  # AdamW betas (β2 = 0.99 adapts faster in short runs)
     warmup_steps: int = 100  # linear LR warm-up from 0
     lr_schedule: str = "cosine"  # cosine (to min_lr_ratio·lr) | constant after warm-up
@@ -255,7 +255,14 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
     params = [p for p in float_params or task.parameters() if p.requires_grad]
     # Fused AdamW (one kernel over all tensors; on CPU too, ~2.5× faster than the per-tensor
     # loop for the small U-Net); the lazy guard also needs it for its found_inf input.
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas),
+    # Weight decay (if any) on matrices and kernels only: not on biases, norm gains or scalars
+    # such as CLIP's logit scale (decaying those pulls a LayerNorm's gain and the temperature
+    # towards 0 for no regularising gain; the usual practice since BERT and CLIP).
+    groups: list[dict[str, Any]] | list[torch.Tensor] = params
+    if cfg.weight_decay:
+        groups = [{"params": [p for p in params if p.ndim >= 2]},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas),
                             weight_decay=cfg.weight_decay, fused=True)
     # the module as the optimizer sees it: float32 (with bf16 weights: the masters in place)
     floats = w16.masters_in if w16 is not None else contextlib.nullcontext
