@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from difflab.errors import CheckpointError
 from difflab.io import (
     atomic_write_json,
     fault_point,
@@ -27,7 +28,6 @@ from difflab.io import (
     replace_dir,
     save_tensors,
 )
-from difflab.errors import CheckpointError
 from difflab.training.ema import EMA
 
 _TENSOR_KEYS = ("perm", "gen", "data_gen", "torch_rng")
