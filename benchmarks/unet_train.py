@@ -111,7 +111,11 @@ def make_step(model: torch.nn.Module, batch: int, cfg: UNetConfig, device: torch
     if channels_last:
         x0 = x0.contiguous(memory_format=torch.channels_last)
     t = torch.randint(0, 1000, (batch,), device=device, generator=g)
-    noise = torch.randn_like(x0)
+    # (drawn like x0, then laid out: randn_like would fill a channels-last tensor in memory
+    # order, other noise at each position than an NCHW peer's)
+    noise = torch.randn(x0.shape, device=device, generator=g)
+    if channels_last:
+        noise = noise.contiguous(memory_format=torch.channels_last)
 
     def forward_backward() -> None:
         if graphs:
@@ -249,9 +253,10 @@ def reference_grads(cfg: UNetConfig, batch: int, device: torch.device, base: str
 def exact_kernels():
     """cuDNN off (PyTorch's own convolutions, im2col + matrix products) and TF32 off: a float32
     reference that does not rest on cuDNN's kernels, reported far off on H100s
-    (pytorch/pytorch#150700; the thirteenth session's 5.4 %, blamed on it, was other dropout
-    masks: PROBE_SEED; its NCHW 48 % has not been measured again). On the sixteenth session's
-    H100 cuDNN's float32 gradients were 0.1 % from this reference. Nothing changes on a CPU."""
+    (pytorch/pytorch#150700; the thirteenth session's 5.4 % and NCHW 48 %, blamed on it, were
+    other dropout masks and noise: PROBE_SEED, :func:`reference_name`). On the sixteenth
+    session's H100 cuDNN's float32 gradients were 0.1 % from this reference. Nothing changes
+    on a CPU."""
     matmul = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -259,6 +264,17 @@ def exact_kernels():
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
+def reference_name(peer: str, mode: str) -> str:
+    """The model a peer's gradients are checked against: its base (difflab or diffusers) in
+    the peer's memory layout — dropout draws its masks in memory order, so an NCHW and a
+    channels-last run drop other activations."""
+    v = parse_variant(peer)
+    channels_last = v.channels_last or "-cl" in mode
+    if channels_last == parse_variant(v.base).channels_last:
+        return v.base
+    return v.base + ("-nchw" if v.base == "difflab" else "-cl")
 
 
 class GradientCheck:
@@ -306,7 +322,7 @@ class GradientCheck:
 
     def __call__(self, peer: str, mode: str, grads: dict[str, torch.Tensor]) -> float:
         """The error of ``grads``; a wrong peer's furthest-off tensors are printed."""
-        want = self.reference(parse_variant(peer).base)
+        want = self.reference(reference_name(peer, mode))
         err = grad_error(grads, want)
         if grads_wrong(err, self.tolerance(mode)):  # which tensors, for the diagnosis
             print(f"{mode} {peer}: gradients furthest off: " + ", ".join(

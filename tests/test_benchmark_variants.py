@@ -365,3 +365,17 @@ def test_gradient_probes_drop_the_same_activations_whatever_ran_before():
     assert check.tolerance("fp32-compile") == pytest.approx(max(0.05, 1.5 * grad_error(
         reference_grads(cfg, 4, cpu, seed=1235), want)))
     assert GradientCheck(CFG, 4, cpu).tolerance("fp32-compile") == 0.05  # no dropout: no noise
+    # an NCHW peer drops other activations than a channels-last one (masks in memory order),
+    # so it is checked against the same model in its own layout, on the same noise
+    from unet_train import reference_name
+
+    assert [reference_name(p, m) for p, m in (
+        ("difflab-nchw", "fp32"), ("difflab-fold", "bf16"), ("diffusers", "bf16"),
+        ("diffusers-cl", "fp32"), ("diffusers", "bf16-cl"), ("difflab-nchw", "bf16-cl"))] == [
+        "difflab-nchw", "difflab", "diffusers", "diffusers-cl", "diffusers-cl", "difflab"]
+    torch.manual_seed(0)
+    nchw = parse_variant("difflab-nchw")
+    step, _ = make_step(off_zero_init(nchw.build(cfg, "cpu")), 4, cfg, cpu, "fp32", nchw)
+    grads = step.probe()
+    assert check("difflab-nchw", "fp32", grads) < 1e-5  # (was 0.46: other masks, other noise)
+    assert grad_error(grads, want) > 0.02  # against the channels-last model's masks
