@@ -97,8 +97,8 @@ if want mfu; then  # the matmul-rate goal (issue 5), sized to fit one call with 
 # with bf16 weight copies kept between steps (-w16, --bf16-weights: 7,323 img/s, 34.4 %;
 # before the sixteenth, -gnops-w16, 6,813 in the same run) and without, and a candidate:
 # -gnoff, conv1's bias and time projection handed to the sums-form GroupNorm (22 fewer
-# extern kernels, 0.3 GB less by a CPU count); suffixes in benchmarks/_common.py. Eager bf16 first (the peers, diffusers: the 1.5×
-# reference). Each peer's gradients are checked against eager float32 of its own model
+# extern kernels, 0.3 GB less by a CPU count); suffixes in benchmarks/_common.py. Eager
+# bf16 first (the peers, diffusers: the 1.5× reference). Each peer's gradients are checked against eager float32 of its own model
 # (tolerance: 1.5× what a right peer's error is anyway: eager bf16's rounding, for a compiled
 # peer other dropout masks), then it is timed at once (printed: a cut-off run keeps those);
 # one that fails to compile is dropped; then all are timed interleaved.

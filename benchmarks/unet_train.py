@@ -85,6 +85,11 @@ def check_mode(mode: str) -> str:
     return mode
 
 
+def is_compiled(mode: str) -> bool:
+    """Whether a :func:`check_mode` mode runs torch.compile (-compile, or -ro with CUDA graphs)."""
+    return mode.endswith(("-compile", "-ro"))
+
+
 def make_step(model: torch.nn.Module, batch: int, cfg: UNetConfig, device: torch.device,
               mode: str, variant: Variant):
     """One training step of ``model`` (built by ``variant``) in ``mode``, with the variant's
@@ -102,7 +107,7 @@ def make_step(model: torch.nn.Module, batch: int, cfg: UNetConfig, device: torch
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)  # both peers alike
     fwd = model
     graphs = mode.endswith("-ro")
-    if "compile" in mode or graphs:
+    if is_compiled(mode):
         fwd = torch.compile(model, **compile_kwargs("reduce-overhead" if graphs else "default",
                                                     variant.inductor_options(device.type)))
     g = torch.Generator(device=device).manual_seed(0)
@@ -307,7 +312,7 @@ class GradientCheck:
 
     def tolerance(self, mode: str) -> float:
         key = ("bf16" if mode.startswith("bf16") else "fp32",
-               self.cfg.dropout > 0 and ("compile" in mode or mode.endswith("-ro")))
+               self.cfg.dropout > 0 and is_compiled(mode))
         if key not in self.floors:
             precision, other_masks = key
             own = reference_grads(self.cfg, self.batch, self.device, "difflab", precision,
@@ -393,7 +398,7 @@ def main() -> None:
         ceiling = peak["bf16" if mode.startswith("bf16") else "fp32"]
         steps = {}
         for peer in args.peers.split(","):
-            if ("compile" in mode or mode.endswith("-ro")) and \
+            if is_compiled(mode) and \
                     peer not in args.compile_peers.split(","):
                 continue
             torch.manual_seed(0)

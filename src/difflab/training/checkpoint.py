@@ -105,11 +105,13 @@ def load_training_state(folder: Path, task: nn.Module, opt: torch.optim.Optimize
                              str(folder / "ema.safetensors"))
         ema.num_updates = int(meta.get("ema_num_updates", 0))
     saved_groups = meta.pop("optimizer_param_groups")
-    if len(saved_groups) != len(getattr(opt, "optimizer", opt).param_groups):
+    groups = len(getattr(opt, "optimizer", opt).param_groups)
+    if len(saved_groups) != groups:
         raise CheckpointError(
             f"{folder}/optimizer.safetensors: {len(saved_groups)} parameter group(s), this run "
-            f"has {len(getattr(opt, 'optimizer', opt).param_groups)} (a checkpoint from before "
-            "weight decay left biases and norm gains alone); continue without --resume")
+            f"has {groups} (weight decay switched on or off, or a checkpoint from before weight "
+            "decay left biases and norm gains alone); resume with the run's own settings or "
+            "train without --resume")
     opt.load_state_dict(_unflatten_optimizer(load_tensors(folder / "optimizer.safetensors"),
                                              saved_groups))
     _match_param_layout(opt)

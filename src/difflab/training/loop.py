@@ -320,7 +320,7 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
                 for _, ok, v in pending]
         flat = torch.stack([torch.stack(r) for r in rows]).cpu().tolist()
         done = pending[0][0] - 1  # updates made before these steps
-        for (_, _, _), (ok, *vals) in zip(pending, flat):
+        for ok, *vals in flat:
             if ok:
                 consecutive, done = 0, done + 1
                 history.append({"step": done, **dict(zip(keys, vals))})
