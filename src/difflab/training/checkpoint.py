@@ -39,7 +39,10 @@ def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     for idx, st in sd["state"].items():
         for k, v in st.items():
             tensors[f"{idx}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    return tensors, sd["param_groups"]
+    # (the lazy guard's LR is a device tensor: a number in state.json; the loop sets it anew)
+    groups = [{k: float(v) if torch.is_tensor(v) else v for k, v in g.items()}
+              for g in sd["param_groups"]]
+    return tensors, groups
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list) -> dict[str, Any]:

@@ -163,12 +163,22 @@ def _compile_networks(task: nn.Module, mode: str, device_type: str = "cpu") -> N
 
 def lr_factor(step: int, cfg: TrainConfig, total: int) -> float:
     """Warm-up then cosine (or constant) multiplier of the peak LR at optimiser step ``step``."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+    return float(_lr_factor(torch.tensor(float(step), dtype=torch.float64), cfg, total))
+
+
+def _lr_factor(step: torch.Tensor, cfg: TrainConfig, total: int) -> torch.Tensor:
+    """:func:`lr_factor` of a float64 tensor ``step`` on any device, in tensor operations (no
+    host sync): the lazy guard's LR from its device count of the updates made. The host's
+    schedule goes through here too, so that both round alike."""
+    one = torch.ones_like(step)
     if cfg.lr_schedule == "constant" or total <= cfg.warmup_steps:
-        return 1.0
-    p = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+        after = one
+    else:
+        p = ((step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)).clamp(max=1.0)
+        after = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + torch.cos(math.pi * p))
+    if not cfg.warmup_steps:
+        return after
+    return torch.where(step < cfg.warmup_steps, (step + 1) / cfg.warmup_steps, after)
 
 
 def train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, *,
@@ -306,12 +316,17 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
             raise CheckpointError(f"{out_dir}/checkpoint/state.json: no {e} entry") from None
 
     pending: list[tuple[int, torch.Tensor, dict[str, torch.Tensor]]] = []
+    # The lazy guard's count of updates made (float64, on the device; ``step`` is the host's
+    # count of steps taken until a read-back gives the skipped ones back), and the dtype of the
+    # LR tensor fused AdamW takes: float32 on a GPU (its kernel reads a float), float64
+    # elsewhere (the same rounding as a Python float LR).
+    made: torch.Tensor | None = None
+    lr_dtype = torch.float32 if dev.type == "cuda" else torch.float64
 
     def flush() -> None:
         """Read the lazily kept losses back (one host sync) into ``history``; count skips. A
         skipped step gives its step back, as with the synced guard: ``step`` counts the updates
-        made (the LR schedule of the steps between a skip and this read-back ran one step
-        ahead per skip)."""
+        made (as ``made`` did on the device, which gave those steps their LR)."""
         nonlocal skipped, consecutive, step
         if not pending:
             return
@@ -393,8 +408,14 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
         batch = {"images": images[idx], "labels": labels[idx]}
         if channels_last:
             batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
+        if lazy:  # the LR of the updates made so far, counted on the device
+            if made is None:
+                made = torch.tensor(float(step), dtype=torch.float64, device=dev)
+            lr = (cfg.lr * _lr_factor(made, cfg, total or 10**9)).to(lr_dtype)
+        else:
+            lr = cfg.lr * lr_factor(step, cfg, total or 10**9)
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * lr_factor(step, cfg, total or 10**9)
+            g["lr"] = lr
         if cfg.compile == "reduce-overhead":  # a new CUDA-graph step: earlier outputs are done
             torch.compiler.cudagraph_mark_step_begin()
         try:
@@ -420,6 +441,7 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
             ok = (torch.isfinite(loss) & torch.isfinite(gnorm)).reshape(())
             getattr(opt, "optimizer", opt).found_inf = (~ok).float()
             update(weight=ok)
+            made += ok
             step += 1
             pending.append((step, ok, {k: v.detach().float() for k, v in logs.items()}))
             if len(pending) >= 16:
