@@ -95,16 +95,19 @@ if want mfu; then  # the matmul-rate goal (issue 5), sized to fit one call with 
 # projections in one product, their stacked weights concatenated by one kernel:
 # max_pointwise_cat_inputs=32; the sixteenth's: GroupNorm statistics from per-channel sums),
 # with bf16 weight copies kept between steps (-w16, --bf16-weights: 7,323 img/s, 34.4 %;
-# before the sixteenth, -gnops-w16, 6,813 in the same run) and without, and a candidate:
-# -gnoff, conv1's bias and time projection handed to the sums-form GroupNorm (22 fewer
-# extern kernels, 0.3 GB less by a CPU count); suffixes in benchmarks/_common.py. Eager
+# before the sixteenth, -gnops-w16, 6,813 in the same run), and candidates: -gnoff, conv1's
+# bias and time projection handed to the sums-form GroupNorm (22 fewer extern kernels, 0.3 GB
+# less by a CPU count), and it with cuDNN's algorithm search (-bench: nothing under CUDA
+# graphs in the seventh session's 30 ms step; the profile of the 19 ms step has 26 cuDNN
+# workspace-zeroing kernels, 0.28 ms, that other algorithms may not need); suffixes in
+# benchmarks/_common.py. Eager
 # bf16 first (the peers, diffusers: the 1.5× reference). Each peer's gradients are checked against eager float32 of its own model
 # (tolerance: 1.5× what a right peer's error is anyway: eager bf16's rounding, for a compiled
 # peer other dropout masks), then it is timed at once (printed: a cut-off run keeps those);
 # one that fails to compile is dropped; then all are timed interleaved.
 echo "== 3m. MFU: the CUDA-graph step, difflab vs before and a candidate ($(left) s left)"
 # (compiles take ~60-125 s each: three fit beside the rest)
-MFU_PEERS=${MFU_PEERS:-difflab-w16,difflab-w16-gnoff,difflab}
+MFU_PEERS=${MFU_PEERS:-difflab-w16,difflab-w16-gnoff,difflab-w16-gnoff-bench}
 fresh unet_train.json
 timeout "$(cap "${MFU_UNET_S:-400}" 150)" python3 benchmarks/unet_train.py "${MFU[@]}" \
   --iters 10 --rounds 3 --modes bf16,bf16-ro \
