@@ -95,6 +95,19 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(110, cfg, 110) == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("warmup,schedule", [(0, "cosine"), (10, "cosine"), (10, "constant"),
+                                             (0, "constant")])
+def test_lr_schedule_of_a_device_count_rounds_as_the_hosts(warmup, schedule):
+    """The lazy guard's LR comes from a float64 tensor step (no host sync): the same value,
+    bit for bit, as the host's from an int."""
+    cfg = _cfg(warmup_steps=warmup, lr_schedule=schedule, min_lr_ratio=0.05)
+    for step in (0, 1, 9, 10, 11, 37, 55, 109, 110, 200):
+        host = lr_factor(step, cfg, 110)
+        device = lr_factor(torch.tensor(float(step), dtype=torch.float64), cfg, 110)
+        assert float(device) == host, step
+        assert 0.05 <= host <= 1.0
+
+
 def test_training_lowers_the_loss(digits):
     res = train(_task(), digits.images, digits.labels, _cfg(max_steps=60, lr=3e-3))
     first = sum(h["loss"] for h in res.history[:10]) / 10

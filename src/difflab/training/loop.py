@@ -161,24 +161,24 @@ def _compile_networks(task: nn.Module, mode: str, device_type: str = "cpu") -> N
             child.compile(**kwargs)
 
 
-def lr_factor(step: int, cfg: TrainConfig, total: int) -> float:
-    """Warm-up then cosine (or constant) multiplier of the peak LR at optimiser step ``step``."""
-    return float(_lr_factor(torch.tensor(float(step), dtype=torch.float64), cfg, total))
-
-
-def _lr_factor(step: torch.Tensor, cfg: TrainConfig, total: int) -> torch.Tensor:
-    """:func:`lr_factor` of a float64 tensor ``step`` on any device, in tensor operations (no
-    host sync): the lazy guard's LR from its device count of the updates made. The host's
-    schedule goes through here too, so that both round alike."""
-    one = torch.ones_like(step)
+def lr_factor(step: int | torch.Tensor, cfg: TrainConfig, total: int) -> float | torch.Tensor:
+    """Warm-up then cosine (or constant) multiplier of the peak LR at optimiser step ``step``:
+    an int, or a float64 tensor on any device (the lazy guard's count of the updates made, no
+    host sync), with the same arithmetic in the same order, so that both round alike."""
+    tensor = torch.is_tensor(step)
     if cfg.lr_schedule == "constant" or total <= cfg.warmup_steps:
-        after = one
+        after = 1.0
     else:
-        p = ((step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)).clamp(max=1.0)
-        after = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + torch.cos(math.pi * p))
+        p = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        p = p.clamp(max=1.0) if tensor else min(1.0, p)
+        cos = (torch.cos if tensor else math.cos)(math.pi * p)
+        after = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + cos)
     if not cfg.warmup_steps:
         return after
-    return torch.where(step < cfg.warmup_steps, (step + 1) / cfg.warmup_steps, after)
+    warm = (step + 1) / cfg.warmup_steps
+    if tensor:
+        return torch.where(step < cfg.warmup_steps, warm, after)
+    return warm if step < cfg.warmup_steps else after
 
 
 def train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, *,
@@ -411,7 +411,8 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
         if lazy:  # the LR of the updates made so far, counted on the device
             if made is None:
                 made = torch.tensor(float(step), dtype=torch.float64, device=dev)
-            lr = (cfg.lr * _lr_factor(made, cfg, total or 10**9)).to(lr_dtype)
+            lr = torch.as_tensor(cfg.lr * lr_factor(made, cfg, total or 10**9),
+                                 dtype=lr_dtype, device=dev)
         else:
             lr = cfg.lr * lr_factor(step, cfg, total or 10**9)
         for g in opt.param_groups:
