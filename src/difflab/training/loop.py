@@ -167,7 +167,7 @@ def lr_factor(step: int | torch.Tensor, cfg: TrainConfig, total: int) -> float |
     host sync), with the same arithmetic in the same order, so that both round alike."""
     tensor = torch.is_tensor(step)
     if cfg.lr_schedule == "constant" or total <= cfg.warmup_steps:
-        after = 1.0
+        after = torch.ones_like(step) if tensor else 1.0  # (a tensor stays on its device)
     else:
         p = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
         p = p.clamp(max=1.0) if tensor else min(1.0, p)
@@ -411,8 +411,7 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
         if lazy:  # the LR of the updates made so far, counted on the device
             if made is None:
                 made = torch.tensor(float(step), dtype=torch.float64, device=dev)
-            lr = torch.as_tensor(cfg.lr * lr_factor(made, cfg, total or 10**9),
-                                 dtype=lr_dtype, device=dev)
+            lr = (cfg.lr * lr_factor(made, cfg, total or 10**9)).to(lr_dtype)
         else:
             lr = cfg.lr * lr_factor(step, cfg, total or 10**9)
         for g in opt.param_groups:
