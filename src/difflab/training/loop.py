@@ -321,6 +321,7 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
     # LR tensor fused AdamW takes: float32 on a GPU (its kernel reads a float), float64
     # elsewhere (the same rounding as a Python float LR).
     made: torch.Tensor | None = None
+    perm_on_dev: tuple[torch.Tensor, torch.Tensor] | None = None  # (perm, its copy on dev)
     lr_dtype = torch.float32 if dev.type == "cuda" else torch.float64
 
     def flush() -> None:
@@ -403,7 +404,10 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
             perm, pos = torch.randperm(n, generator=data_gen), 0
             if cfg.batch_size > n:
                 perm = perm.repeat(math.ceil(cfg.batch_size / n))
-        idx = perm[pos + rank * local_bs: pos + (rank + 1) * local_bs].to(dev)
+        if perm_on_dev is None or perm_on_dev[0] is not perm:  # once per epoch and resume
+            perm_on_dev = (perm, perm.to(dev))
+        # (sliced on the device: a host-to-GPU copy per step would wait for the GPU each step)
+        idx = perm_on_dev[1][pos + rank * local_bs: pos + (rank + 1) * local_bs]
         pos += cfg.batch_size
         batch = {"images": images[idx], "labels": labels[idx]}
         if channels_last:
