@@ -324,3 +324,64 @@ def test_weight_decay_leaves_biases_gains_and_scalars_alone(tmp_path):
         train(_Idle(), digits.images[:16], digits.labels[:16],
               TrainConfig(**{**plain.to_dict(), "weight_decay": 0.1, "max_steps": 4}),
               out_dir=tmp_path, resume=True)
+
+
+def _ema_pair(dtype2=torch.float32):
+    from difflab.training.ema import EMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(2, 8),
+                                torch.nn.Conv2d(8, 4, 1)).to(memory_format=torch.channels_last)
+    model[1].to(dtype2)
+    return model, EMA(model, decay=0.9)
+
+
+def test_ema_copy_is_one_flat_buffer_and_a_device_weighted_step_matches_the_scalar_one():
+    """The EMA copy's parameters are views of one buffer in their own layouts; a step with a
+    0/1 device weight (the lazy guard's) is one lerp over it and gives the scalar step's bits;
+    weight 0 leaves the copy exactly as it was."""
+    from difflab.training.ema import EMA
+
+    model, flat = _ema_pair()
+    _, plain = _ema_pair()
+    ema_w = list(flat.model.parameters())
+    assert flat._flat is not None and flat._flat.numel() == sum(p.numel() for p in ema_w)
+    assert all(p.untyped_storage().data_ptr() == flat._flat.untyped_storage().data_ptr()
+               for p in ema_w)
+    assert ema_w[0].is_contiguous(memory_format=torch.channels_last)
+    for step in range(12):  # through the warm-up (its weights ≥ 0.5 use lerp's other form)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        before = [p.clone() for p in flat.model.parameters()]
+        ok = torch.tensor(step != 4)
+        assert flat._flat_matches(ema_w, [p.detach() for p in model.parameters()])
+        flat.update(model, weight=ok)
+        if step == 4:  # skipped: unchanged, bit for bit
+            assert all(torch.equal(a, b) for a, b in zip(before, flat.model.parameters()))
+            plain.update(model, weight=ok)
+            continue
+        plain.num_updates = flat._made.item() - 1  # the scalar step at the same warm-up count
+        plain._made = None
+        EMA.update(plain, model)
+        for a, b in zip(flat.model.parameters(), plain.model.parameters()):
+            assert torch.equal(a, b)
+    sd = flat.state_dict()  # views of one buffer save and load as separate tensors
+    assert sd["0.weight"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_ema_falls_back_per_tensor_when_the_buffer_cannot_hold_them():
+    """Mixed dtypes: no flat buffer; a parameter replaced from outside: the copy is updated
+    per tensor, the replaced one included (never a stale buffer)."""
+    model, mixed = _ema_pair(torch.float64)
+    assert mixed._flat is None
+    mixed.update(model, weight=torch.tensor(True))
+    model, ema = _ema_pair()
+    ema.model[2].weight.data = ema.model[2].weight.data.clone()  # no longer in the buffer
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model, weight=torch.tensor(True))
+    want = 1.0 - 1 / 10  # the first step's weight 1 − d₀, d₀ = 1/10
+    for p_ema, p in zip(ema.model.parameters(), model.parameters()):
+        assert torch.allclose(p_ema, (p - 1.0) + want, atol=1e-6)
