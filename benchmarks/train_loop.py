@@ -5,8 +5,8 @@
 
 Runs the real loop (Accelerate, AdamW, EMA, gradient clipping, the non-finite guard, LR
 schedule) on synthetic data of the preset's shape (small: 1×28×28, ddpm-cifar10: 3×32×32)
-with the ε objective and reports the steady-state images/s over the last half of the steps
-(the first steps compile and select kernels). Set
+with the ε objective and reports the steady-state images/s from a step about half-way (the
+first steps compile and select kernels; :func:`steady_start`) to the end of the run. Set
 against ``unet_train.py``'s bare-step numbers this shows what the loop costs. Writes
 benchmarks/out/train_loop.json.
 """
@@ -37,7 +37,8 @@ from difflab.training.objectives import DiffusionConfig, DiffusionObjective  # n
 
 
 class _Timed(DiffusionObjective):
-    """The ε objective, stamping the wall clock at every call (the loop syncs once per step)."""
+    """The ε objective, stamping the wall clock at every call (when the host starts a step;
+    on a GPU it may be steps ahead of the device, except right after a read-back)."""
 
     stamps: list[float]
 
@@ -53,6 +54,15 @@ def loop_variant(config: str) -> Variant:
     """The model variant a config names beside the loop's own parts (ValueError if unknown)."""
     rest = [p for p in config.split("-") if p not in _LOOP_PARTS]
     return parse_variant("-".join(["difflab", *rest]))
+
+
+def steady_start(steps: int) -> int:
+    """The step whose start the steady-state rate is timed from, to the end of the run: the
+    last read-back at or before half the steps (the host has just waited for the GPU there;
+    from an arbitrary step's start, with the sync-free guard, the host's lead over the device
+    would count as speed), the middle step when there is none after the first steps."""
+    k = steps // 2 // loop.READ_BACK_STEPS * loop.READ_BACK_STEPS
+    return k if k else steps // 2
 
 
 def run(cfg: UNetConfig, batch: int, steps: int, config: str, device: str) -> dict:
@@ -81,10 +91,11 @@ def run(cfg: UNetConfig, batch: int, steps: int, config: str, device: str) -> di
                      bf16_weights="w16" in variant.flags)
     t0 = time.perf_counter()
     train(task, images, labels, tc)
-    total = time.perf_counter() - t0
+    end = time.perf_counter()  # (the loop's last read-back waited for the device)
+    total = end - t0
     s = task.stamps
-    half = len(s) // 2
-    steady = (len(s) - 1 - half) / (s[-1] - s[half])
+    start = steady_start(len(s))
+    steady = (len(s) - start) / (end - s[start])
     return {"config": config, "steps": steps, "img/s (steady)": steady * batch,
             "first-step s": s[1] - s[0] if len(s) > 1 else None, "total s": total,
             "device": device}

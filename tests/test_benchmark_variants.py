@@ -56,6 +56,17 @@ def test_train_loop_configs_name_the_same_variants():
         loop_variant("bf16-r06")
 
 
+def test_train_loop_times_from_a_read_back():
+    """With the sync-free guard the host runs ahead of the GPU between read-backs: the steady
+    rate is timed from the start of the step after one (at or before half the run)."""
+    from train_loop import steady_start
+
+    from difflab.training import loop
+
+    assert loop.READ_BACK_STEPS == 16
+    assert [steady_start(n) for n in (60, 40, 100, 20, 8)] == [16, 16, 48, 10, 4]
+
+
 def test_fold_is_set_per_model_and_switches_per_call(monkeypatch):
     """Each peer starts from what difflab ships for the device (CUDA: the layout-keeping
     GroupNorm in plain operators and the folded upsampling when compiled) and its suffixes

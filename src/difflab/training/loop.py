@@ -122,6 +122,8 @@ class TrainResult:
 
 COMPILE_MODES = ("no", "default", "reduce-overhead", "max-autotune")
 MIXED_PRECISIONS = ("no", "bf16", "fp16", "auto")
+# The sync-free guard reads its losses back (the host waits for the GPU) every this many steps.
+READ_BACK_STEPS = 16
 
 
 # Inductor settings added to every ``--compile`` mode, by device type (others: inductor's own).
@@ -448,7 +450,7 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
             made += ok
             step += 1
             pending.append((step, ok, {k: v.detach().float() for k, v in logs.items()}))
-            if len(pending) >= 16:
+            if len(pending) >= READ_BACK_STEPS:
                 flush()
             bar.update(1)
         else:
