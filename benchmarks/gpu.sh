@@ -11,23 +11,23 @@
 #     part "mfu" (not in the default PARTS, ~8 min, one call with part mfuprof:
 #     PARTS=mfu,mfuprof MFU_LOOP_S=0, timeout_s=590): the CUDA-graph step of difflab as it
 #     ships with bf16 weights (-w16; since the sixteenth session the GroupNorm statistics from
-#     per-channel sums: 7,323 img/s, 34.4 % on an H100), without them, and a candidate
-#     (-w16-gnoff), each one's gradients checked against eager float32 first, and eager
+#     per-channel sums: 7,323 img/s, 34.4 % on an H100) and candidates (-w16-gnoff,
+#     -w16-gnoff-bench), each one's gradients checked against eager float32 first, and eager
 #     diffusers; then the whole loop (MFU_LOOP_S=0 skips it) and the CUDA test of the shipped
 #     compiled model against eager PyTorch — the measurements for the matmul-rate goal;
 #     part "mfuprof" (~2 min; in the same call it profiles part mfu's fastest): the kernel
 #     profile;
 #     part "gncl" (~3 min): why the compiled layout-keeping GroupNorm's gradients were wrong on
 #     an H100 (tests/test_cuda.py, narrowed down by op, block, form and inductor setting);
-#  4. train_loop.py: difflab's whole training loop (EMA, clipping, guard) on the same preset,
-#     with and without --deterministic (what repeatable kernels cost), and CUDA graphs as it
-#     ships and as before the thirteenth session's CUDA defaults (bf16-ro-gnpt-nofold-rr4-tpsplit-pc8);
+#  4. train_loop.py: difflab's whole training loop (EMA, clipping, guard, LR schedule) on the
+#     same preset: eager bf16 (train ddpm's GPU default), with bf16 weights, and compiled with
+#     CUDA graphs; with .before/src carried, an earlier difflab's loop first (before/after);
 #  5. the training tests, whose loop then runs on CUDA.  PARTS=sampling,loop,... picks parts;
 #     with the race in PARTS and TESTS_BESIDE_RACE=1 they run beside it (they time nothing).
 #  6. (not in the default PARTS; ~6 min; ran in the seventh session) the quality race replayed:
 #     each contestant trains the steps its 20-minute CPU budget reached, then 5,000 samples each are
 #     scored (quality_race.py --replay-steps; RACE_STEPS overrides the step counts).
-# Carried (git-ignored) folders: .whl (diffusers wheels), .gpu/ckpt (a `difflab train ddpm`
+# Carried (git-ignored) folders: .whl (diffusers wheels), .before/src (part 4), .gpu/ckpt (a `difflab train ddpm`
 # run's model folder), .gpu/data/fashion-mnist (IDX files), .gpu/cache (the feature
 # classifier). Wheels are made with
 #   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
@@ -183,9 +183,23 @@ fi
 
 if want loop; then
 echo "== 4. difflab's whole training loop ($(left) s left)"
+# With .before/src carried (an earlier difflab's src/, made here by
+# `mkdir -p .before && git archive REV src | tar -x -C .before`, .before in
+# .git/info/exclude and in carry): that loop first, then today's, same configs: the
+# before/after of a change to the loop (the U-Net's code being the same, inductor's on-disk
+# cache makes the second compile short). Eager bf16 is what `difflab train ddpm` runs on a GPU
+# by default; -ro-w16 is --compile reduce-overhead --bf16-weights.
+LOOP_CONFIGS=${LOOP_CONFIGS:-bf16,bf16-w16,bf16-ro-w16}
+LOOP_ARGS=(--preset ddpm-cifar10 --batch 128 --steps 80 --configs "$LOOP_CONFIGS")
+if [ -d .before/src ]; then
+  fresh train_loop.json
+  PYTHONPATH="$PWD/.before/src:$PYTHONPATH" timeout "$(cap "${LOOP_BEFORE_S:-240}" 120)" \
+    python3 benchmarks/train_loop.py "${LOOP_ARGS[@]}" 2>&1 | tee "$OUT/train_loop_before.txt"
+  cp benchmarks/out/train_loop.json "$OUT/extra/train_loop_before.json" 2>/dev/null
+fi
 fresh train_loop.json
-timeout "$(rest 60)" python3 benchmarks/train_loop.py --preset ddpm-cifar10 \
-  --batch 128 --steps 60 --configs ${LOOP_CONFIGS:-bf16,bf16-ro,bf16-ro-gnpt-nofold-rr4-tpsplit-pc8,bf16-det,bf16-ro-det} 2>&1 | tee "$OUT/train_loop.txt"
+timeout "$(rest 60)" python3 benchmarks/train_loop.py "${LOOP_ARGS[@]}" 2>&1 \
+  | tee "$OUT/train_loop.txt"
 cp benchmarks/out/train_loop.json "$OUT/extra/" 2>/dev/null
 fi
 

@@ -61,7 +61,8 @@ def steady_start(steps: int) -> int:
     last read-back at or before half the steps (the host has just waited for the GPU there;
     from an arbitrary step's start, with the sync-free guard, the host's lead over the device
     would count as speed), the middle step when there is none after the first steps."""
-    k = steps // 2 // loop.READ_BACK_STEPS * loop.READ_BACK_STEPS
+    every = getattr(loop, "READ_BACK_STEPS", 16)  # (16 before it had a name: gpu.sh's loop17)
+    k = steps // 2 // every * every
     return k if k else steps // 2
 
 
