@@ -188,8 +188,10 @@ echo "== 4. difflab's whole training loop ($(left) s left)"
 # .git/info/exclude and in carry): that loop first, then today's, same configs: the
 # before/after of a change to the loop (the U-Net's code being the same, inductor's on-disk
 # cache makes the second compile short). Eager bf16 is what `difflab train ddpm` runs on a GPU
-# by default; -ro-w16 is --compile reduce-overhead --bf16-weights.
-LOOP_CONFIGS=${LOOP_CONFIGS:-bf16,bf16-w16,bf16-ro-w16}
+# by default (-nchw: the same without channels_last, which PyTorch's eager CUDA GroupNorm
+# copies to NCHW and back: eager NCHW was 8 % faster in the thirteenth session's bare step);
+# -ro-w16 is --compile reduce-overhead --bf16-weights.
+LOOP_CONFIGS=${LOOP_CONFIGS:-bf16,bf16-nchw,bf16-w16,bf16-ro-w16}
 LOOP_ARGS=(--preset ddpm-cifar10 --batch 128 --steps 80 --configs "$LOOP_CONFIGS")
 if [ -d .before/src ]; then
   fresh train_loop.json
