@@ -269,17 +269,20 @@ def test_bf16_weights_checkpoint_float32_and_resume_exactly(tmp_path):
     from difflab.io import load_tensors
 
     ends = []
-    for kept in (True, False):
-        out = tmp_path / str(kept)
+    # (the last: a run without them resumed with them, as the default now is: allowed, the
+    # same numbers)
+    for kept, resumed in ((True, True), (False, False), (False, None)):
+        out = tmp_path / f"{kept}-{resumed}"
         with pytest.raises(_Killed):
             _bf16_run(kept, 4, out=out, on_checkpoint=_kill_at(2))
         saved = load_tensors(out / "checkpoint" / "model.safetensors")
         assert saved and all(v.dtype == torch.float32 for v in saved.values())
-        ends.append(_bf16_run(kept, 4, out=out, resume=True))
-    assert ends[0].steps == 4
+        ends.append(_bf16_run(resumed, 4, out=out, resume=True))
+    assert ends[0].steps == 4 and [e.bf16_weights for e in ends] == [True, False, True]
     whole = _bf16_run(True, 4).raw_model.state_dict()
     for k, v in ends[0].raw_model.state_dict().items():
-        assert torch.equal(v, ends[1].raw_model.state_dict()[k]), k
+        for other in ends[1:]:
+            assert torch.equal(v, other.raw_model.state_dict()[k]), k
         assert torch.equal(v, whole[k]), k
 
 
@@ -290,6 +293,21 @@ def test_bf16_weights_need_bf16_precision():
                       progress=False)
     with pytest.raises(ConfigError, match="bf16_weights needs bf16"):
         train(task, digits.images[:32], digits.labels[:32], cfg)
+
+
+@pytest.mark.parametrize("precision,asked,held", [("bf16", None, True), ("bf16", False, False),
+                                                   ("no", None, False), ("bf16", True, True)])
+def test_bf16_weights_are_on_by_default_wherever_they_apply(precision, asked, held):
+    """The same training bit for bit (above), fewer kernels on a GPU: on by default with bf16
+    in one process, off without bf16 (no error), off when switched off."""
+    digits = load_dataset("digits")
+    torch.manual_seed(0)
+    task = DiffusionObjective(UNet2DModel(UNetConfig(**TINY)), DiffusionConfig())
+    cfg = TrainConfig(batch_size=8, max_steps=1, mixed_precision=precision,
+                      bf16_weights=asked, progress=False)
+    res = train(task, digits.images[:32], digits.labels[:32], cfg)
+    assert res.bf16_weights is held
+    assert all(p.dtype == torch.float32 for p in res.raw_model.parameters())  # float32 after
 
 
 class _Idle(torch.nn.Module):

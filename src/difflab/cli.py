@@ -124,10 +124,11 @@ def _add_train_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deterministic", action="store_true",
                    help="bitwise-repeatable GPU training (deterministic kernels; slower there; "
                         "CPU training is repeatable anyway)")
-    p.add_argument("--bf16-weights", action="store_true",
-                   help="with bf16 mixed precision, one process: keep bf16 copies of the conv "
-                        "and linear weights between steps instead of casting them every step "
-                        "(same numbers; fewer kernels on a GPU)")
+    p.add_argument("--bf16-weights", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep bf16 copies of the conv and linear weights between steps instead "
+                        "of casting them every step (the same numbers; fewer kernels on a GPU). "
+                        "Default: on with bf16 mixed precision in one process; --bf16-weights "
+                        "insists (an error elsewhere)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--overwrite", action="store_true",
                    help="remove the run already in --out first (else training refuses it)")

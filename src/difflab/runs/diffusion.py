@@ -176,6 +176,7 @@ def train_diffusion(data: ImageDataset, *, out_dir: str | Path, train_cfg: Train
                        result.precision)
     metrics = {"train_seconds": result.seconds, "steps": result.steps,
                "mixed_precision": result.precision, "processes": result.processes,
+               "bf16_weights": result.bf16_weights,
                "final_loss": _tail_mean(result.history, "loss"),
                "skipped_nonfinite": result.skipped_nonfinite,
                "unet_parameters": final_unet.num_parameters}
