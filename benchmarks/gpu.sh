@@ -207,11 +207,13 @@ fi
 
 TESTS_PID=
 if want tests; then  # the training tests with the loop on CUDA (sync-free guard, precisions,
-  # deterministic kernels, resume); the whole log comes back, the tail is printed
+  # deterministic kernels, resume); the whole log comes back, the tail is printed.
+  # TESTS_K: a pytest -k expression, e.g. "not compiled" (tests/test_cuda.py's compiled
+  # candidates take minutes; part mfu runs the ones that matter)
   run_tests() {
     timeout "$(rest 3)" python3 -m pytest -q -p no:cacheprovider -rf \
       tests/test_training_options.py tests/test_training.py tests/test_cuda.py \
-      >"$OUT/tests_full.txt" 2>&1
+      ${TESTS_K:+-k "$TESTS_K"} >"$OUT/tests_full.txt" 2>&1
     echo "== 5. training tests on the GPU: done ($(left) s left)"; tail -25 "$OUT/tests_full.txt"
   }
   echo "== 5. training tests on the GPU ($(left) s left)"
