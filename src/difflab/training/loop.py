@@ -327,8 +327,8 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
     # LR tensor fused AdamW takes: float32 on a GPU (its kernel reads a float), float64
     # elsewhere (the same rounding as a Python float LR).
     made: torch.Tensor | None = None
-    perm_on_dev: tuple[torch.Tensor, torch.Tensor] | None = None  # (perm, its copy on dev)
     lr_dtype = torch.float32 if dev.type == "cuda" else torch.float64
+    perm_on_dev: tuple[torch.Tensor, torch.Tensor] | None = None  # (perm, its copy on dev)
 
     def flush() -> None:
         """Read the lazily kept losses back (one host sync) into ``history``; count skips. A
