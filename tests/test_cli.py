@@ -122,3 +122,15 @@ def test_plot_commands(tmp_path):
     assert run("plot", "schedules", "--out", str(tmp_path / "s.png")) == 0
     assert run("plot", "forward", "--data", "digits", "--out", str(tmp_path / "f.png")) == 0
     assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_an_eager_gpu_run_gets_a_note_on_compiling():
+    from difflab.cli import compile_hint
+    from difflab.training import TrainConfig
+
+    assert "--compile reduce-overhead" in compile_hint(TrainConfig(minutes=20), cuda=True)
+    assert compile_hint(TrainConfig(), cuda=True) is not None  # the default budget
+    assert compile_hint(TrainConfig(minutes=20), cuda=False) is None  # CPU: no
+    assert compile_hint(TrainConfig(minutes=20, compile="reduce-overhead"), cuda=True) is None
+    assert compile_hint(TrainConfig(minutes=2), cuda=True) is None  # short runs: no
+    assert compile_hint(TrainConfig(max_steps=500), cuda=True) is None
