@@ -84,8 +84,8 @@ timeout "${UNET_S:-$(rest 120)}" python3 benchmarks/unet_train.py --preset ddpm-
 cp benchmarks/out/unet_train.json "$OUT/extra/" 2>/dev/null
 fi
 
-# parts mfu and mfuprof: the model and batch (a dry run of their logic on a CPU:
-# MFU_DEVICE=cpu MFU_PRESET=small MFU_BATCH=8)
+# parts mfu, mfuprof and loop: the model and batch (a dry run of their logic on a CPU:
+# MFU_DEVICE=cpu MFU_PRESET=small MFU_BATCH=8, for part loop also LOOP_STEPS=20)
 MFU=(--preset "${MFU_PRESET:-ddpm-cifar10}" --batch "${MFU_BATCH:-128}"
      --device "${MFU_DEVICE:-cuda}")
 if want mfu; then  # the matmul-rate goal (issue 5), sized to fit one call with the start
@@ -192,7 +192,7 @@ echo "== 4. difflab's whole training loop ($(left) s left)"
 # copies to NCHW and back: eager NCHW was 8 % faster in the thirteenth session's bare step);
 # -ro-w16 is --compile reduce-overhead --bf16-weights.
 LOOP_CONFIGS=${LOOP_CONFIGS:-bf16,bf16-nchw,bf16-w16,bf16-ro-w16}
-LOOP_ARGS=(--preset ddpm-cifar10 --batch 128 --steps 80 --configs "$LOOP_CONFIGS")
+LOOP_ARGS=("${MFU[@]}" --steps "${LOOP_STEPS:-80}" --configs "$LOOP_CONFIGS")
 if [ -d .before/src ]; then
   fresh train_loop.json
   PYTHONPATH="$PWD/.before/src:$PYTHONPATH" timeout "$(cap "${LOOP_BEFORE_S:-240}" 120)" \
