@@ -403,3 +403,30 @@ def test_ema_falls_back_per_tensor_when_the_buffer_cannot_hold_them():
     want = 1.0 - 1 / 10  # the first step's weight 1 − d₀, d₀ = 1/10
     for p_ema, p in zip(ema.model.parameters(), model.parameters()):
         assert torch.allclose(p_ema, (p - 1.0) + want, atol=1e-6)
+
+
+@pytest.mark.parametrize("stage", ["clip", "autoencoder"])
+def test_bf16_weights_train_the_ldm_stages_exactly_like_autocasts_casts(stage):
+    """bf16 weight copies are the default for every bf16 run, so also for latent diffusion's
+    CLIP and autoencoder stages (other modules than the U-Net): the same weights, bit for bit."""
+    from difflab.runs.clip import CaptionedCLIP, build_clip
+    from difflab.runs.ldm import LDMConfig, build_vae
+
+    digits = load_dataset("digits")
+    runs = []
+    for kept in (False, True):
+        torch.manual_seed(0)
+        if stage == "clip":
+            model, tokenizer, captioner = build_clip(digits, None)
+            task = CaptionedCLIP(model, captioner, tokenizer)
+        else:
+            task = build_vae(digits, LDMConfig())
+        cfg = TrainConfig(batch_size=32, max_steps=3, lr=1e-3, warmup_steps=1, seed=0,
+                          mixed_precision="bf16", bf16_weights=kept, ema_decay=0.9,
+                          progress=False)
+        runs.append(train(task, digits.images[:128], digits.labels[:128], cfg))
+    assert [r.bf16_weights for r in runs] == [False, True]
+    for name in ("raw_model", "model"):
+        a, b = (getattr(r, name).state_dict() for r in runs)
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
