@@ -367,6 +367,7 @@ def test_ema_copy_is_one_flat_buffer_and_a_device_weighted_step_matches_the_scal
     assert all(p.untyped_storage().data_ptr() == flat._flat.untyped_storage().data_ptr()
                for p in ema_w)
     assert ema_w[0].is_contiguous(memory_format=torch.channels_last)
+    made = torch.zeros((), dtype=torch.float64)  # the caller's device count of updates made
     for step in range(12):  # through the warm-up (its weights ≥ 0.5 use lerp's other form)
         with torch.no_grad():
             for p in model.parameters():
@@ -374,13 +375,13 @@ def test_ema_copy_is_one_flat_buffer_and_a_device_weighted_step_matches_the_scal
         before = [p.clone() for p in flat.model.parameters()]
         ok = torch.tensor(step != 4)
         assert flat._flat_matches(ema_w, [p.detach() for p in model.parameters()])
-        flat.update(model, weight=ok)
+        flat.update(model, weight=ok, made=made)
         if step == 4:  # skipped: unchanged, bit for bit
             assert all(torch.equal(a, b) for a, b in zip(before, flat.model.parameters()))
-            plain.update(model, weight=ok)
+            plain.update(model, weight=ok, made=made)
             continue
-        plain.num_updates = flat._made.item() - 1  # the scalar step at the same warm-up count
-        plain._made = None
+        plain.num_updates = int(made)  # the scalar step at the same warm-up count
+        made += ok
         EMA.update(plain, model)
         for a, b in zip(flat.model.parameters(), plain.model.parameters()):
             assert torch.equal(a, b)
@@ -393,13 +394,14 @@ def test_ema_falls_back_per_tensor_when_the_buffer_cannot_hold_them():
     per tensor, the replaced one included (never a stale buffer)."""
     model, mixed = _ema_pair(torch.float64)
     assert mixed._flat is None
-    mixed.update(model, weight=torch.tensor(True))
+    first = torch.zeros((), dtype=torch.float64)  # no update made before
+    mixed.update(model, weight=torch.tensor(True), made=first)
     model, ema = _ema_pair()
     ema.model[2].weight.data = ema.model[2].weight.data.clone()  # no longer in the buffer
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    ema.update(model, weight=torch.tensor(True))
+    ema.update(model, weight=torch.tensor(True), made=first)
     want = 1.0 - 1 / 10  # the first step's weight 1 − d₀, d₀ = 1/10
     for p_ema, p in zip(ema.model.parameters(), model.parameters()):
         assert torch.allclose(p_ema, (p - 1.0) + want, atol=1e-6)

@@ -323,7 +323,8 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
 
     pending: list[tuple[int, torch.Tensor, dict[str, torch.Tensor]]] = []
     # The lazy guard's count of updates made (float64, on the device; ``step`` is the host's
-    # count of steps taken until a read-back gives the skipped ones back), and the dtype of the
+    # count of steps taken until a read-back gives the skipped ones back; the LR schedule and
+    # the EMA's warm-up follow it), and the dtype of the
     # LR tensor fused AdamW takes: float32 on a GPU (its kernel reads a float), float64
     # elsewhere (the same rounding as a Python float LR).
     made: torch.Tensor | None = None
@@ -376,12 +377,13 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
 
     def update(weight: torch.Tensor | None = None) -> None:
         """The optimizer step, the bf16 weight copies refreshed, the EMA step (``weight``: the
-        lazy guard's 0/1 device tensor)."""
+        lazy guard's 0/1 device tensor; its warm-up then counts ``made``, the updates made)."""
         opt.step()
         if w16 is not None:
             w16.weights_down()
         if ema is not None:
-            ema.update(acc.unwrap_model(model).task, weight=weight, params=float_params)
+            ema.update(acc.unwrap_model(model).task, weight=weight, params=float_params,
+                       made=made)
 
     t0 = time.perf_counter()
     # A wall-clock budget becomes a step count, re-estimated at steps 15, 30, 60, ..., at least
