@@ -407,6 +407,48 @@ def test_ema_falls_back_per_tensor_when_the_buffer_cannot_hold_them():
         assert torch.allclose(p_ema, (p - 1.0) + want, atol=1e-6)
 
 
+def test_ema_keeps_its_lookups_and_follows_tensors_replaced_between_steps():
+    """A step reuses what the first one looked up (no module walk) while the same tensors come
+    in, and follows a source parameter moved to another layout, a parameter of the copy
+    replaced by a new object and a replaced buffer: each step equals lerp on the tensors the
+    models hold at that step, bit for bit."""
+    from difflab.training.ema import EMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(2, 8),
+                                torch.nn.Conv2d(8, 4, 1)).to(memory_format=torch.channels_last)
+    model[1].register_buffer("scale", torch.ones(8))
+    ema = EMA(model, decay=0.9)
+    made = torch.zeros((), dtype=torch.float64)
+
+    def step(params=None):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        before = [p.clone() for p in ema.model.parameters()]
+        w = (1.0 - torch.clamp((1 + made) / (10 + made), max=0.9)).float()
+        ema.update(model, weight=torch.tensor(True), made=made,
+                   params=list(model.parameters()) if params is None else params)
+        made.add_(1)
+        for b, p, e in zip(before, model.parameters(), ema.model.parameters()):
+            assert torch.equal(e, torch.lerp(b, p.detach(), w))
+        assert torch.equal(ema.model[1].scale, model[1].scale)
+
+    step()
+    plan = ema._plan
+    assert plan is not None and plan.views is not None  # the flat path, looked up once
+    step()
+    assert ema._plan is plan and plan.views is not None  # reused: a fresh list, same tensors
+    model[0].weight.data = model[0].weight.data.contiguous()  # moved: another layout
+    step()
+    assert ema._plan is plan and plan.views is None  # checked again: per tensor now
+    ema.model[2].weight = torch.nn.Parameter(ema.model[2].weight.detach().clone(),
+                                             requires_grad=False)  # a new object in the copy
+    model[1].scale = torch.full((8,), 3.0)  # a replaced buffer
+    step()
+    assert ema._plan is not plan
+
+
 @pytest.mark.parametrize("stage", ["clip", "autoencoder"])
 def test_bf16_weights_train_the_ldm_stages_exactly_like_autocasts_casts(stage):
     """bf16 weight copies are the default for every bf16 run, so also for latent diffusion's

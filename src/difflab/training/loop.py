@@ -268,6 +268,7 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
     # what the optimizer, the clipping, the guard and the EMA see: the module's parameters,
     # with bf16 weights the float32 masters in their place
     float_params = w16.float_params if w16 is not None else None
+    ema_params = float_params or list(task.parameters())  # all of them, in the model's order
     params = [p for p in float_params or task.parameters() if p.requires_grad]
     # Fused AdamW (one kernel over all tensors; on CPU too, ~2.5× faster than the per-tensor
     # loop for the small U-Net); the lazy guard also needs it for its found_inf input.
@@ -382,8 +383,7 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
         if w16 is not None:
             w16.weights_down()
         if ema is not None:
-            ema.update(acc.unwrap_model(model).task, weight=weight, params=float_params,
-                       made=made)
+            ema.update(task, weight=weight, params=ema_params, made=made)
 
     t0 = time.perf_counter()
     # A wall-clock budget becomes a step count, re-estimated at steps 15, 30, 60, ..., at least
