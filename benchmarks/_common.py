@@ -131,6 +131,10 @@ VARIANT_SUFFIXES = {
                "default; nn.blocks.GROUPED_TIME_PROJECTIONS)",
     "tpgroup": "all residual blocks' time projections in one matrix product on this device "
                "(CUDA's default since the fourteenth session)",
+    "pad8": "convolutions whose channel counts are not multiples of 8 (the first and last, "
+            "3 channels) run zero-padded to multiples of 8 on this device "
+            "(nn.blocks.PADDED_NARROW_CONVOLUTIONS)",
+    "nopad8": "those convolutions unpadded on this device",
     "w16": "bf16 copies of the conv/linear weights kept between steps, float32 masters in "
            "AdamW (TrainConfig.bf16_weights, difflab.training.precision)",
 }
@@ -140,21 +144,23 @@ _INDUCTOR_SUFFIXES = {"rr6": {"realize_reads_threshold": 6},
                       "pc8": {"max_pointwise_cat_inputs": 8},
                       "nomix": {"triton.mix_order_reduction": False}}
 _DIFFLAB_ONLY = {"nchw", "fold", "nofold", "gncl", "gnops", "gnsum", "gnpt", "gn16", "tpsplit",
-                 "tpgroup", "gnoff"}
+                 "tpgroup", "gnoff", "pad8", "nopad8"}
 _EXCLUSIVE = ({"fold", "nofold"}, {"gncl", "gnops", "gnsum", "gnpt"}, {"rr6", "rr4"},
-              {"tpsplit", "tpgroup"})
+              {"tpsplit", "tpgroup"}, {"pad8", "nopad8"})
 GROUP_NORM_FORMS = {"gncl": "function", "gnops": "ops", "gnsum": "sums"}
 
 
-def _shipped() -> tuple[frozenset[str], str, dict[str, dict[str, object]], frozenset[str]]:
+def _shipped() -> tuple[frozenset[str], str, dict[str, dict[str, object]], frozenset[str],
+                        frozenset[str]]:
     """What difflab ships: the compiled GroupNorm's device types and form, the inductor
-    settings per device type, the device types of the grouped time projections (read once,
-    before a benchmark changes them)."""
+    settings per device type, the device types of the grouped time projections and of the
+    padded narrow convolutions (read once, before a benchmark changes them)."""
     from difflab.nn import blocks, fused
     from difflab.training import loop
 
     return (fused.COMPILED_CHANNELS_LAST_GROUP_NORM, fused.CHANNELS_LAST_GROUP_NORM_FORM,
-            {k: dict(v) for k, v in loop.COMPILE_OPTIONS.items()}, blocks.GROUPED_TIME_PROJECTIONS)
+            {k: dict(v) for k, v in loop.COMPILE_OPTIONS.items()}, blocks.GROUPED_TIME_PROJECTIONS,
+            blocks.PADDED_NARROW_CONVOLUTIONS)
 
 
 _SHIPPED = _shipped()
@@ -209,12 +215,17 @@ class Variant:
         torch.backends.cudnn.benchmark = "bench" in self.flags
         fused.LOW_PRECISION_GPU_GROUP_NORM = "gn16" in self.flags
         fused.GROUP_NORM_TAKES_OFFSET = "gnoff" in self.flags
-        devices, form, _, grouped = _SHIPPED
+        devices, form, _, grouped, padded = _SHIPPED
         if "tpsplit" in self.flags:
             grouped = grouped - {device_type}
         if "tpgroup" in self.flags:
             grouped = grouped | {device_type}
         blocks.GROUPED_TIME_PROJECTIONS = grouped
+        if "pad8" in self.flags:
+            padded = padded | {device_type}
+        if "nopad8" in self.flags:
+            padded = padded - {device_type}
+        blocks.PADDED_NARROW_CONVOLUTIONS = padded
         for flag in self.flags & set(GROUP_NORM_FORMS):
             devices, form = devices | {device_type}, GROUP_NORM_FORMS[flag]
         if "gnpt" in self.flags:

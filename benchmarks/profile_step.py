@@ -14,7 +14,8 @@ the step's wall time is timed apart (device idle time = wall − kernel time: la
 The FLOPs of the convolutions, matrix products and attention (FlopCounterMode) over their kernel
 time give the rate the math units reach, the number that bounds the whole step's rate.
 ``--cudnn-benchmark on,off`` profiles each setting (eager modes need no recompilation);
-``--copies`` lists the data-moving operators by input shape (where the layout copies come from).
+``--copies`` lists the data-moving operators by input shape (where the layout copies come from)
+and the convolutions by input shape (which are slow for their size).
 Writes benchmarks/out/profile_step.json.
 """
 
@@ -96,12 +97,17 @@ def wall_ms(step, device: torch.device, iters: int) -> float:
     return (time.perf_counter() - t0) / iters * 1e3
 
 
-def copy_table(prof, iters: int, top: int, key: str) -> list[dict]:
-    """The data-moving operators by input shape, with the (device) time of their kernels (the
-    shapes say which tensors: activations, weights; the strides are not recorded)."""
+def is_convolution(op: str) -> bool:
+    return op.startswith("aten::") and "convolution" in op
+
+
+def copy_table(prof, iters: int, top: int, key: str, keep=COPY_OPS.__contains__) -> list[dict]:
+    """The data-moving operators (or those ``keep`` names) by input shape, with the (device)
+    time of their kernels (the shapes say which tensors: activations, weights; the strides
+    are not recorded)."""
     rows = []
     for e in prof.key_averages(group_by_input_shape=True):
-        if e.key in COPY_OPS and getattr(e, key) > 0:
+        if keep(e.key) and getattr(e, key) > 0:
             rows.append({"operator": e.key, "input shapes": str(e.input_shapes)[:70],
                          "calls/step": e.count // iters,
                          "ms/step": getattr(e, key) / 1e3 / iters})
@@ -118,6 +124,7 @@ def profile_once(step, device: torch.device, iters: int, top: int, flops: dict[s
         sync(device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     copy_rows = copy_table(prof, iters, top, key) if copies else []
+    conv_rows = copy_table(prof, iters, top, key, is_convolution) if copies else []
     if device.type == "cuda":  # kernels only: an operator's device time is its kernels' time
         cuda = torch.autograd.DeviceType.CUDA
         events = [e for e in prof.key_averages()
@@ -142,7 +149,7 @@ def profile_once(step, device: torch.device, iters: int, top: int, flops: dict[s
     top_rows = [{"kernel": e.key[:64], "kind": kind_of(e.key), "calls/step": e.count // iters,
                  "ms/step": getattr(e, key) / 1e3 / iters,
                  "% of kernel time": 100 * getattr(e, key) / total} for e in events[:top]]
-    return total / 1e3 / iters, by_kind, top_rows, copy_rows
+    return total / 1e3 / iters, by_kind, top_rows, copy_rows, conv_rows
 
 
 def main() -> None:
@@ -161,7 +168,8 @@ def main() -> None:
                     help="comma list of on/off: profile each (cuDNN picks algorithms by timing)")
     ap.add_argument("--copies", action="store_true",
                     help="also list the data-moving operators (copy_, clone, _to_copy, cat...) "
-                         "by input shape, with their kernels' device time")
+                         "and the convolutions by input shape, with their kernels' device "
+                         "time")
     args = ap.parse_args()
     try:
         variant = parse_variant(args.variant)
@@ -181,8 +189,8 @@ def main() -> None:
         for _ in range(3):  # warm: compilation, cuDNN's algorithm search, the allocator
             step()
         wall = min(wall_ms(step, device, max(5, args.iters)) for _ in range(3))
-        kernel_ms, by_kind, top_rows, copy_rows = profile_once(step, device, args.iters,
-                                                               args.top, flops, args.copies)
+        kernel_ms, by_kind, top_rows, copy_rows, conv_rows = profile_once(
+            step, device, args.iters, args.top, flops, args.copies)
         what = "kernel" if device.type == "cuda" else "CPU operator"
         print(f"\n{args.preset} batch {args.batch} {args.mode} {args.variant} on {device}, "
               f"cudnn.benchmark {bench}: wall {wall:.2f} ms/step, {what} time "
@@ -195,8 +203,12 @@ def main() -> None:
         if copy_rows:
             print("\ndata-moving operators by input shape:")
             print_table(copy_rows)
+        if conv_rows:  # (which convolutions are slow for their size: e.g. 3-channel ones)
+            print("\nconvolutions by input shape:")
+            print_table(conv_rows)
         runs.append({"cudnn_benchmark": bench, "wall_ms": wall, "kernel_ms": kernel_ms,
-                     "by_kind": by_kind, "top": top_rows, "copies": copy_rows})
+                     "by_kind": by_kind, "top": top_rows, "copies": copy_rows,
+                     "convolutions": conv_rows})
     print("\nmath FLOPs per step (GFLOP): "
           + ", ".join(f"{k} {v / 1e9:,.0f}" for k, v in flops.items()))
     path = write_json("profile_step", {"machine": machine(), "preset": args.preset,

@@ -41,7 +41,7 @@ def test_suffixes_in_any_order_give_the_same_variant():
 
 @pytest.mark.parametrize("name", ["difflab-gncl-rr7", "ddpm", "diffusers-fold", "difflab-cl",
                                   "difflab-fold-nofold", "difflab-gncl-gnpt", "difflab-rr4-rr6",
-                                  "diffusers-gnpt"])
+                                  "diffusers-gnpt", "difflab-pad8-nopad8", "diffusers-pad8"])
 def test_bad_names_are_refused(name):
     with pytest.raises(ValueError, match=repr(name)):
         parse_variant(name)
@@ -102,7 +102,14 @@ def test_fold_is_set_per_model_and_switches_per_call(monkeypatch):
     monkeypatch.setattr(fused, "GROUP_NORM_TAKES_OFFSET", False)
     parse_variant("difflab-gnoff").apply("cuda")
     assert fused.GROUP_NORM_TAKES_OFFSET
+    monkeypatch.setattr(blocks, "PADDED_NARROW_CONVOLUTIONS", frozenset())
+    parse_variant("difflab-pad8").apply("cuda")
+    assert blocks.PADDED_NARROW_CONVOLUTIONS == {"cuda"}
+    parse_variant("difflab-nopad8").apply("cuda")
+    assert blocks.PADDED_NARROW_CONVOLUTIONS == frozenset()
+    parse_variant("difflab-pad8").apply("cuda")
     parse_variant("difflab").apply("cuda")  # the next peer of an interleaved run
+    assert blocks.PADDED_NARROW_CONVOLUTIONS == frozenset()  # shipped: not padded (untimed)
     assert fused.COMPILED_CHANNELS_LAST_GROUP_NORM == {"cuda"}
     assert fused.CHANNELS_LAST_GROUP_NORM_FORM == "sums"  # CUDA's since the sixteenth session
     assert blocks.GROUPED_TIME_PROJECTIONS == {"cuda"}

@@ -233,7 +233,7 @@ _CANDIDATES = {"shipped": "difflab", "plain": "difflab-gnpt-nofold-rr4",
                "fold-gncl-rr6-nomix": "difflab-fold-gncl-rr6-nomix",
                "gnops": "difflab-gnops-nofold-rr4", "fold-gnops-rr6": "difflab-fold-gnops-rr6",
                "gnsum": "difflab-gnsum", "before16": "difflab-gnops", "gnoff": "difflab-gnoff",
-               "tpsplit": "difflab-tpsplit-pc8"}
+               "tpsplit": "difflab-tpsplit-pc8", "pad8": "difflab-pad8"}
 
 
 @pytest.mark.parametrize("variant", list(_CANDIDATES))
@@ -248,8 +248,9 @@ def test_compiled_mfu_candidate_trains_like_eager_pytorch(monkeypatch, variant):
     "shipped" is difflab's CUDA default since the thirteenth session (fold-gnops-rr6, when
     compiled; since the fourteenth the time projections in one product, -tpsplit-pc8 without;
     since the sixteenth the GroupNorm statistics from per-channel sums, "before16" without;
-    -gnoff: conv1's bias and time projection handed to them), the others switch each part
-    alone."""
+    -gnoff: conv1's bias and time projection handed to them; -pad8: the 3-channel first and
+    last convolutions zero-padded to 8 channels), the others switch each part alone. The eager
+    reference runs unpadded."""
     from difflab.training.loop import compile_kwargs
 
     torch._dynamo.reset()
@@ -258,8 +259,10 @@ def test_compiled_mfu_candidate_trains_like_eager_pytorch(monkeypatch, variant):
                  "LOW_PRECISION_GPU_GROUP_NORM"):  # the peer's switches, restored after
         monkeypatch.setattr(fused, name, getattr(fused, name))
     monkeypatch.setattr(blocks, "GROUPED_TIME_PROJECTIONS", blocks.GROUPED_TIME_PROJECTIONS)
+    monkeypatch.setattr(blocks, "PADDED_NARROW_CONVOLUTIONS", blocks.PADDED_NARROW_CONVOLUTIONS)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
     peer.apply("cuda")
+    padded = blocks.PADDED_NARROW_CONVOLUTIONS
     cfg = UNetConfig(block_out_channels=(32, 64), layers_per_block=1,
                      attention_levels=(False, True), norm_num_groups=8, attention_head_dim=16,
                      sample_size=16, dropout=0.0, in_channels=3, out_channels=3)
@@ -276,12 +279,36 @@ def test_compiled_mfu_candidate_trains_like_eager_pytorch(monkeypatch, variant):
     compiled = torch.compile(fast, **compile_kwargs("default", peer.inductor_options("cuda")))
 
     def run(use_compiled):
+        blocks.PADDED_NARROW_CONVOLUTIONS = padded if use_compiled else frozenset()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = (compiled if use_compiled else eager)(x + noise, t).sample
             return torch.nn.functional.mse_loss(out.float(), noise)
 
     _assert_close(_grad_errors(run, dict(eager.named_parameters()),
                                dict(fast.named_parameters())))
+
+
+@pytest.mark.parametrize("cin,cout", [(3, 128), (128, 3), (4, 64), (64, 4)])
+def test_padded_narrow_convolutions_match_on_the_gpu(monkeypatch, cin, cout):
+    """A narrow convolution zero-padded to 8 channels (nn.blocks.padded_conv, -pad8) on cuDNN,
+    eager, channels-last: in float32 without TF32 the same output and gradients as unpadded
+    to float32 rounding; under bf16 autocast to bf16 accuracy."""
+    from difflab.nn import padded_conv
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(cin, cout, 3, padding=1).cuda().to(memory_format=torch.channels_last)
+    x = torch.randn(16, cin, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+    for dtype, tol in ((None, 1e-5), (torch.bfloat16, 2e-2)):
+        def run(use_padded, dtype=dtype):
+            monkeypatch.setattr(blocks, "PADDED_NARROW_CONVOLUTIONS",
+                                frozenset({"cuda"}) if use_padded else frozenset())
+            with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+                y = padded_conv(conv, x)
+            return (y.float() * torch.linspace(-1, 1, y.numel(), device="cuda").view_as(y)).sum()
+
+        errs = _grad_errors(run, {"x": x.requires_grad_(True), **dict(conv.named_parameters())})
+        _assert_close(errs, tol_all=tol, tol_each=tol)
 
 
 def test_bf16_weights_train_like_autocasts_casts_on_the_gpu():

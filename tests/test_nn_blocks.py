@@ -294,3 +294,89 @@ def test_time_projections_in_one_product_are_the_blocks_own(monkeypatch, model):
         torch.testing.assert_close(g, grads_split[name], rtol=1e-10, atol=1e-12, msg=name)
     assert all(grads[f"{n}.time_emb_proj.weight"].abs().sum() > 0  # every block's reached
                for n, m in net.named_modules() if isinstance(m, ResnetBlock))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("cin,cout,bias", [(3, 16, True), (16, 3, True), (3, 5, False),
+                                           (4, 12, True), (8, 16, True)])
+def test_padded_conv_is_the_convolution(monkeypatch, layout, cin, cout, bias):
+    """A convolution with its channels zero-padded to multiples of 8 (switched on for the CPU
+    here) gives, in float64, the plain convolution's output and input, weight and bias
+    gradients, in their own shapes; the output keeps the input's layout's strides order."""
+    from difflab.nn import blocks, padded_conv
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(cin, cout, 3, padding=1, bias=bias).double()
+    x = torch.randn(2, cin, 6, 5, dtype=torch.float64)
+    if layout == "channels_last":
+        conv = conv.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def run(padded):
+        monkeypatch.setattr(blocks, "PADDED_NARROW_CONVOLUTIONS",
+                            frozenset({"cpu"}) if padded else frozenset())
+        conv.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        out = padded_conv(conv, xi)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        return out.detach(), xi.grad, [p.grad.clone() for p in conv.parameters()]
+
+    (out, gx, gp), (want, want_gx, want_gp) = run(True), run(False)
+    assert out.shape == want.shape == (2, cout, 6, 5) and gx.shape == x.shape
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(gx, want_gx, rtol=0, atol=1e-12)
+    for g, w in zip(gp, want_gp):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+    if layout == "channels_last" and cout % 8 == 0:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("model", ["unet", "unet_condition"])
+def test_unets_pad_their_narrow_convolutions_to_the_same_numbers(monkeypatch, model):
+    """With padding on (the CPU here), an RGB U-Net's first and last convolutions (3 channels)
+    and a latent U-Net's (4) run padded to 8 channels: the output and every parameter's
+    gradient equal the unpadded model's in float64, and the state dict keeps its shapes."""
+    from difflab.models.unet_condition import UNet2DConditionConfig, UNet2DConditionModel
+    from difflab.nn import blocks
+
+    torch.manual_seed(0)
+    if model == "unet":
+        net = UNet2DModel(UNetConfig(sample_size=8, block_out_channels=(8, 16),
+                                     attention_levels=(False, True), norm_num_groups=4,
+                                     attention_head_dim=8, layers_per_block=1)).double()
+        extra = {}
+    else:
+        net = UNet2DConditionModel(UNet2DConditionConfig(
+            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+            norm_num_groups=4, cross_attention_dim=12, attention_head_dim=2)).double()
+        extra = {"encoder_hidden_states": torch.randn(2, 3, 12, dtype=torch.float64)}
+    torch.nn.init.normal_(net.conv_out.weight)  # (zero-initialised: would hide a mix-up)
+    x = torch.randn(2, net.config.in_channels, 8, 8, dtype=torch.float64)
+    shapes = {k: v.shape for k, v in net.state_dict().items()}
+    calls = []  # the weight shapes the convolutions run with
+    conv_forward = torch.nn.Conv2d._conv_forward
+    monkeypatch.setattr(torch.nn.Conv2d, "_conv_forward", lambda self, inp, w, b:
+                        calls.append(tuple(w.shape)) or conv_forward(self, inp, w, b))
+
+    def run(padded):
+        monkeypatch.setattr(blocks, "PADDED_NARROW_CONVOLUTIONS",
+                            frozenset({"cpu"}) if padded else frozenset())
+        net.zero_grad()
+        calls.clear()
+        out = net(x, torch.tensor([3, 700]), **extra).sample
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}, list(calls)
+
+    (out, grads, padded), (want, want_grads, plain) = run(True), run(False)
+    c = net.config.in_channels
+    assert plain[0] == (8, c, 3, 3) and plain[-1] == (c, 8, 3, 3)
+    assert padded[0] == (8, 8, 3, 3) and padded[-1] == (8, 8, 3, 3)
+    assert padded[1:-1] == plain[1:-1]  # the inner convolutions (8, 16 channels) as they were
+    assert out.shape == want.shape == x.shape
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, want_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+    assert {k: v.shape for k, v in net.state_dict().items()} == shapes

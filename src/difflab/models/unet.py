@@ -27,6 +27,7 @@ from difflab.nn import (
     TimestepEmbedding,
     Upsample,
     dense_gradient,
+    padded_conv,
     time_projections,
     timestep_embedding,
 )
@@ -187,7 +188,7 @@ class UNet2DModel(ModelMixin):
         resnets = [r for b in (*self.down_blocks, self.mid_block, *self.up_blocks)
                    for r in b.resnets]
         projs = iter(time_projections(resnets, temb))
-        h = self.conv_in(x)
+        h = padded_conv(self.conv_in, x)
         skips = [h]
         for block in self.down_blocks:
             for j, resnet in enumerate(block.resnets):
@@ -213,7 +214,7 @@ class UNet2DModel(ModelMixin):
             if hasattr(block, "upsamplers"):
                 h = block.upsamplers[0](h, size=skips[-1].shape[-2:])
 
-        return UNetOutput(self.conv_out(group_norm_silu(self.conv_norm_out, h)))
+        return UNetOutput(padded_conv(self.conv_out, group_norm_silu(self.conv_norm_out, h)))
 
 
 def unet_from_preset(name: str, **overrides: object) -> UNet2DModel:

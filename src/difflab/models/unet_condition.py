@@ -35,6 +35,7 @@ from difflab.nn import (
     TimestepEmbedding,
     Upsample,
     dense_gradient,
+    padded_conv,
     time_projections,
     timestep_embedding,
 )
@@ -324,7 +325,7 @@ class UNet2DConditionModel(ModelMixin):
         resnets = [r for b in (*self.down_blocks, self.mid_block, *self.up_blocks)
                    for r in b.resnets]
         projs = iter(time_projections(resnets, temb))
-        h = self.conv_in(x)
+        h = padded_conv(self.conv_in, x)
         skips = [h]
         for block in self.down_blocks:
             h, block_skips = block(h, projs, context)
@@ -332,4 +333,5 @@ class UNet2DConditionModel(ModelMixin):
         h = self.mid_block(h, projs, context)
         for block in self.up_blocks:
             h = block(h, skips, projs, context)
-        return UNet2DConditionOutput(self.conv_out(group_norm_silu(self.conv_norm_out, h)))
+        out = padded_conv(self.conv_out, group_norm_silu(self.conv_norm_out, h))
+        return UNet2DConditionOutput(out)

@@ -6,11 +6,12 @@ from difflab.nn.blocks import (
     SelfAttention,
     Upsample,
     dense_gradient,
+    padded_conv,
     time_projections,
     upsample_nearest2x,
 )
 from difflab.nn.embeddings import TimestepEmbedding, timestep_embedding
 
 __all__ = ["Downsample", "ResnetBlock", "SelfAttention", "TimestepEmbedding", "Upsample",
-           "dense_gradient", "time_projections", "timestep_embedding",
+           "dense_gradient", "padded_conv", "time_projections", "timestep_embedding",
            "upsample_nearest2x"]

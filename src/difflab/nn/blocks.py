@@ -90,6 +90,43 @@ def time_projections(blocks: Sequence[ResnetBlock], temb: torch.Tensor) -> list[
     return list(F.linear(act, weight, bias).split([p.out_features for p in projs], 1))
 
 
+# Device types on which a convolution whose channel counts are not multiples of 8 runs with
+# them zero-padded to multiples of 8 (:func:`padded_conv`): an RGB U-Net's first and last
+# convolutions (3 channels), a latent U-Net's (4). On an H100 cuDNN runs those slowly: with 3
+# bf16 channels a pixel is 6 bytes, off the 16-byte alignment of its fast kernels, and the last
+# convolution's input gradient took 0.34 ms (2.7 TFLOP/s) of a 17.5 ms DDPM-CIFAR-10 step
+# (benchmarks/RESULTS.md, "Eighteenth session"). None by default until timed on a GPU
+# (benchmarks: -pad8).
+PADDED_NARROW_CONVOLUTIONS: frozenset[str] = frozenset()
+
+
+def padded_conv(conv: nn.Conv2d, x: torch.Tensor, multiple: int = 8) -> torch.Tensor:
+    """``conv(x)``; on the device types in :data:`PADDED_NARROW_CONVOLUTIONS`, with input and
+    output channels zero-padded to multiples of ``multiple`` (zero input channels meet zero
+    weights; the extra outputs are computed and dropped), the same numbers up to the
+    convolution's rounding. The module and its parameters keep their shapes (checkpoints and
+    foreign weights are unchanged); the gradients of the padding are sliced off."""
+    cin, cout = conv.in_channels, conv.out_channels
+    pad_in, pad_out = -cin % multiple, -cout % multiple
+    if x.device.type not in PADDED_NARROW_CONVOLUTIONS or conv.groups != 1 or \
+            not (pad_in or pad_out):
+        return conv(x)
+    channels_last = x.dim() == 4 and not x.is_contiguous() and \
+        x.is_contiguous(memory_format=torch.channels_last)
+    weight, bias = conv.weight, conv.bias
+    if pad_in:
+        x = F.pad(x, (0, 0, 0, 0, 0, pad_in))
+        weight = F.pad(weight, (0, 0, 0, 0, 0, pad_in))
+    if pad_out:
+        weight = F.pad(weight, (0, 0, 0, 0, 0, 0, 0, pad_out))
+        bias = None if bias is None else F.pad(bias, (0, pad_out))
+    if channels_last:  # (kept: F.pad may lay its output out NCHW)
+        x = x.contiguous(memory_format=torch.channels_last)
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    y = conv._conv_forward(x, weight, bias)
+    return y[:, :cout] if pad_out else y
+
+
 def _add_into(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """``fresh + other``, written into ``fresh`` (a buffer nothing else holds) when that keeps
     the result's dtype; otherwise out of place so that type promotion still happens."""
