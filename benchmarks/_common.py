@@ -160,7 +160,7 @@ def _shipped() -> tuple[frozenset[str], str, dict[str, dict[str, object]], froze
 
     return (fused.COMPILED_CHANNELS_LAST_GROUP_NORM, fused.CHANNELS_LAST_GROUP_NORM_FORM,
             {k: dict(v) for k, v in loop.COMPILE_OPTIONS.items()}, blocks.GROUPED_TIME_PROJECTIONS,
-            blocks.PADDED_NARROW_CONVOLUTIONS)
+            getattr(blocks, "PADDED_NARROW_CONVOLUTIONS", frozenset()))  # (an older src: none)
 
 
 _SHIPPED = _shipped()

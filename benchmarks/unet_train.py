@@ -356,7 +356,9 @@ def step_flop_counter(model: torch.nn.Module, cfg: UNetConfig, batch: int) -> Fl
 def flops_per_step(model: torch.nn.Module, cfg: UNetConfig, batch: int) -> float:
     """FLOPs of one training step of the *plain* architecture (forward + backward), counted on
     the meta device: the textbook count both peers are measured against, so a cheaper
-    algorithm for the same function (difflab's folded upsampling) shows as a higher rate."""
+    algorithm for the same function (difflab's folded upsampling) shows as a higher rate, and
+    work added for speed (-pad8's zero channels: no device-type switch applies on "meta")
+    is not counted."""
     return float(step_flop_counter(model, cfg, batch).get_total_flops())
 
 
