@@ -397,3 +397,12 @@ def test_gradient_probes_drop_the_same_activations_whatever_ran_before():
     grads = step.probe()
     assert check("difflab-nchw", "fp32", grads) < 1e-5  # (was 0.46: other masks, other noise)
     assert grad_error(grads, want) > 0.02  # against the channels-last model's masks
+
+
+def test_an_older_src_without_the_newer_switches_still_reads_as_shipped(monkeypatch):
+    """gpu.sh part loop runs an earlier difflab's src (.before/src) with today's benchmarks:
+    reading what it ships must not need switches added since (they read as off)."""
+    import _common
+
+    monkeypatch.delattr(blocks, "PADDED_NARROW_CONVOLUTIONS")
+    assert _common._shipped()[4] == frozenset()
