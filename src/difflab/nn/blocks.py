@@ -105,7 +105,8 @@ def padded_conv(conv: nn.Conv2d, x: torch.Tensor, multiple: int = 8) -> torch.Te
     output channels zero-padded to multiples of ``multiple`` (zero input channels meet zero
     weights; the extra outputs are computed and dropped), the same numbers up to the
     convolution's rounding. The module and its parameters keep their shapes (checkpoints and
-    foreign weights are unchanged); the gradients of the padding are sliced off."""
+    foreign weights are unchanged); the gradients of the padding are sliced off. The output is
+    dense, in the input's layout."""
     cin, cout = conv.in_channels, conv.out_channels
     pad_in, pad_out = -cin % multiple, -cout % multiple
     if x.device.type not in PADDED_NARROW_CONVOLUTIONS or conv.groups != 1 or \
@@ -124,7 +125,11 @@ def padded_conv(conv: nn.Conv2d, x: torch.Tensor, multiple: int = 8) -> torch.Te
         x = x.contiguous(memory_format=torch.channels_last)
         weight = weight.contiguous(memory_format=torch.channels_last)
     y = conv._conv_forward(x, weight, bias)
-    return y[:, :cout] if pad_out else y
+    if not pad_out:
+        return y
+    # the kept channels as a dense tensor in the input's layout (a small copy: cout < 8)
+    return y[:, :cout].contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def _add_into(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
