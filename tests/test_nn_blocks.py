@@ -332,11 +332,15 @@ def test_padded_conv_is_the_convolution(monkeypatch, layout, cin, cout, bias):
                              else torch.contiguous_format)
 
 
-@pytest.mark.parametrize("model", ["unet", "unet_condition"])
-def test_unets_pad_their_narrow_convolutions_to_the_same_numbers(monkeypatch, model):
-    """With padding on (the CPU here), an RGB U-Net's first and last convolutions (3 channels)
-    and a latent U-Net's (4) run padded to 8 channels: the output and every parameter's
-    gradient equal the unpadded model's in float64, and the state dict keeps its shapes."""
+@pytest.mark.parametrize("model", ["unet", "unet_condition", "autoencoder_kl", "clip_image"])
+def test_models_pad_their_narrow_convolutions_to_the_same_numbers(monkeypatch, model):
+    """With padding on (the CPU here), the convolutions that take or give an image's or a
+    latent's channels run padded to 8 — an RGB U-Net's first and last (3 channels), a latent
+    U-Net's (4), the autoencoder's four (3 and 4 channels in, 3 out; its 8 moments are left
+    alone), CLIP's image tower's first (3): the output and every parameter's gradient equal the
+    unpadded model's in float64, and the state dict keeps its shapes."""
+    from difflab.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+    from difflab.models.clip import CLIPConfig, ImageEncoder
     from difflab.models.unet_condition import UNet2DConditionConfig, UNet2DConditionModel
     from difflab.nn import blocks
 
@@ -344,17 +348,36 @@ def test_unets_pad_their_narrow_convolutions_to_the_same_numbers(monkeypatch, mo
     if model == "unet":
         net = UNet2DModel(UNetConfig(sample_size=8, block_out_channels=(8, 16),
                                      attention_levels=(False, True), norm_num_groups=4,
-                                     attention_head_dim=8, layers_per_block=1)).double()
-        extra = {}
-    else:
+                                     attention_head_dim=8, layers_per_block=1,
+                                     in_channels=3, out_channels=3)).double()
+        fn = lambda x: net(x, torch.tensor([3, 700])).sample  # noqa: E731
+        padded_shapes = {(8, 3, 3, 3): (8, 8, 3, 3), (3, 8, 3, 3): (8, 8, 3, 3)}
+    elif model == "unet_condition":
         net = UNet2DConditionModel(UNet2DConditionConfig(
             sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
             norm_num_groups=4, cross_attention_dim=12, attention_head_dim=2)).double()
-        extra = {"encoder_hidden_states": torch.randn(2, 3, 12, dtype=torch.float64)}
-    torch.nn.init.normal_(net.conv_out.weight)  # (zero-initialised: would hide a mix-up)
-    x = torch.randn(2, net.config.in_channels, 8, 8, dtype=torch.float64)
+        ctx = torch.randn(2, 3, 12, dtype=torch.float64)
+        fn = lambda x: net(x, torch.tensor([3, 700]), encoder_hidden_states=ctx).sample  # noqa
+        padded_shapes = {(8, 4, 3, 3): (8, 8, 3, 3), (4, 8, 3, 3): (8, 8, 3, 3)}
+    elif model == "autoencoder_kl":
+        net = AutoencoderKL(AutoencoderKLConfig(in_channels=3, image_size=8,
+                                                block_out_channels=(8, 16), norm_num_groups=4,
+                                                latent_channels=4)).double()
+        fn = lambda x: net(x).sample  # noqa: E731
+        padded_shapes = {(8, 3, 3, 3): (8, 8, 3, 3), (16, 4, 3, 3): (16, 8, 3, 3),
+                         (3, 8, 3, 3): (8, 8, 3, 3)}
+    else:
+        net = ImageEncoder(CLIPConfig(in_channels=3, image_channels=(8, 16),
+                                      norm_num_groups=4)).double()
+        fn = net
+        padded_shapes = {(8, 3, 3, 3): (8, 8, 3, 3)}
+    for m in net.modules():  # (zero-initialised output layers would hide a mix-up)
+        if isinstance(m, torch.nn.Conv2d) and not m.weight.abs().sum():
+            torch.nn.init.normal_(m.weight)
+    in_channels = 4 if model == "unet_condition" else 3
+    x = torch.randn(2, in_channels, 8, 8, dtype=torch.float64)
     shapes = {k: v.shape for k, v in net.state_dict().items()}
     calls = []  # the weight shapes the convolutions run with
     conv_forward = torch.nn.Conv2d._conv_forward
@@ -366,16 +389,14 @@ def test_unets_pad_their_narrow_convolutions_to_the_same_numbers(monkeypatch, mo
                             frozenset({"cpu"}) if padded else frozenset())
         net.zero_grad()
         calls.clear()
-        out = net(x, torch.tensor([3, 700]), **extra).sample
+        out = fn(x)
         (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
         return out.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}, list(calls)
 
     (out, grads, padded), (want, want_grads, plain) = run(True), run(False)
-    c = net.config.in_channels
-    assert plain[0] == (8, c, 3, 3) and plain[-1] == (c, 8, 3, 3)
-    assert padded[0] == (8, 8, 3, 3) and padded[-1] == (8, 8, 3, 3)
-    assert padded[1:-1] == plain[1:-1]  # the inner convolutions (8, 16 channels) as they were
-    assert out.shape == want.shape == x.shape
+    assert padded == [padded_shapes.get(s, s) for s in plain]
+    assert sum(s in padded_shapes for s in plain) == len(padded_shapes)  # each one ran
+    assert out.shape == want.shape
     torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
     for name, g in grads.items():
         torch.testing.assert_close(g, want_grads[name], rtol=1e-10, atol=1e-12, msg=name)

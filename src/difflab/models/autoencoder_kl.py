@@ -31,7 +31,7 @@ from difflab.errors import ConfigError
 from difflab.models.autoencoder import check_int
 from difflab.models.base import ModelMixin
 from difflab.models.distributions import DiagonalGaussian
-from difflab.nn import Downsample, ResnetBlock, SelfAttention, Upsample
+from difflab.nn import Downsample, ResnetBlock, SelfAttention, Upsample, padded_conv
 from difflab.nn.fused import group_norm_silu
 
 EPS = 1e-6  # GroupNorm ε of the LDM / diffusers VAE
@@ -172,11 +172,11 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(boc[-1], 2 * c.latent_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv_in(x)
+        h = padded_conv(self.conv_in, x)
         for block in self.down_blocks:
             h = block(h)
         h = self.mid_block(h)
-        return self.conv_out(group_norm_silu(self.conv_norm_out, h))
+        return padded_conv(self.conv_out, group_norm_silu(self.conv_norm_out, h))
 
 
 class Decoder(nn.Module):
@@ -195,10 +195,10 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(rev[-1], c.in_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
-        h = self.mid_block(self.conv_in(z))
+        h = self.mid_block(padded_conv(self.conv_in, z))
         for block in self.up_blocks:
             h = block(h)
-        return self.conv_out(group_norm_silu(self.conv_norm_out, h))
+        return padded_conv(self.conv_out, group_norm_silu(self.conv_norm_out, h))
 
 
 # --------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ from difflab.models.tokenizer import (
     normalize,
     pre_tokenize,
 )
-from difflab.nn import Downsample, ResnetBlock
+from difflab.nn import Downsample, ResnetBlock, padded_conv
 from difflab.nn.fused import group_norm_silu
 from difflab.rng import batch_gather, batch_shard
 
@@ -123,7 +123,7 @@ class ImageEncoder(nn.Module):
         self.norm_out = nn.GroupNorm(min(g, ch[-1]), ch[-1])
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.blocks(self.conv_in(x))
+        h = self.blocks(padded_conv(self.conv_in, x))
         return group_norm_silu(self.norm_out, h).mean((2, 3))  # (B, C_last)
 
 
