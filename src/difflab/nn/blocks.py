@@ -93,11 +93,10 @@ def time_projections(blocks: Sequence[ResnetBlock], temb: torch.Tensor) -> list[
 # Device types on which a convolution whose channel counts are not multiples of 8 runs with
 # them zero-padded to multiples of 8 (:func:`padded_conv`): an RGB U-Net's first and last
 # convolutions (3 channels), a latent U-Net's (4), the autoencoder's and CLIP's image tower's
-# on images and latents. On an H100 cuDNN runs those slowly: with 3
-# bf16 channels a pixel is 6 bytes, off the 16-byte alignment of its fast kernels, and the last
-# convolution's input gradient took 0.34 ms (2.7 TFLOP/s) of a 17.5 ms DDPM-CIFAR-10 step
-# (benchmarks/RESULTS.md, "Eighteenth session"). None by default until timed on a GPU
-# (benchmarks: -pad8).
+# on images and latents. On an H100 cuDNN runs those slowly: with 3 bf16 channels a pixel is
+# 6 bytes, off the 16-byte alignment of its fast kernels, and the last convolution's input
+# gradient took 0.34 ms (2.7 TFLOP/s) of a 17.5 ms DDPM-CIFAR-10 step (benchmarks/RESULTS.md,
+# "Eighteenth session"). None by default until timed on a GPU (benchmarks: -pad8).
 PADDED_NARROW_CONVOLUTIONS: frozenset[str] = frozenset()
 
 
