@@ -283,7 +283,8 @@ def test_refusals_say_why(tmp_path, model_folder, capsys, monkeypatch):
     want = {"batch size 10^9": "batch size", "weights: wrong dtype": "dtype",
             "weights: wrong shape": "shape", "config.json wrong type": "wrong type",
             "config.json unknown key": "bogus_key", "malicious .ckpt (sd)": "refused",
-            "malicious cifar batch": "refused", "idx 2^32-1 images claimed": "mnist"}
+            "malicious cifar batch": "refused", "idx 2^32-1 images claimed": "mnist",
+            "eval: steps > trained timesteps": "--steps 5000: num_inference_steps=5000"}
     for case, word in want.items():
         for p in tmp_path.iterdir():
             shutil.rmtree(p) if p.is_dir() else p.unlink()

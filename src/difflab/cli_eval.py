@@ -29,7 +29,7 @@ from difflab.cli_args import (
     positive_int,
     seed_int,
 )
-from difflab.errors import DifflabError
+from difflab.errors import ConfigError, DifflabError
 
 METRICS = ("fid", "kid", "pr", "nll")
 SAMPLE_METRICS = ("fid", "kid", "pr")
@@ -100,9 +100,13 @@ def evaluate_diffusion_checkpoint(folder: str | Path, metrics: list[str], *, n: 
     spec = data or recorded_spec(bundle.data)
     c, h, w = bundle.data["image_shape"]
     check_guidance(guidance_scale, bundle, True, str(folder))
-    T = bundle.diffusion.num_train_timesteps
-    if any(m in SAMPLE_METRICS for m in metrics) and not 1 <= steps <= T:
-        raise DifflabError(f"--steps {steps}: the model has {T} timesteps; use 1 … {T}")
+    if any(m in SAMPLE_METRICS for m in metrics):  # the sampler's own check, before the
+        # feature classifier trains for minutes
+        sampler = bundle.scheduler(scheduler)
+        try:
+            sampler.set_timesteps(steps)
+        except ConfigError as e:
+            raise DifflabError(f"--steps {steps}: {e}") from None
     if split == "test" and folder_without_test_split(spec):
         split = "train"  # a folder without test/: the model saw all of it; compare with that
     try:
