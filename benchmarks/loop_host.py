@@ -6,13 +6,16 @@ On a GPU the host only queues kernels, and a small model's step is as fast as th
 queue it; what the loop adds around the model is then time per step. This measures it on the
 CPU with the preset's module tree (same modules, same parameter count) at 4 channels per
 group, so that the arithmetic is negligible and what is left is host work: Python, dispatch,
-per-tensor bookkeeping. Best of 5 repeats. Writes benchmarks/out/loop_host.json.
+per-tensor bookkeeping. Best of 5 repeats; then the whole loop's step (``train``: the model's
+forward and backward, AdamW, clipping, EMA, guard) on that model at batch 2, 8×8 images.
+Writes benchmarks/out/loop_host.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 import timeit
 from pathlib import Path
 
@@ -31,6 +34,33 @@ def shrunk(preset: str) -> torch.nn.Module:
     head = PRESETS[preset].get("attention_head_dim", 32)
     return unet_from_preset(preset, block_out_channels=tuple(4 * (i + 1) for i in range(levels)),
                             norm_num_groups=4, attention_head_dim=None if head is None else 4)
+
+
+def whole_step(preset: str, steps: int = 60) -> float:
+    """Seconds per step of difflab's training loop on the shrunk model (float32, EMA, clipping,
+    the sync-free guard a GPU runs), timed by the loss calls from step 20 on, best of 3."""
+    from difflab.training import TrainConfig, train
+    from difflab.training.objectives import DiffusionConfig, DiffusionObjective
+
+    class Timed(DiffusionObjective):
+        def training_loss(self, batch, generator):
+            self.stamps.append(time.perf_counter())
+            return super().training_loss(batch, generator)
+
+    best = float("inf")
+    for _ in range(3):
+        torch.manual_seed(0)
+        net = shrunk(preset)
+        task = Timed(net, DiffusionConfig())
+        task.stamps = []
+        c = net.config.in_channels
+        images = torch.rand(64, c, 8, 8) * 2 - 1
+        cfg = TrainConfig(batch_size=2, max_steps=steps, progress=False, lazy_guard=True,
+                          mixed_precision="no", warmup_steps=5)
+        train(task, images, torch.zeros(64, dtype=torch.long), cfg)
+        s = task.stamps
+        best = min(best, (s[-1] - s[20]) / (len(s) - 1 - 20))
+    return best
 
 
 def main() -> None:
@@ -63,6 +93,8 @@ def main() -> None:
         fn()  # first call: lookups, optimizer state
         t = min(timeit.repeat(fn, number=args.number, repeat=5)) / args.number
         rows.append({"part": name, "host µs per step": t * 1e6})
+    rows.append({"part": "whole training step (train(), the GPU's sync-free guard, batch 2 "
+                         "at 8×8)", "host µs per step": whole_step(args.preset) * 1e6})
     print(f"{args.preset} module tree: {len(params)} parameters, "
           f"{sum(p.numel() for p in params)} elements")
     print_table(rows)
