@@ -135,6 +135,10 @@ VARIANT_SUFFIXES = {
             "3 channels) run zero-padded to multiples of 8 on this device "
             "(nn.blocks.PADDED_NARROW_CONVOLUTIONS)",
     "nopad8": "those convolutions unpadded on this device",
+    "rng": "functionalised random numbers when compiled (torch._functorch.config."
+           "functionalize_rng_ops; CUDA only): dropout's masks drawn from a seed and offset, "
+           "which lets the partitioner recompute them in the backward instead of storing "
+           "22 masks",
     "w16": "bf16 copies of the conv/linear weights kept between steps, float32 masters in "
            "AdamW (TrainConfig.bf16_weights, difflab.training.precision)",
 }
@@ -144,7 +148,7 @@ _INDUCTOR_SUFFIXES = {"rr6": {"realize_reads_threshold": 6},
                       "pc8": {"max_pointwise_cat_inputs": 8},
                       "nomix": {"triton.mix_order_reduction": False}}
 _DIFFLAB_ONLY = {"nchw", "fold", "nofold", "gncl", "gnops", "gnsum", "gnpt", "gn16", "tpsplit",
-                 "tpgroup", "gnoff", "pad8", "nopad8"}
+                 "tpgroup", "gnoff", "pad8", "nopad8", "rng"}
 _EXCLUSIVE = ({"fold", "nofold"}, {"gncl", "gnops", "gnsum", "gnpt"}, {"rr6", "rr4"},
               {"tpsplit", "tpgroup"}, {"pad8", "nopad8"})
 GROUP_NORM_FORMS = {"gncl": "function", "gnops": "ops", "gnsum": "sums"}
@@ -213,6 +217,9 @@ class Variant:
         from difflab.nn import blocks, fused
 
         torch.backends.cudnn.benchmark = "bench" in self.flags
+        import torch._functorch.config as functorch_config  # (read when a peer compiles)
+
+        functorch_config.functionalize_rng_ops = "rng" in self.flags
         fused.LOW_PRECISION_GPU_GROUP_NORM = "gn16" in self.flags
         fused.GROUP_NORM_TAKES_OFFSET = "gnoff" in self.flags
         devices, form, _, grouped, padded = _SHIPPED

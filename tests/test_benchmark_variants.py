@@ -108,7 +108,13 @@ def test_fold_is_set_per_model_and_switches_per_call(monkeypatch):
     parse_variant("difflab-nopad8").apply("cuda")
     assert blocks.PADDED_NARROW_CONVOLUTIONS == frozenset()
     parse_variant("difflab-pad8").apply("cuda")
+    import torch._functorch.config as functorch_config
+
+    monkeypatch.setattr(functorch_config, "functionalize_rng_ops", False)
+    parse_variant("difflab-rng").apply("cuda")
+    assert functorch_config.functionalize_rng_ops
     parse_variant("difflab").apply("cuda")  # the next peer of an interleaved run
+    assert not functorch_config.functionalize_rng_ops
     assert blocks.PADDED_NARROW_CONVOLUTIONS == frozenset()  # shipped: not padded (untimed)
     assert fused.COMPILED_CHANNELS_LAST_GROUP_NORM == {"cuda"}
     assert fused.CHANNELS_LAST_GROUP_NORM_FORM == "sums"  # CUDA's since the sixteenth session

@@ -311,6 +311,45 @@ def test_padded_narrow_convolutions_match_on_the_gpu(monkeypatch, cin, cout):
         _assert_close(errs, tol_all=tol, tol_each=tol)
 
 
+def test_compiled_dropout_with_functionalised_rng_draws_new_masks_each_step(monkeypatch):
+    """Benchmarks' -rng (dropout's masks from a seed and offset, recomputable in the backward):
+    under CUDA graphs each replay must draw new masks — the same input gives other outputs and
+    other gradients step after step (a replayed offset would repeat one mask for ever, which
+    no gradient check of a single step sees); in eval mode the outputs agree."""
+    import torch._functorch.config as functorch_config
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(functorch_config, "functionalize_rng_ops", True)
+    cfg = UNetConfig(block_out_channels=(32, 64), layers_per_block=1,
+                     attention_levels=(False, True), norm_num_groups=8, attention_head_dim=16,
+                     sample_size=16, dropout=0.5, in_channels=3, out_channels=3)
+    torch.manual_seed(0)
+    net = UNet2DModel(cfg).cuda().to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p), alpha=0.02)
+    step = torch.compile(net, mode="reduce-overhead")
+    x = torch.randn(8, 3, 16, 16, device="cuda").contiguous(memory_format=torch.channels_last)
+    t = torch.randint(0, 1000, (8,), device="cuda")
+    outs, grads = [], []
+    for _ in range(4):
+        torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = step(x, t).sample.float()
+        (g,) = torch.autograd.grad(out.square().mean(), [net.conv_in.weight])
+        outs.append(out.detach().clone())
+        grads.append(g.clone())
+    for i in range(3):
+        assert not torch.equal(outs[i], outs[i + 1]) and not torch.equal(grads[i], grads[i + 1])
+    net.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        torch.compiler.cudagraph_mark_step_begin()
+        a = step(x, t).sample.float().clone()
+        torch.compiler.cudagraph_mark_step_begin()
+        b = step(x, t).sample.float().clone()
+    assert torch.equal(a, b)
+
+
 def test_bf16_weights_train_like_autocasts_casts_on_the_gpu():
     """--bf16-weights on CUDA (deterministic kernels, so two runs can be compared bit for bit):
     the same weights as autocast casting the float32 weights every step."""
