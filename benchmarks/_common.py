@@ -189,6 +189,10 @@ class Variant:
         shipped = _SHIPPED[2].get(device_type, {}) if self.base == "difflab" else {}
         options = {**shipped, **{k: v for f in sorted(self.flags & set(_INDUCTOR_SUFFIXES))
                                  for k, v in _INDUCTOR_SUFFIXES[f].items()}}
+        if "rng" in self.flags:  # functorch's config is not among dynamo's guards: without a
+            # setting of its own (inductor's default, restated) a -rng peer would reuse an
+            # earlier peer's compiled step instead of compiling with functionalised rng
+            options["fallback_random"] = False
         return options or None
 
     def build(self, cfg, device_type: str):

@@ -34,6 +34,9 @@ def test_suffixes_in_any_order_give_the_same_variant():
     assert parse_variant("difflab-rr4-ck-pc8").inductor_options("cuda") == {
         "realize_reads_threshold": 4, "combo_kernels": True, "max_pointwise_cat_inputs": 8}
     assert parse_variant("diffusers").inductor_options("cuda") is None
+    # -rng's own (default-valued) setting: dynamo does not guard on functorch's config, so
+    # without it the peer would reuse an earlier peer's compile (seen on this CPU)
+    assert parse_variant("difflab-rng").inductor_options("cpu") == {"fallback_random": False}
     layouts = [parse_variant(n).channels_last
                for n in ("difflab", "difflab-nchw", "diffusers", "diffusers-cl")]
     assert layouts == [True, False, False, True]
