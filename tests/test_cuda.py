@@ -318,8 +318,15 @@ def test_compiled_dropout_with_functionalised_rng_draws_new_masks_each_step(monk
     no gradient check of a single step sees); in eval mode the outputs agree."""
     import torch._functorch.config as functorch_config
 
-    torch._dynamo.reset()
+    torch._dynamo.reset()  # (and at the end: no later test may reuse this compile)
     monkeypatch.setattr(functorch_config, "functionalize_rng_ops", True)
+    try:
+        _functionalised_rng_masks()
+    finally:
+        torch._dynamo.reset()
+
+
+def _functionalised_rng_masks():
     cfg = UNetConfig(block_out_channels=(32, 64), layers_per_block=1,
                      attention_levels=(False, True), norm_num_groups=8, attention_head_dim=16,
                      sample_size=16, dropout=0.5, in_channels=3, out_channels=3)
