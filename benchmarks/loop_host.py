@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 import timeit
 from pathlib import Path
 
@@ -39,19 +38,16 @@ def shrunk(preset: str) -> torch.nn.Module:
 def whole_step(preset: str, steps: int = 60) -> float:
     """Seconds per step of difflab's training loop on the shrunk model (float32, EMA, clipping,
     the sync-free guard a GPU runs), timed by the loss calls from step 20 on, best of 3."""
-    from difflab.training import TrainConfig, train
-    from difflab.training.objectives import DiffusionConfig, DiffusionObjective
+    from train_loop import TimedObjective
 
-    class Timed(DiffusionObjective):
-        def training_loss(self, batch, generator):
-            self.stamps.append(time.perf_counter())
-            return super().training_loss(batch, generator)
+    from difflab.training import TrainConfig, train
+    from difflab.training.objectives import DiffusionConfig
 
     best = float("inf")
     for _ in range(3):
         torch.manual_seed(0)
         net = shrunk(preset)
-        task = Timed(net, DiffusionConfig())
+        task = TimedObjective(net, DiffusionConfig())
         task.stamps = []
         c = net.config.in_channels
         images = torch.rand(64, c, 8, 8) * 2 - 1

@@ -36,7 +36,7 @@ from difflab.training import TrainConfig, loop, train  # noqa: E402
 from difflab.training.objectives import DiffusionConfig, DiffusionObjective  # noqa: E402
 
 
-class _Timed(DiffusionObjective):
+class TimedObjective(DiffusionObjective):
     """The ε objective, stamping the wall clock at every call (when the host starts a step;
     on a GPU it may be steps ahead of the device, except right after a read-back)."""
 
@@ -81,7 +81,7 @@ def run(cfg: UNetConfig, batch: int, steps: int, config: str, device: str) -> di
     options = variant.inductor_options(dev_type)
     loop.COMPILE_OPTIONS = {dev_type: options} if options else {}
     torch.manual_seed(0)
-    task = _Timed(variant.build(cfg, dev_type), DiffusionConfig())
+    task = TimedObjective(variant.build(cfg, dev_type), DiffusionConfig())
     task.stamps = []
     n = batch * 8
     images = torch.rand(n, cfg.in_channels, cfg.sample_size, cfg.sample_size) * 2 - 1

@@ -421,14 +421,14 @@ def test_ema_keeps_its_lookups_and_follows_tensors_replaced_between_steps():
     ema = EMA(model, decay=0.9)
     made = torch.zeros((), dtype=torch.float64)
 
-    def step(params=None):
+    def step():
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p))
         before = [p.clone() for p in ema.model.parameters()]
         w = (1.0 - torch.clamp((1 + made) / (10 + made), max=0.9)).float()
         ema.update(model, weight=torch.tensor(True), made=made,
-                   params=list(model.parameters()) if params is None else params)
+                   params=list(model.parameters()))  # a fresh list each step
         made.add_(1)
         for b, p, e in zip(before, model.parameters(), ema.model.parameters()):
             assert torch.equal(e, torch.lerp(b, p.detach(), w))

@@ -267,9 +267,8 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
     w16 = BF16Weights(task) if bf16_weights_apply and cfg.bf16_weights is not False else None
     # what the optimizer, the clipping, the guard and the EMA see: the module's parameters,
     # with bf16 weights the float32 masters in their place
-    float_params = w16.float_params if w16 is not None else None
-    ema_params = float_params or list(task.parameters())  # all of them, in the model's order
-    params = [p for p in float_params or task.parameters() if p.requires_grad]
+    all_params = w16.float_params if w16 is not None else list(task.parameters())  # in order
+    params = [p for p in all_params if p.requires_grad]
     # Fused AdamW (one kernel over all tensors; on CPU too, ~2.5× faster than the per-tensor
     # loop for the small U-Net); the lazy guard also needs it for its found_inf input.
     # Weight decay (if any) on matrices and kernels only: not on biases, norm gains or scalars
@@ -383,7 +382,7 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
         if w16 is not None:
             w16.weights_down()
         if ema is not None:
-            ema.update(task, weight=weight, params=ema_params, made=made)
+            ema.update(task, weight=weight, params=all_params, made=made)
 
     t0 = time.perf_counter()
     # A wall-clock budget becomes a step count, re-estimated at steps 15, 30, 60, ..., at least
