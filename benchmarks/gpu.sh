@@ -12,7 +12,8 @@
 #     PARTS=mfu,mfuprof MFU_LOOP_S=0, timeout_s=590): the CUDA-graph step of difflab as it
 #     ships with bf16 weights (-w16; since the sixteenth session the GroupNorm statistics from
 #     per-channel sums: 7,323 img/s, 34.4 % on an H100) and candidates (-w16-pad8,
-#     -w16-pad8-rng), each one's gradients checked against eager float32 first, and eager
+#     -w16-pad8-rng, -w16-pad8-gnoff; their compiles first side by side in subprocesses),
+#     each one's gradients checked against eager float32 first, and eager
 #     diffusers; then the whole loop (MFU_LOOP_S=0 skips it) and the CUDA test of the shipped
 #     compiled model against eager PyTorch — the measurements for the matmul-rate goal;
 #     part "mfuprof" (~2 min; in the same call it profiles part mfu's fastest): the kernel
@@ -102,19 +103,24 @@ if want mfu; then  # the matmul-rate goal (issue 5), sized to fit one call with 
 # one's input gradient alone ran 0.34 ms on a pre-Hopper cuDNN kernel, 2.7 TFLOP/s; a pixel of
 # 3 bf16 channels is 6 bytes, off the 16-byte alignment of the fast kernels), and on top
 # dropout's random numbers functionalised (-rng: masks recomputed in the backward instead of
-# 22 stored ones); -gnoff and cuDNN's algorithm search (-bench: 26 workspace-zeroing kernels,
-# 0.28 ms, in that profile) are MFU_PEERS choices for a later call; suffixes in
+# 22 stored ones) or -gnoff; cuDNN's algorithm search (-bench: 26 workspace-zeroing kernels,
+# 0.28 ms, in that profile) is an MFU_PEERS choice for a later call; suffixes in
 # benchmarks/_common.py. Eager
 # bf16 first (the peers, diffusers: the 1.5× reference). Each peer's gradients are checked against eager float32 of its own model
 # (tolerance: 1.5× what a right peer's error is anyway: eager bf16's rounding, for a compiled
 # peer other dropout masks), then it is timed at once (printed: a cut-off run keeps those);
 # one that fails to compile is dropped; then all are timed interleaved.
 echo "== 3m. MFU: the CUDA-graph step, difflab vs before and a candidate ($(left) s left)"
-# (compiles take ~60-125 s each: three fit beside the rest)
-MFU_PEERS=${MFU_PEERS:-difflab-w16,difflab-w16-pad8,difflab-w16-pad8-rng}
+# (compiles took ~55-125 s each, one after another, mostly on one core: since the nineteenth
+# session they first run side by side, MFU_WARM_JOBS at a time, in subprocesses that fill
+# inductor's on-disk caches, and each peer's compile here then loads its graphs from there
+# (printed: "N graphs from inductor's cache"); MFU_WARM_JOBS=0: one after another as before.
+# -cdt, inductor's coordinate-descent tuning, is not among them: it compiles each Triton
+# kernel's neighbouring block sizes one by one, reported 5-10x the compile time)
+MFU_PEERS=${MFU_PEERS:-difflab-w16,difflab-w16-pad8,difflab-w16-pad8-rng,difflab-w16-pad8-gnoff}
 fresh unet_train.json
 timeout "$(cap "${MFU_UNET_S:-400}" 150)" python3 benchmarks/unet_train.py "${MFU[@]}" \
-  --iters 10 --rounds 3 --modes bf16,bf16-ro \
+  --iters 10 --rounds 3 --modes bf16,bf16-ro --warm-compiles "${MFU_WARM_JOBS:-4}" \
   --peers "$MFU_PEERS,diffusers" --compile-peers "$MFU_PEERS" 2>&1 | tee "$OUT/mfu_unet.txt"
 cp benchmarks/out/unet_train.json "$OUT/extra/mfu_unet.json" 2>/dev/null
 # the fastest compiled candidate with right gradients: from the table, else from the
@@ -144,14 +150,14 @@ cp benchmarks/out/train_loop.json "$OUT/extra/mfu_loop.json" 2>/dev/null
 fi
 # 3m-c. the shipped compiled model (since the sixteenth session the sums form) and the
 # candidates against eager PyTorch on the GPU
-# (tests/test_cuda.py::test_compiled_mfu_candidate_trains_like_eager_pytorch[shipped, pad8];
+# (tests/test_cuda.py::test_compiled_mfu_candidate_trains_like_eager_pytorch[shipped, pad8, gnoff];
 # test_padded_narrow_convolutions_match_on_the_gpu: eager cuDNN, float32 and bf16;
 # test_compiled_dropout_with_functionalised_rng_draws_new_masks_each_step: -rng under CUDA
 # graphs; ~100 s: MFU_TESTS_S=100)
 if [ "${MFU_TESTS_S:-60}" != 0 ]; then
 echo "== 3m. tests/test_cuda.py ($(left) s left)"
 timeout "$(cap "${MFU_TESTS_S:-60}" 10)" python3 -m pytest -q -p no:cacheprovider -rf \
-  tests/test_cuda.py -k "(mfu_candidate and (shipped or pad8)) or padded_narrow or functionalised" 2>&1 | grep -v DEBUG | tail -15 \
+  tests/test_cuda.py -k "(mfu_candidate and (shipped or pad8 or gnoff)) or padded_narrow or functionalised" 2>&1 | grep -v DEBUG | tail -15 \
   | tee "$OUT/mfu_tests.txt"
 fi
 echo "$BEST" > "$OUT/mfu_best.txt"

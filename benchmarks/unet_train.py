@@ -31,7 +31,9 @@ import argparse
 import contextlib
 import copy
 import re
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,6 +57,7 @@ from _common import (  # noqa: E402
 )
 
 from difflab.models.unet import PRESETS, UNet2DModel, UNetConfig  # noqa: E402
+from difflab.nn.fused import fused_group_norm_available  # noqa: E402
 from difflab.perf import keep_freed_memory  # noqa: E402
 from difflab.training.loop import compile_kwargs  # noqa: E402
 from difflab.training.precision import BF16Weights  # noqa: E402
@@ -108,6 +111,10 @@ def make_step(model: torch.nn.Module, batch: int, cfg: UNetConfig, device: torch
     fwd = model
     graphs = mode.endswith("-ro")
     if is_compiled(mode):
+        if device.type == "cpu":  # difflab's channels-last GroupNorm kernel loaded before
+            # tracing, as the training loop does: loaded later (by an eager reference), it
+            # fails a guard and the step compiles a second time
+            fused_group_norm_available()
         fwd = torch.compile(model, **compile_kwargs("reduce-overhead" if graphs else "default",
                                                     variant.inductor_options(device.type)))
     g = torch.Generator(device=device).manual_seed(0)
@@ -261,14 +268,19 @@ def exact_kernels():
     (pytorch/pytorch#150700; the thirteenth session's 5.4 % and NCHW 48 %, blamed on it, were
     other dropout masks and noise: PROBE_SEED, :func:`reference_name`). On the sixteenth
     session's H100 cuDNN's float32 gradients were 0.1 % from this reference. Nothing changes
-    on a CPU."""
-    matmul = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    on a CPU. The matmul setting is written only if TF32 is on: PyTorch's default, "none", is
+    not the "ieee" that ``allow_tf32 = False`` writes, inductor's graph cache key reads it, and
+    every compile after a reference missed the cache the warm-ups had filled."""
+    matmul = torch.backends.cuda.matmul
+    tf32 = matmul.allow_tf32
+    if tf32:
+        matmul.allow_tf32 = False
     try:
         with torch.backends.cudnn.flags(enabled=False):
             yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = matmul
+        if tf32:
+            matmul.allow_tf32 = True
 
 
 def reference_name(peer: str, mode: str) -> str:
@@ -362,6 +374,93 @@ def flops_per_step(model: torch.nn.Module, cfg: UNetConfig, batch: int) -> float
     return float(step_flop_counter(model, cfg, batch).get_total_flops())
 
 
+def warm_command(args: argparse.Namespace, mode: str, peer: str) -> list[str]:
+    """The command line of one peer's warm-up (this script with ``--warm-only``)."""
+    return [sys.executable, str(Path(__file__).resolve()), "--warm-only", "--preset",
+            args.preset, "--batch", str(args.batch), "--device", args.device, "--modes", mode,
+            "--peers", peer, "--compile-peers", peer]
+
+
+def warm_compiles(args: argparse.Namespace, pairs: list[tuple[str, str]], jobs: int,
+                  timeout: float = 300.0, command=warm_command) -> None:
+    """Compile each (mode, peer) of ``pairs`` in a subprocess of its own, ``jobs`` at a time
+    (``--warm-only``: the peer's first forward + backward, nothing timed), those still running
+    after ``timeout`` seconds stopped. Inductor's on-disk
+    caches (the FX graph, AOTAutograd and Triton kernel caches, cross-process by design) then
+    make each peer's compile in this process short; the compiles themselves overlap: on a
+    16-core GPU machine each took 55-125 s alone, mostly on one core (dynamo, AOTAutograd,
+    inductor's lowering and code generation). On this 2-core CPU (where inductor's C++
+    compiles use both cores already, so that side by side does not pay) a warm-up of the small
+    preset's step took 76 s cold and 15 s again in another process, every graph from the cache
+    (RESULTS.md, nineteenth session). A warm-up that fails is reported in one line: the peer
+    then compiles here as before (and fails here, if it must, in its own row).
+
+    The warm-ups ran their kernels side by side, so the block sizes inductor picked by timing
+    candidates on the GPU (its autotuning, kept as ``*.best_config`` files beside the kernels)
+    were timed on a shared GPU: the ones they wrote are removed, and this process times those
+    kernels again, alone, as a cold compile would."""
+    t0, started = time.perf_counter(), time.time()
+    pending, running = list(pairs), []
+    while pending or running:
+        while pending and len(running) < jobs:
+            mode, peer = pending.pop(0)
+            log = tempfile.TemporaryFile()
+            running.append((mode, peer, log, time.perf_counter(), subprocess.Popen(
+                command(args, mode, peer), stdout=log, stderr=subprocess.STDOUT)))
+        time.sleep(0.2)
+        late = time.perf_counter() - t0 > timeout
+        for item in [r for r in running if late or r[4].poll() is not None]:
+            running.remove(item)
+            mode, peer, log, start, proc = item
+            stopped = proc.poll() is None  # past the time allowed: it compiles here
+            if stopped:
+                proc.kill()
+                proc.wait()
+            log.seek(0)
+            lines = log.read().decode(errors="replace").strip().splitlines()
+            log.close()
+            errors = [ln for ln in lines if re.match(r"\w+(Error|Exception|Failed)\b", ln)]
+            lines = errors or lines  # (the exception's line, not dynamo's advice after it)
+            took = f"{time.perf_counter() - start:.1f} s"
+            outcome = f"compiled in a subprocess in {took}" if proc.returncode == 0 else (
+                f"warm-up STOPPED after {took} (the warm-ups' {timeout:.0f} s were up)"
+                if stopped else
+                f"warm-up FAILED after {took} (exit {proc.returncode}: "
+                f"{lines[-1] if lines else ''})") + "; it compiles here"
+            print(f"{mode} {peer}: {outcome}", flush=True)
+        if late:
+            pending.clear()
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    tuned = [f for f in Path(cache_dir()).rglob("*.best_config")
+             if f.stat().st_mtime >= started - 1]
+    for f in tuned:
+        f.unlink(missing_ok=True)
+    print(f"{len(pairs)} compiles, {jobs} at a time: {time.perf_counter() - t0:.1f} s "
+          f"({len(tuned)} autotuning results they timed side by side removed)", flush=True)
+
+
+def graph_cache_counts() -> tuple[int, int]:
+    """Inductor's FX graph cache hits and misses so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+
+
+def warm_only(args: argparse.Namespace, cfg: UNetConfig, device: torch.device) -> None:
+    """``--warm-only``: one peer's first forward + backward in one compiled mode, as
+    :func:`main` runs it (same model, weights, batch and switches), so that inductor's caches
+    hold what that run will compile."""
+    torch.manual_seed(0)
+    variant = parse_variant(args.peers)
+    step, _ = make_step(off_zero_init(variant.build(cfg, device.type)), args.batch, cfg, device,
+                        args.modes, variant)
+    with_settings(step, variant, device.type).probe()
+    sync(device)
+    hits, misses = graph_cache_counts()
+    print(f"{hits} graphs from inductor's cache, {misses} compiled")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="small", choices=sorted(PRESETS))
@@ -378,6 +477,13 @@ def main() -> None:
     ap.add_argument("--allocator", default="keep", choices=["keep", "default"],
                     help="keep: glibc keeps freed activation buffers, as `difflab train` sets "
                     "it (difflab.perf.keep_freed_memory; process-wide, so for every peer)")
+    ap.add_argument("--warm-compiles", type=int, default=0, metavar="N",
+                    help="first compile the compiled peers in subprocesses, N at a time "
+                    "(inductor's on-disk caches then make each compile here short); 0: off")
+    ap.add_argument("--warm-timeout", type=float, default=300.0, metavar="S",
+                    help="warm-ups still running after S seconds are stopped (their peers "
+                    "then compile in this process)")
+    ap.add_argument("--warm-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.allocator == "keep" and not keep_freed_memory():
         args.allocator = "default (keep needs glibc)"
@@ -390,11 +496,20 @@ def main() -> None:
         ap.error(str(e))
     device = torch.device(args.device)
     cfg = preset_config(args.preset, device.type)
+    if args.warm_only:
+        if "," in args.modes + args.peers or not is_compiled(args.modes):
+            ap.error("--warm-only takes one compiled mode and one peer")
+        warm_only(args, cfg, device)
+        return
 
     peak = {"fp32": matmul_ceiling(device, torch.float32),
             "bf16": matmul_ceiling(device, torch.bfloat16)}
     torch.manual_seed(0)
     flops = flops_per_step(UNet2DModel(cfg), cfg, args.batch)
+    if args.warm_compiles > 0:  # (after the matmul ceiling: the compiles use the GPU too)
+        warm_compiles(args, [(m, p) for m in args.modes.split(",") if is_compiled(m)
+                             for p in args.peers.split(",") if p in args.compile_peers.split(",")],
+                      args.warm_compiles, args.warm_timeout)
     rows, results, check = [], {}, GradientCheck(cfg, args.batch, device)
     for mode in args.modes.split(","):
         ceiling = peak["bf16" if mode.startswith("bf16") else "fp32"]
@@ -416,7 +531,7 @@ def main() -> None:
         errors = {}
         for peer, (step, _) in list(steps.items()):  # compile (or warm) each peer first, so
             # one that fails to compile is reported and dropped rather than ending the run
-            t0 = time.perf_counter()
+            t0, cached = time.perf_counter(), graph_cache_counts()
             try:
                 grads = step.probe()  # its gradients first (this call compiles)
                 errors[peer] = check(peer, mode, grads)
@@ -428,9 +543,13 @@ def main() -> None:
                 del steps[peer]
                 continue
             first = time.perf_counter() - t0
+            hits, misses = (b - a for a, b in zip(cached, graph_cache_counts()))
+            cache_note = f" ({hits} graphs from inductor's cache, {misses} compiled)" \
+                if is_compiled(mode) else ""
             sec = time_fn(step, device, iters=args.iters, warmup=1)  # a first reading at once:
             # if the run is cut off while later peers compile, this one has its number
-            print(f"{mode} {peer}: first step {first:.1f} s, then {args.batch / sec:,.0f} img/s "
+            print(f"{mode} {peer}: first step {first:.1f} s{cache_note}, "
+                  f"then {args.batch / sec:,.0f} img/s "
                   f"({100 * flops / sec / ceiling:.1f} % of the matmul peak; provisional)"
                   f"{grad_note(errors.get(peer), check.tolerance(mode))}", flush=True)
         times = {p: [] for p in steps}

@@ -2,6 +2,9 @@
 train_loop.py's --configs and profile_step.py's --variant must mean the same model, settings
 and inductor options, and a misspelt name must stop the script before a GPU minute is spent."""
 
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -333,6 +336,16 @@ def test_exact_reference_kernels_switch_cudnn_and_tf32_off_and_back():
         assert torch.backends.cudnn.enabled and torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before[1]
+    # exactly as it was, not merely "TF32 off": inductor's graph cache key reads the setting
+    # ("none", a fresh process's, vs "ieee", which allow_tf32 = False writes), and a compile
+    # after the reference missed the cache that unet_train's warm-ups fill (a fresh process:
+    # PyTorch refuses to mix the setting's old and new names in one)
+    code = ("import sys, torch; sys.path.insert(0, 'benchmarks'); from unet_train import "
+            "exact_kernels\nwith exact_kernels(): pass\n"
+            "print(torch.backends.cuda.matmul.fp32_precision)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], check=True).stdout
+    assert out.split() == ["none"]
     cpu = torch.device("cpu")
     exact, plain = reference_grads(CFG, 2, cpu, exact=True), reference_grads(CFG, 2, cpu)
     assert exact.keys() == plain.keys()
@@ -415,3 +428,47 @@ def test_an_older_src_without_the_newer_switches_still_reads_as_shipped(monkeypa
 
     monkeypatch.delattr(blocks, "PADDED_NARROW_CONVOLUTIONS")
     assert _common._shipped()[4] == frozenset()
+
+
+def test_warm_compiles_run_side_by_side_report_each_and_drop_their_autotuning(
+        tmp_path, monkeypatch, capsys):
+    """unet_train --warm-compiles: the warm-ups run N at a time; one that succeeds, fails or
+    runs past the time allowed is reported in one line each (the latter two then compile in
+    the main process); the autotuning results they wrote (timed on a shared GPU) are removed,
+    older ones kept."""
+    import argparse
+    import time
+
+    from unet_train import warm_compiles
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    old = tmp_path / "ab" / "old.best_config"
+    old.parent.mkdir()
+    old.write_text("{}")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    log = tmp_path / "log"
+    scripts = {  # each peer's stand-in warm-up: when it ran (to see the overlap), then ...
+        "ok": f"open('{tmp_path}/ab/new.best_config', 'w').write('{{}}')",
+        "bad": "print('a compile error'); raise SystemExit(3)",
+        "slow": "time.sleep(30)",
+    }
+
+    def command(args, mode, peer):
+        return [sys.executable, "-c", f"import time; open('{log}', 'a').write("
+                f"'{peer} %f\\n' % time.time()); time.sleep(1); " + scripts[peer]]
+
+    t0 = time.time()
+    warm_compiles(argparse.Namespace(), [("bf16-ro", p) for p in scripts], jobs=2, timeout=4,
+                  command=command)
+    out = capsys.readouterr().out
+    assert time.time() - t0 < 15  # the slow one was stopped
+    assert re.search(r"^bf16-ro ok: compiled in a subprocess in \d", out, re.M)
+    assert re.search(r"^bf16-ro bad: warm-up FAILED after [\d.]+ s \(exit 3: a compile "
+                     r"error\); it compiles here$", out, re.M)
+    assert re.search(r"^bf16-ro slow: warm-up STOPPED after [\d.]+ s \(the warm-ups' 4 s were "
+                     r"up\); it compiles here$", out, re.M)
+    started = {line.split()[0]: float(line.split()[1]) for line in log.read_text().splitlines()}
+    assert abs(started["ok"] - started["bad"]) < 0.9  # the first two side by side ...
+    assert started["slow"] - min(started["ok"], started["bad"]) > 0.9  # ... the third after
+    assert old.exists() and not (tmp_path / "ab" / "new.best_config").exists()
+    assert "3 compiles, 2 at a time" in out and "1 autotuning results" in out
