@@ -12,7 +12,8 @@
 #     PARTS=mfu,mfuprof MFU_LOOP_S=0, timeout_s=590): the CUDA-graph step of difflab as it
 #     ships with bf16 weights (-w16; since the sixteenth session the GroupNorm statistics from
 #     per-channel sums: 7,323 img/s, 34.4 % on an H100) and candidates (-w16-pad8,
-#     -w16-pad8-rng, -w16-pad8-gnoff; their compiles first side by side in subprocesses),
+#     -w16-pad8-gnoff, -w16-pad8-ck, -w16-pad8-rng; their compiles first side by side in
+#     subprocesses),
 #     each one's gradients checked against eager float32 first, and eager
 #     diffusers; then the whole loop (MFU_LOOP_S=0 skips it) and the CUDA test of the shipped
 #     compiled model against eager PyTorch — the measurements for the matmul-rate goal;
@@ -96,20 +97,25 @@ if want mfu; then  # the matmul-rate goal (issue 5), sized to fit one call with 
 # projections in one product, their stacked weights concatenated by one kernel:
 # max_pointwise_cat_inputs=32; the sixteenth's: GroupNorm statistics from per-channel sums),
 # with bf16 weight copies kept between steps (-w16, --bf16-weights: 7,323 img/s, 34.4 %;
-# before the sixteenth, -gnops-w16, 6,813 in the same run), and candidates: -gnoff, conv1's
-# bias and time projection handed to the sums-form GroupNorm (22 fewer extern kernels, 0.3 GB
-# less by a CPU count; the seventeenth session's), and the 3-channel first and last
-# convolutions zero-padded to 8 channels (-pad8: in the sixteenth session's profile the last
-# one's input gradient alone ran 0.34 ms on a pre-Hopper cuDNN kernel, 2.7 TFLOP/s; a pixel of
-# 3 bf16 channels is 6 bytes, off the 16-byte alignment of the fast kernels), and on top
-# dropout's random numbers functionalised (-rng: masks recomputed in the backward instead of
-# 22 stored ones) or -gnoff; cuDNN's algorithm search (-bench: 26 workspace-zeroing kernels,
-# 0.28 ms, in that profile) is an MFU_PEERS choice for a later call; suffixes in
-# benchmarks/_common.py. Eager
-# bf16 first (the peers, diffusers: the 1.5× reference). Each peer's gradients are checked against eager float32 of its own model
-# (tolerance: 1.5× what a right peer's error is anyway: eager bf16's rounding, for a compiled
-# peer other dropout masks), then it is timed at once (printed: a cut-off run keeps those);
-# one that fails to compile is dropped; then all are timed interleaved.
+# before the sixteenth, -gnops-w16, 6,813 in the same run), and candidates:
+#   -pad8   the 3-channel first and last convolutions zero-padded to 8 channels (in the
+#           sixteenth session's profile one input gradient alone ran 0.34 ms on a pre-Hopper
+#           cuDNN kernel, 2.7 TFLOP/s: a pixel of 3 bf16 channels is 6 bytes, off the 16-byte
+#           alignment of the fast kernels); each candidate below is -pad8 plus one change:
+#   -gnoff  conv1's bias and time projection handed to the sums-form GroupNorm (22 fewer
+#           extern kernels, 0.3 GB less by a CPU count; the seventeenth session's);
+#   -ck     inductor's combo kernels: independent small kernels (e.g. the GroupNorms'
+#           per-channel sums) launched as one (never timed: the twelfth and sixteenth
+#           sessions' calls ran out of time before its compile);
+#   -rng    dropout's random numbers functionalised (masks recomputed in the backward
+#           instead of 22 stored ones);
+# cuDNN's algorithm search (-bench: 26 workspace-zeroing kernels, 0.28 ms, in that profile)
+# is an MFU_PEERS choice for a later call; suffixes in benchmarks/_common.py. Eager bf16
+# first (the peers, diffusers: the 1.5× reference). Each peer's gradients are checked against
+# eager float32 of its own model (tolerance: 1.5× what a right peer's error is anyway: eager
+# bf16's rounding, for a compiled peer other dropout masks), then it is timed at once
+# (printed: a cut-off run keeps those); one that fails to compile is dropped; then all are
+# timed interleaved.
 echo "== 3m. MFU: the CUDA-graph step, difflab vs before and a candidate ($(left) s left)"
 # (compiles took ~55-125 s each, one after another, mostly on one core: since the nineteenth
 # session they first run side by side, MFU_WARM_JOBS at a time, in subprocesses that fill
@@ -117,10 +123,10 @@ echo "== 3m. MFU: the CUDA-graph step, difflab vs before and a candidate ($(left
 # (printed: "N graphs from inductor's cache"); MFU_WARM_JOBS=0: one after another as before.
 # -cdt, inductor's coordinate-descent tuning, is not among them: it compiles each Triton
 # kernel's neighbouring block sizes one by one, reported 5-10x the compile time)
-MFU_PEERS=${MFU_PEERS:-difflab-w16,difflab-w16-pad8,difflab-w16-pad8-rng,difflab-w16-pad8-gnoff}
+MFU_PEERS=${MFU_PEERS:-difflab-w16,difflab-w16-pad8,difflab-w16-pad8-gnoff,difflab-w16-pad8-ck,difflab-w16-pad8-rng}
 fresh unet_train.json
 timeout "$(cap "${MFU_UNET_S:-400}" 150)" python3 benchmarks/unet_train.py "${MFU[@]}" \
-  --iters 10 --rounds 3 --modes bf16,bf16-ro --warm-compiles "${MFU_WARM_JOBS:-4}" \
+  --iters 10 --rounds 3 --modes bf16,bf16-ro --warm-compiles "${MFU_WARM_JOBS:-5}" \
   --peers "$MFU_PEERS,diffusers" --compile-peers "$MFU_PEERS" 2>&1 | tee "$OUT/mfu_unet.txt"
 cp benchmarks/out/unet_train.json "$OUT/extra/mfu_unet.json" 2>/dev/null
 # the fastest compiled candidate with right gradients: from the table, else from the
@@ -150,14 +156,14 @@ cp benchmarks/out/train_loop.json "$OUT/extra/mfu_loop.json" 2>/dev/null
 fi
 # 3m-c. the shipped compiled model (since the sixteenth session the sums form) and the
 # candidates against eager PyTorch on the GPU
-# (tests/test_cuda.py::test_compiled_mfu_candidate_trains_like_eager_pytorch[shipped, pad8, gnoff];
+# (tests/test_cuda.py::test_compiled_mfu_candidate_trains_like_eager_pytorch[shipped, pad8, gnoff, ck];
 # test_padded_narrow_convolutions_match_on_the_gpu: eager cuDNN, float32 and bf16;
 # test_compiled_dropout_with_functionalised_rng_draws_new_masks_each_step: -rng under CUDA
 # graphs; ~100 s: MFU_TESTS_S=100)
 if [ "${MFU_TESTS_S:-60}" != 0 ]; then
 echo "== 3m. tests/test_cuda.py ($(left) s left)"
 timeout "$(cap "${MFU_TESTS_S:-60}" 10)" python3 -m pytest -q -p no:cacheprovider -rf \
-  tests/test_cuda.py -k "(mfu_candidate and (shipped or pad8 or gnoff)) or padded_narrow or functionalised" 2>&1 | grep -v DEBUG | tail -15 \
+  tests/test_cuda.py -k "(mfu_candidate and (shipped or pad8 or gnoff or ck)) or padded_narrow or functionalised" 2>&1 | grep -v DEBUG | tail -15 \
   | tee "$OUT/mfu_tests.txt"
 fi
 echo "$BEST" > "$OUT/mfu_best.txt"

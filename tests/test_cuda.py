@@ -233,7 +233,7 @@ _CANDIDATES = {"shipped": "difflab", "plain": "difflab-gnpt-nofold-rr4",
                "fold-gncl-rr6-nomix": "difflab-fold-gncl-rr6-nomix",
                "gnops": "difflab-gnops-nofold-rr4", "fold-gnops-rr6": "difflab-fold-gnops-rr6",
                "gnsum": "difflab-gnsum", "before16": "difflab-gnops", "gnoff": "difflab-gnoff",
-               "tpsplit": "difflab-tpsplit-pc8", "pad8": "difflab-pad8"}
+               "tpsplit": "difflab-tpsplit-pc8", "pad8": "difflab-pad8", "ck": "difflab-ck"}
 
 
 @pytest.mark.parametrize("variant", list(_CANDIDATES))
@@ -249,8 +249,8 @@ def test_compiled_mfu_candidate_trains_like_eager_pytorch(monkeypatch, variant):
     compiled; since the fourteenth the time projections in one product, -tpsplit-pc8 without;
     since the sixteenth the GroupNorm statistics from per-channel sums, "before16" without;
     -gnoff: conv1's bias and time projection handed to them; -pad8: the 3-channel first and
-    last convolutions zero-padded to 8 channels), the others switch each part alone. The eager
-    reference runs unpadded."""
+    last convolutions zero-padded to 8 channels; -ck: inductor's combo kernels), the others
+    switch each part alone. The eager reference runs unpadded."""
     from difflab.training.loop import compile_kwargs
 
     torch._dynamo.reset()
