@@ -311,6 +311,31 @@ def test_minutes_budget_survives_a_slow_start_and_a_resume(digits, tmp_path):
     assert 2.7 < res.seconds < 3.6, res.seconds  # elapsed before + after the resume
 
 
+def test_step_budget_estimates_from_the_latest_window_and_stops_at_the_budget():
+    """StepBudget on a simulated clock (100-s budget): the first estimate at step 15 from the
+    rate since step 5; after a slow start (5 steps/s, then 20) the estimate at step 60 follows
+    the latest window, not the slow average; an estimate reached early is renewed; the budget
+    is a hard stop."""
+    from difflab.training.budget import StepBudget
+
+    budget, total, t = StepBudget(100.0), None, 0.0
+    for step in range(1, 61):
+        t += 0.2 if step <= 15 else 0.05
+        total, spent = budget.total(step, total, t, t)
+        assert not spent
+        if step < 15:
+            assert total is None
+        if step == 15:  # 10 steps in 2 s since step 5, 97 s left
+            assert abs(total - (15 + 97 * 5)) <= 1
+        if step == 30:  # 25 steps in 2.75 s since step 5: still half the slow start's
+            assert abs(total - (30 + 96.25 * 25 / 2.75)) <= 1
+    assert abs(total - (60 + 94.75 * 20)) <= 1  # 30 steps in 1.5 s since step 30
+    t += 0.05
+    renewed, spent = budget.total(61, 61, t, t)  # the estimate reached with time left
+    assert renewed > 61 + 90 * 10 and not spent
+    assert budget.total(62, renewed, 100.0, 100.0) == (62, True)
+
+
 @pytest.mark.parametrize("bad", [dict(batch_size=0), dict(lr=-1.0), dict(lr_schedule="step"),
                                  dict(mixed_precision="fp8"), dict(ema_decay=1.0),
                                  dict(minutes=float("nan"))])

@@ -1,5 +1,5 @@
-"""Process-wide settings: faster eager CPU execution (applied by the CLI), mixed precision,
-repeatable GPU kernels."""
+"""Process-wide settings and machine facts: faster eager CPU execution (applied by the CLI),
+mixed precision, repeatable GPU kernels, a device's memory."""
 
 from __future__ import annotations
 
@@ -117,3 +117,26 @@ def deterministic_kernels(on: bool = True) -> Iterator[None]:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2:4]
         if saved[4] is None:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
+def memory_bytes(device: object = "cpu") -> int | None:
+    """Memory of ``device`` (a torch.device or its name): a GPU's total memory, or the
+    machine's physical RAM for the CPU (None where the system does not say)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def is_oom(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation failure (CUDA's own error, or a CPU allocator's message)."""
+    import torch
+
+    msg = str(e)
+    return isinstance(e, torch.OutOfMemoryError) or any(
+        s in msg for s in ("not enough memory", "out of memory", "can't allocate memory"))

@@ -30,6 +30,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from difflab.data.dataset import SPLITS, ImageDataset, scale_pixels_
 from difflab.errors import DataError
+from difflab.perf import memory_bytes
 
 log = logging.getLogger(__name__)
 
@@ -194,13 +195,6 @@ def _decode(path: Path, channels: int, image_size: int | None) -> np.ndarray:
     return a
 
 
-def _memory_bytes() -> int | None:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
 def load_folder(
     path: str | Path,
     split: str = "train",
@@ -233,7 +227,7 @@ def load_folder(
                     "(image_size=N) resizes and center-crops every image"
                 )
     height, width = (h0, w0) if image_size is None else (image_size, image_size)
-    need, have = len(items) * channels * height * width * 4, _memory_bytes()
+    need, have = len(items) * channels * height * width * 4, memory_bytes()
     if have is not None and need > have:
         raise DataError(
             f"{folder}: {len(items):,} images of {channels}x{height}x{width} need "

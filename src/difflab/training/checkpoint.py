@@ -10,6 +10,7 @@ up after a writer that was killed half-way (called by ``--resume``).
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from difflab.errors import CheckpointError
+from difflab.config import Config
+from difflab.errors import CheckpointError, DifflabError
 from difflab.io import (
     atomic_write_json,
     fault_point,
@@ -120,3 +122,36 @@ def load_training_state(folder: Path, task: nn.Module, opt: torch.optim.Optimize
     _match_param_layout(opt)
     meta.update(load_tensors(folder / "training_state.safetensors"))
     return meta
+
+
+# --- resuming: the same run or none ----------------------------------------------------------
+
+def data_fingerprint(images: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    """Shape and float64 sums of the training data: a resumed run must see the same data."""
+    return {"shape": list(images.shape),
+            "sum": float(images.sum(dtype=torch.float64)),
+            "sum_sq_strided": float(images.flatten()[::101].double().pow(2).sum()),
+            "labels": int(labels.sum(dtype=torch.int64))}
+
+
+# TrainConfig keys a resumed run may change: how it reports and saves, not what it computes.
+RESUME_MAY_CHANGE = frozenset({"progress", "checkpoint_every", "checkpoint_minutes",
+                               "max_nonfinite", "lazy_guard", "compile", "bf16_weights"})
+
+
+def check_resume(state: dict[str, Any], cfg: Config, data: dict[str, Any],
+                 out_dir: Path) -> None:
+    """A checkpoint continues only the run that wrote it: same data, same training settings
+    (budget included); otherwise a DifflabError names what differs."""
+    saved = json.loads(json.dumps(state.get("config", {})))  # tuples → lists, as on disk
+    now = json.loads(json.dumps(cfg.to_dict()))
+    diff = [f"{k}={saved.get(k)!r} (now {now[k]!r})" for k in now
+            if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k]]
+    if diff:
+        raise DifflabError(f"{out_dir}: --resume continues the run as it was started, but "
+                           f"this command changes {', '.join(diff)}; resume with the run's own "
+                           "settings (checkpoint/state.json) or train into a new --out")
+    old = state.get("data")
+    if old is not None and old != json.loads(json.dumps(data)):
+        raise DifflabError(f"{out_dir}: --resume with other data than the run was started on "
+                           f"(images {old['shape']} vs {data['shape']}, or other values)")

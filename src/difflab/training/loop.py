@@ -16,11 +16,7 @@ losses are averaged over processes; only the main process writes checkpoints.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
-import signal
-import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -35,15 +31,19 @@ from difflab._tqdm import tqdm
 from difflab.config import Config, check_choice, check_positive
 from difflab.errors import CheckpointError, ConfigError, DifflabError
 from difflab.nn.fused import fused_group_norm_available
-from difflab.perf import deterministic_kernels, resolve_mixed_precision
+from difflab.perf import deterministic_kernels, is_oom, memory_bytes, resolve_mixed_precision
 from difflab.rng import BatchShard, ShardedGenerator
+from difflab.training.budget import StepBudget
 from difflab.training.checkpoint import (
+    check_resume,
+    data_fingerprint,
     load_training_state,
     recover_checkpoint,
     save_training_state,
 )
 from difflab.training.ema import EMA
 from difflab.training.precision import BF16Weights
+from difflab.training.processes import GracefulStop, launched_processes, multi_cpu
 
 
 @dataclass(kw_only=True)
@@ -197,7 +197,7 @@ def train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Trai
     (after the step in progress); with ``resume`` the run continues bit-exactly from the last
     one (on a GPU with ``cfg.deterministic``) — if the data and the settings are the run's own
     (:func:`check_resume`)."""
-    with deterministic_kernels(cfg.deterministic), _GracefulStop() as stop:
+    with deterministic_kernels(cfg.deterministic), GracefulStop() as stop:
         try:
             return _train(task, images, labels, cfg, out_dir=out_dir, resume=resume, desc=desc,
                           on_checkpoint=on_checkpoint, stop=stop)
@@ -215,7 +215,7 @@ _NO_DETERMINISTIC = "does not have a deterministic implementation"
 def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, *,
            out_dir: str | Path | None, resume: bool, desc: str,
            on_checkpoint: Callable[[nn.Module, int], None] | None,
-           stop: _GracefulStop) -> TrainResult:
+           stop: GracefulStop) -> TrainResult:
     from accelerate import Accelerator  # heavy import, only when training
 
     if len(images) == 0:
@@ -228,11 +228,11 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
     if cfg.mixed_precision == "fp16" and precision == "no":
         warnings.warn("fp16 autocast needs a CUDA GPU: training in float32 (bf16 autocast "
                       "works on CPUs)", stacklevel=2)
-    acc = Accelerator(mixed_precision=precision, cpu=_multi_cpu())
+    acc = Accelerator(mixed_precision=precision, cpu=multi_cpu())
     dev = acc.device
     world, rank = acc.num_processes, acc.process_index
-    if world != _launched_processes():  # each process would train alone on the global batch
-        raise DifflabError(f"launched as {_launched_processes()} processes but Accelerate sees "
+    if world != launched_processes():  # each process would train alone on the global batch
+        raise DifflabError(f"launched as {launched_processes()} processes but Accelerate sees "
                            f"{world} ({acc.distributed_type}); check the launcher's settings")
     if cfg.batch_size % world:
         raise ConfigError(f"TrainConfig.batch_size={cfg.batch_size} must be divisible by the "
@@ -385,17 +385,10 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
             ema.update(task, weight=weight, params=all_params, made=made)
 
     t0 = time.perf_counter()
-    # A wall-clock budget becomes a step count, re-estimated at steps 15, 30, 60, ..., at least
-    # every 5% of the budget from the rate of the latest window, and whenever the estimate is
-    # reached before the budget is spent; capped by a hard stop: the cosine LR schedule needs a
-    # horizon, and the machine's speed may change under load (a slow start must not end the
-    # run early once the machine is free again). A resumed run does the same with the time its
-    # checkpoint had used. With several processes rank 0 decides, every few steps, and the
-    # others follow (no divergent stops).
-    budgeted = cfg.max_steps is None and cfg.minutes is not None
-    budget_s = (cfg.minutes or 0.0) * 60
-    recal_s = max(5.0, 0.05 * budget_s)
-    next_calib, rate_mark, last_mark = 15, None, None
+    # A wall-clock budget becomes a step count (StepBudget); with several processes rank 0
+    # decides, every few steps, and the others follow (no divergent stops).
+    budget = StepBudget(cfg.minutes * 60) if cfg.max_steps is None and \
+        cfg.minutes is not None else None
     sync_every = 5 if world > 1 else 1
     bar = tqdm(total=total, initial=step, desc=desc, disable=not (cfg.progress and
                acc.is_main_process), dynamic_ncols=True, leave=False)
@@ -438,7 +431,7 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
             if w16 is not None:
                 w16.grads_up()
         except (torch.OutOfMemoryError, RuntimeError) as e:
-            if not _is_oom(e):
+            if not is_oom(e):
                 raise
             raise DifflabError(f"out of memory at batch size {cfg.batch_size} "
                                f"({local_bs} per process on {dev}); use a smaller "
@@ -475,23 +468,10 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
             bar.update(1)
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{rec['loss']:.4f}")
-        if budgeted and step % sync_every == 0:
+        if budget is not None and step % sync_every == 0:
             now = time.perf_counter()
-            elapsed = elapsed_before + now - t0
-            if rate_mark is None and step >= 5:
-                rate_mark = last_mark = (step, now)
-            new_total = total
-            if elapsed >= budget_s:
-                new_total, out_of_time = step, True  # hard stop at the budget
-            elif rate_mark is not None and step >= rate_mark[0] + 5 and (
-                    step >= next_calib or now - last_mark[1] >= recal_s
-                    or (total is not None and step >= total)):  # about to stop early
-                ref = last_mark if step - last_mark[0] >= 20 else rate_mark
-                rate = (step - ref[0]) / (now - ref[1])  # steps per second, latest window
-                new_total = max(step + 1, step + int((budget_s - elapsed) * rate))
-                last_mark = (step, now)
-                while next_calib <= step:
-                    next_calib *= 2
+            new_total, spent = budget.total(step, total, elapsed_before + now - t0, now)
+            out_of_time = out_of_time or spent
             if world > 1:  # one decision for all processes: rank 0's
                 from accelerate.utils import broadcast
 
@@ -525,132 +505,17 @@ def _train(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
                        processes=world, bf16_weights=w16 is not None)
 
 
-class _GracefulStop:
-    """While open, Ctrl-C or SIGTERM sets ``signal``: the loop finishes its step, writes a
-    checkpoint and stops (a second signal stops at once). Only in the main thread (Python
-    delivers signals there); on exit the previous handlers are back."""
-
-    def __enter__(self) -> _GracefulStop:
-        self.signal: int | None = None
-        self._old: dict[int, Any] = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-
-
-def data_fingerprint(images: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
-    """Shape and float64 sums of the training data: a resumed run must see the same data."""
-    return {"shape": list(images.shape),
-            "sum": float(images.sum(dtype=torch.float64)),
-            "sum_sq_strided": float(images.flatten()[::101].double().pow(2).sum()),
-            "labels": int(labels.sum(dtype=torch.int64))}
-
-
-# TrainConfig keys a resumed run may change: how it reports and saves, not what it computes.
-RESUME_MAY_CHANGE = frozenset({"progress", "checkpoint_every", "checkpoint_minutes",
-                               "max_nonfinite", "lazy_guard", "compile", "bf16_weights"})
-
-
-def check_resume(state: dict[str, Any], cfg: TrainConfig, data: dict[str, Any],
-                 out_dir: Path) -> None:
-    """A checkpoint continues only the run that wrote it: same data, same training settings
-    (budget included); otherwise a DifflabError names what differs."""
-    saved = json.loads(json.dumps(state.get("config", {})))  # tuples → lists, as on disk
-    now = json.loads(json.dumps(cfg.to_dict()))
-    diff = [f"{k}={saved.get(k)!r} (now {now[k]!r})" for k in now
-            if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k]]
-    if diff:
-        raise DifflabError(f"{out_dir}: --resume continues the run as it was started, but "
-                           f"this command changes {', '.join(diff)}; resume with the run's own "
-                           "settings (checkpoint/state.json) or train into a new --out")
-    old = state.get("data")
-    if old is not None and old != json.loads(json.dumps(data)):
-        raise DifflabError(f"{out_dir}: --resume with other data than the run was started on "
-                           f"(images {old['shape']} vs {data['shape']}, or other values)")
-
-
 def _nonfinite_error(consecutive: int, step: int, out_dir: Path | None) -> DifflabError:
     return DifflabError(f"training stopped: {consecutive} non-finite losses or gradients in a "
                         f"row at step {step}; the last good checkpoint is kept"
                         + (f" in {out_dir}/checkpoint" if out_dir else ""))
 
 
-def _launched_processes() -> int:
-    """Processes started by the launcher (torchrun, ``accelerate launch``, mpirun); 1 if none."""
-    from accelerate.utils import get_int_from_env
-
-    return get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE",
-                             "MV2_COMM_WORLD_SIZE"], 1)
-
-
-def _multi_cpu() -> bool:
-    """Many processes and no CUDA: Accelerate must be told ``cpu=True`` to join them (gloo);
-    without it, under ``torchrun`` each CPU process sees itself alone (``DistributedType.NO``).
-    ``accelerate launch --cpu`` says so through ``ACCELERATE_USE_CPU``."""
-    return not torch.cuda.is_available() and _launched_processes() > 1
-
-
-def is_main_process() -> bool:
-    """True in a single process and on the main process of a multi-process launch: the one
-    process that writes run folders and prints. (Starts the process group if none is up yet,
-    as :func:`train` would.)"""
-    from accelerate import PartialState
-
-    return PartialState(cpu=_multi_cpu()).is_main_process
-
-
-def close_process_group() -> None:
-    """Tear down the process group of a multi-process launch, if one is up (a no-op
-    otherwise).
-
-    Left to interpreter shutdown, the DDP wrapper (in a reference cycle) and with it the gloo
-    group are freed by Python's final garbage collection, while a gloo worker thread may still
-    be releasing a finished all-reduce whose tensors need the GIL to drop their Python objects;
-    the finalising interpreter refuses the GIL to that thread and the process aborts
-    ("terminate called without an active exception"; caught in gdb, about 1 run in 5 of the
-    2-process CLIP test), which the launcher reports as a failed run. Collecting first frees
-    those objects while the interpreter is whole (0 aborts in 20 runs after). No barrier: the
-    main process may still be writing samples and the report, and nothing collective follows."""
-    import gc
-
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        gc.collect()  # DDP wrappers in reference cycles hold the group: free them now, not
-        dist.destroy_process_group()  # in the interpreter's final collection (see above)
-
-
-def _is_oom(e: BaseException) -> bool:
-    msg = str(e)
-    return isinstance(e, torch.OutOfMemoryError) or any(
-        s in msg for s in ("not enough memory", "out of memory", "can't allocate memory"))
-
-
-def _memory_bytes(dev: torch.device) -> int | None:
-    """Memory of ``dev``: total GPU memory, or the machine's physical RAM for the CPU."""
-    if dev.type == "cuda":
-        return torch.cuda.get_device_properties(dev).total_memory
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def _check_batch_fits(images: torch.Tensor, local_bs: int, dev: torch.device) -> None:
     """Refuse a batch whose *input* alone exceeds the device's memory (the activations need
     many times more), before anything is allocated for it."""
     need = local_bs * images[0].numel() * 4  # float32 rows
-    have = _memory_bytes(dev)
+    have = memory_bytes(dev)
     if have is not None and need > have:
         raise DifflabError(f"batch size {local_bs} needs {need / 2**30:.0f} GiB for the input "
                            f"images alone, more than the {have / 2**30:.0f} GiB of {dev}; use a "
