@@ -94,6 +94,13 @@ def read_json(path: str | Path) -> Any:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
+def model_dir(folder: str | Path) -> Path:
+    """The model folder a command was pointed at: a run folder's ``model/`` (what ``difflab
+    train`` writes beside its report and checkpoint), or ``folder`` itself."""
+    folder = Path(folder)
+    return folder / "model" if (folder / "model" / "config.json").is_file() else folder
+
+
 _fault_hits: dict[str, int] = {}
 
 

@@ -31,7 +31,7 @@ from difflab.data import (
     recorded_spec,
 )
 from difflab.errors import CheckpointError, ConfigError, DataError, a_or_an
-from difflab.io import atomic_write_json, read_json
+from difflab.io import atomic_write_json, model_dir, read_json
 from difflab.metrics.likelihood import evaluate_likelihood
 from difflab.models.autoencoder import (
     Autoencoder,
@@ -388,9 +388,7 @@ def evaluate_vae_checkpoint(folder: str | Path, split: str = "test", k: int = 10
     ``n`` limits the evaluation to the first n images of ``split``. Returns the dict of
     :func:`difflab.metrics.likelihood.evaluate_likelihood` plus "data", "split", "checkpoint".
     """
-    folder = Path(folder)
-    if (folder / "model" / "config.json").is_file():
-        folder = folder / "model"
+    folder = model_dir(folder)
     model = load_model(folder)
     if not isinstance(model, VAE):
         raise CheckpointError(f"{folder}: holds {a_or_an(type(model).__name__)}; the "

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from difflab.data import ImageDataset
 from difflab.data.captions import CaptionConfig, Captioner
 from difflab.errors import CheckpointError
-from difflab.io import atomic_write_json, read_json
+from difflab.io import atomic_write_json, model_dir, read_json
 from difflab.models.clip import (
     CLIPConfig,
     CLIPModel,
@@ -106,9 +106,7 @@ def save_clip(folder: Path, bundle: CLIPBundle) -> None:
 
 def load_clip(folder: str | Path, device: str | torch.device = "cpu") -> CLIPBundle:
     """Load a CLIP checkpoint folder (or a ``difflab train clip`` run folder)."""
-    folder = Path(folder)
-    if (folder / "model" / "config.json").is_file():
-        folder = folder / "model"
+    folder = model_dir(folder)
     if not (folder / "captions.json").is_file():
         raise CheckpointError(f"{folder}: not a difflab CLIP folder (no captions.json); train "
                               "one with `difflab train clip`")

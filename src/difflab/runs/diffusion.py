@@ -19,7 +19,7 @@ import torch
 from difflab.config import check_choice
 from difflab.data import ImageDataset, dataset_record
 from difflab.errors import CheckpointError, ConfigError
-from difflab.io import atomic_write_json, read_json
+from difflab.io import atomic_write_json, model_dir, read_json
 from difflab.models.unet import PRESETS, UNet2DModel, UNetConfig
 from difflab.perf import resolve_mixed_precision
 from difflab.pipelines import ImagePipeline
@@ -127,9 +127,7 @@ def save_bundle(folder: Path, unet: UNet2DModel, diffusion: DiffusionConfig,
 
 def load_bundle(folder: str | Path, device: str | torch.device = "cpu") -> DiffusionModelBundle:
     """Load a diffusion model folder written by ``train_diffusion`` (or a run folder)."""
-    folder = Path(folder)
-    if (folder / "model" / "config.json").is_file():
-        folder = folder / "model"
+    folder = model_dir(folder)
     if not (folder / "diffusion_config.json").is_file():
         raise CheckpointError(f"{folder}: not a difflab diffusion model folder "
                               "(no diffusion_config.json)")
