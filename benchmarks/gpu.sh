@@ -12,9 +12,8 @@
 #     PARTS=mfu,mfuprof MFU_LOOP_S=0, timeout_s=590): the CUDA-graph step of difflab as it
 #     ships with bf16 weights (-w16; since the sixteenth session the GroupNorm statistics from
 #     per-channel sums: 7,323 img/s, 34.4 % on an H100) and candidates (-w16-pad8,
-#     -w16-pad8-gnoff, -w16-pad8-ck, -w16-pad8-rng; their compiles first side by side in
-#     subprocesses),
-#     each one's gradients checked against eager float32 first, and eager
+#     -w16-pad8-gnoff, -w16-pad8-ck, -w16-pad8-rng; compiled side by side in subprocesses
+#     first), each one's gradients checked against eager float32 first, and eager
 #     diffusers; then the whole loop (MFU_LOOP_S=0 skips it) and the CUDA test of the shipped
 #     compiled model against eager PyTorch — the measurements for the matmul-rate goal;
 #     part "mfuprof" (~2 min; in the same call it profiles part mfu's fastest): the kernel
@@ -117,7 +116,7 @@ if want mfu; then  # the matmul-rate goal (issue 5), sized to fit one call with 
 # (printed: a cut-off run keeps those); one that fails to compile is dropped; then all are
 # timed interleaved.
 echo "== 3m. MFU: the CUDA-graph step, difflab vs before and a candidate ($(left) s left)"
-# (compiles took ~55-125 s each, one after another, mostly on one core: since the nineteenth
+# (compiles took ~55-125 s each, one after another, much of it on one core: since the 19th
 # session they first run side by side, MFU_WARM_JOBS at a time, in subprocesses that fill
 # inductor's on-disk caches, and each peer's compile here then loads its graphs from there
 # (printed: "N graphs from inductor's cache"); MFU_WARM_JOBS=0: one after another as before.

@@ -384,16 +384,17 @@ def warm_command(args: argparse.Namespace, mode: str, peer: str) -> list[str]:
 def warm_compiles(args: argparse.Namespace, pairs: list[tuple[str, str]], jobs: int,
                   timeout: float = 300.0, command=warm_command) -> None:
     """Compile each (mode, peer) of ``pairs`` in a subprocess of its own, ``jobs`` at a time
-    (``--warm-only``: the peer's first forward + backward, nothing timed), those still running
-    after ``timeout`` seconds stopped. Inductor's on-disk
-    caches (the FX graph, AOTAutograd and Triton kernel caches, cross-process by design) then
-    make each peer's compile in this process short; the compiles themselves overlap: on a
-    16-core GPU machine each took 55-125 s alone, mostly on one core (dynamo, AOTAutograd,
-    inductor's lowering and code generation). On this 2-core CPU (where inductor's C++
-    compiles use both cores already, so that side by side does not pay) a warm-up of the small
-    preset's step took 76 s cold and 15 s again in another process, every graph from the cache
-    (RESULTS.md, nineteenth session). A warm-up that fails is reported in one line: the peer
-    then compiles here as before (and fails here, if it must, in its own row).
+    (``--warm-only``: the peer's first forward + backward, nothing timed); those still running
+    after ``timeout`` seconds are stopped. Inductor's on-disk caches (FX graph, AOTAutograd,
+    Triton kernels; cross-process by design) then make each peer's compile in this process
+    short, and the compiles themselves overlap. On a 16-core GPU machine one compile took
+    55-125 s, much of it single-threaded (dynamo, AOTAutograd, inductor's lowering and code
+    generation: a peer whose kernels were mostly cached already still took 56 s). On this
+    2-core CPU (where inductor's C++ compiles use both cores already, so that side by side
+    does not pay) a warm-up of the small preset's step took 76 s cold and 15 s again in another
+    process, every graph from the cache (RESULTS.md, nineteenth session). A warm-up that fails
+    is reported in one line: the peer then compiles here as before (and fails here, if it
+    must, in its own row).
 
     The warm-ups ran their kernels side by side, so the block sizes inductor picked by timing
     candidates on the GPU (its autotuning, kept as ``*.best_config`` files beside the kernels)
