@@ -28,7 +28,7 @@ def multi_cpu() -> bool:
 def is_main_process() -> bool:
     """True in a single process and on the main process of a multi-process launch: the one
     process that writes run folders and prints. (Starts the process group if none is up yet,
-    as :func:`train` would.)"""
+    as :func:`difflab.training.train` would.)"""
     from accelerate import PartialState
 
     return PartialState(cpu=multi_cpu()).is_main_process
