@@ -120,12 +120,15 @@ echo "== 3m. MFU: the CUDA-graph step, difflab vs before and a candidate ($(left
 # session they first run side by side, MFU_WARM_JOBS at a time, in subprocesses that fill
 # inductor's on-disk caches, and each peer's compile here then loads its graphs from there
 # (printed: "N graphs from inductor's cache"); MFU_WARM_JOBS=0: one after another as before.
+# Warm-ups still running after MFU_WARM_S (180 s) are stopped, so that the timing here keeps
+# the time to compile and time its peers within this part's cap.
 # -cdt, inductor's coordinate-descent tuning, is not among them: it compiles each Triton
 # kernel's neighbouring block sizes one by one, reported 5-10x the compile time)
 MFU_PEERS=${MFU_PEERS:-difflab-w16,difflab-w16-pad8,difflab-w16-pad8-gnoff,difflab-w16-pad8-ck,difflab-w16-pad8-rng}
 fresh unet_train.json
 timeout "$(cap "${MFU_UNET_S:-400}" 150)" python3 benchmarks/unet_train.py "${MFU[@]}" \
   --iters 10 --rounds 3 --modes bf16,bf16-ro --warm-compiles "${MFU_WARM_JOBS:-5}" \
+  --warm-timeout "${MFU_WARM_S:-180}" \
   --peers "$MFU_PEERS,diffusers" --compile-peers "$MFU_PEERS" 2>&1 | tee "$OUT/mfu_unet.txt"
 cp benchmarks/out/unet_train.json "$OUT/extra/mfu_unet.json" 2>/dev/null
 # the fastest compiled candidate with right gradients: from the table, else from the
