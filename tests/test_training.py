@@ -311,6 +311,15 @@ def test_minutes_budget_survives_a_slow_start_and_a_resume(digits, tmp_path):
     assert 2.7 < res.seconds < 3.6, res.seconds  # elapsed before + after the resume
 
 
+def test_the_final_loss_is_the_mean_of_the_last_logged_steps():
+    from difflab.training import TrainResult
+
+    hist = [{"step": i, "loss": float(i)} for i in range(1, 201)] + [{"step": 201}]
+    res = TrainResult(model=None, raw_model=None, steps=201, seconds=1.0, history=hist)
+    assert res.final() == sum(range(102, 201)) / 99  # the last 100 entries, 99 with a loss
+    assert res.final("loss", n=2) == 200.0 and res.final("accuracy") is None
+
+
 def test_step_budget_estimates_from_the_latest_window_and_stops_at_the_budget():
     """StepBudget on a simulated clock (100-s budget): the first estimate at step 15 from the
     rate since step 5; after a slow start (5 steps/s, then 20) the estimate at step 60 follows

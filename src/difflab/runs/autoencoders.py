@@ -219,11 +219,6 @@ def grid_scale(h: int, target: int = 56) -> int:
     return max(1, target // h)
 
 
-def _tail_mean(history: list[dict[str, float]], key: str, n: int = 100) -> float | None:
-    vals = [r[key] for r in history[-n:] if key in r]
-    return sum(vals) / len(vals) if vals else None
-
-
 # ------------------------------------------------------------------------------ train + report
 @dataclass
 class AutoencoderRun:
@@ -257,7 +252,7 @@ def train_autoencoder(config: Config, data: ImageDataset, test: ImageDataset,
     model.save_pretrained(out / "model", extra_files={"data.json": data_info(data, image_size)})
     metrics: dict[str, Any] = {
         "kind": kind, "data": data.name, "train_steps": res.steps,
-        "train_seconds": res.seconds, "final_loss": _tail_mean(res.history, "loss"),
+        "train_seconds": res.seconds, "final_loss": res.final("loss"),
         "parameters": model.num_parameters, "skipped_nonfinite": res.skipped_nonfinite}
     ev = test.subset(min(eval_n or len(test), len(test)))
     with torch.no_grad():

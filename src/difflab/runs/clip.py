@@ -150,8 +150,8 @@ def train_clip(data: ImageDataset, test: ImageDataset, *, out_dir: str | Path,
                                    captioner.class_prompts())
     metrics = {"train_seconds": result.seconds, "steps": result.steps,
                "batch_size": train_cfg.batch_size,
-               "final_loss": _tail_mean(result.history, "loss"),
-               "final_batch_accuracy": _tail_mean(result.history, "accuracy"),
+               "final_loss": result.final("loss", n=50),
+               "final_batch_accuracy": result.final("accuracy", n=50),
                "temperature": float(1 / trained.scale().detach()),
                "zero_shot_accuracy": acc, "test_images": len(test), "test_split": test.split,
                "parameters": trained.num_parameters,
@@ -161,11 +161,6 @@ def train_clip(data: ImageDataset, test: ImageDataset, *, out_dir: str | Path,
     if report:
         write_clip_report(run, test, pred)
     return run
-
-
-def _tail_mean(history: list[dict[str, float]], key: str, n: int = 50) -> float | None:
-    vals = [h[key] for h in history[-n:] if key in h]
-    return sum(vals) / len(vals) if vals else None
 
 
 # --------------------------------------------------------------------------------------------

@@ -175,18 +175,13 @@ def train_diffusion(data: ImageDataset, *, out_dir: str | Path, train_cfg: Train
     metrics = {"train_seconds": result.seconds, "steps": result.steps,
                "mixed_precision": result.precision, "processes": result.processes,
                "bf16_weights": result.bf16_weights,
-               "final_loss": _tail_mean(result.history, "loss"),
+               "final_loss": result.final("loss"),
                "skipped_nonfinite": result.skipped_nonfinite,
                "unet_parameters": final_unet.num_parameters}
     atomic_write_json(out_dir / "metrics.json", metrics)
     if report:
         write_diffusion_report(run, data, sample_scheduler, sample_steps, train_cfg.seed)
     return run
-
-
-def _tail_mean(history: list[dict[str, float]], key: str, n: int = 100) -> float | None:
-    vals = [h[key] for h in history[-n:] if key in h]
-    return sum(vals) / len(vals) if vals else None
 
 
 def sample_images(bundle: DiffusionModelBundle, n: int, *, scheduler: str = "dpm++",

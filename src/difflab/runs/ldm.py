@@ -365,7 +365,7 @@ def train_ldm(data: ImageDataset, test: ImageDataset, *, out_dir: str | Path,
     unet = res.model.unet.to("cpu").to(memory_format=torch.contiguous_format).eval()
     hist["unet"] = res.history
     metrics["stages"]["unet"] = {"seconds": res.seconds, "steps": res.steps,
-                                 "final_loss": _tail_mean(res.history, "loss"),
+                                 "final_loss": res.final("loss"),
                                  "parameters": unet.num_parameters,
                                  "wall_seconds": time.perf_counter() - t0}
     if not main:  # many processes: only the main one writes the pipeline, report, metrics
@@ -389,11 +389,6 @@ def _load_vae(path: str | Path) -> AutoencoderKL:
             return AutoencoderKL.from_pretrained(cand).eval()
     raise CheckpointError(f"{path}: no AutoencoderKL checkpoint (config.json + model.safetensors"
                           ") here or in model/ or vae/model/")
-
-
-def _tail_mean(history: list[dict[str, float]], key: str, n: int = 100) -> float | None:
-    vals = [h[key] for h in history[-n:] if key in h]
-    return sum(vals) / len(vals) if vals else None
 
 
 # --------------------------------------------------------------------------------------------

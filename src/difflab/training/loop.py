@@ -122,6 +122,12 @@ class TrainResult:
     processes: int = 1  # data-parallel processes that shared each global batch
     bf16_weights: bool = False  # whether it held bf16 weight copies (TrainConfig.bf16_weights)
 
+    def final(self, key: str = "loss", n: int = 100) -> float | None:
+        """The mean of ``key`` over the last ``n`` logged steps (None if it was never logged):
+        the number a report gives as the final loss, not one noisy batch's."""
+        vals = [h[key] for h in self.history[-n:] if key in h]
+        return sum(vals) / len(vals) if vals else None
+
 
 COMPILE_MODES = ("no", "default", "reduce-overhead", "max-autotune")
 MIXED_PRECISIONS = ("no", "bf16", "fp16", "auto")
