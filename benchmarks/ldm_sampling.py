@@ -27,7 +27,8 @@ from difflab.data import load_dataset, recorded_spec  # noqa: E402
 from difflab.data.captions import ATTRIBUTES  # noqa: E402
 from difflab.metrics.fid import fid_of_images  # noqa: E402
 from difflab.runs.judge import train_classifier  # noqa: E402
-from difflab.runs.ldm import ldm_folder, load_ldm, text_following  # noqa: E402
+from difflab.runs.ldm import ldm_folder, load_ldm  # noqa: E402
+from difflab.runs.ldm_report import text_following  # noqa: E402
 from difflab.schedulers import DPMSolverMultistepScheduler  # noqa: E402
 
 SAMPLERS = {
