@@ -112,8 +112,7 @@ def padded_conv(conv: nn.Conv2d, x: torch.Tensor, multiple: int = 8) -> torch.Te
     if x.device.type not in PADDED_NARROW_CONVOLUTIONS or conv.groups != 1 or \
             not (pad_in or pad_out):
         return conv(x)
-    channels_last = x.dim() == 4 and not x.is_contiguous() and \
-        x.is_contiguous(memory_format=torch.channels_last)
+    channels_last = channels_last_only(x)
     weight, bias = conv.weight, conv.bias
     if pad_in:
         x = F.pad(x, (0, 0, 0, 0, 0, pad_in))
